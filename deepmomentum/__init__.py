@@ -1,0 +1,21 @@
+"""deepmomentum: deep-memory optimizers for PyTorch (Nested Learning, Behrouz et al. 2025).
+
+Every optimizer here is a ``torch.optim.Optimizer`` whose momentum is read as an associative
+memory of the gradient stream; see SPEC.md for the rules and the reductions they satisfy.
+"""
+
+from . import functional
+from .momentum import AssociativeMomentum
+from .optimizer import MemoryOptimizer, UnsupportedTensorError
+from .preconditioned import PreconditionedMomentum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AssociativeMomentum",
+    "MemoryOptimizer",
+    "PreconditionedMomentum",
+    "UnsupportedTensorError",
+    "functional",
+    "__version__",
+]

@@ -1,0 +1,394 @@
+"""The update rules of deepmomentum as pure functions over lists of tensors.
+
+Every optimizer class in the package collects its parameters, gradients and state and calls
+one of these functions; the same functions serve the HOPE example's in-context memories and
+the tests. Each rule has three implementations behind one switch, as ``torch.optim`` does:
+
+* ``_single_tensor_*`` — the readable reference, one tensor at a time. It is the ground truth.
+* ``_multi_tensor_*`` — the same arithmetic with ``torch._foreach_*`` ops over lists.
+* ``_fused_*`` — torch's own fused kernels, used only where a rule *is* torch's rule.
+
+Conventions shared by all rules (see SPEC.md):
+
+* Tensors arrive as real tensors: complex parameters are passed through
+  ``torch.view_as_real`` by the caller, so every rule here is elementwise over reals.
+* ``state_steps`` already count the update being applied (``t`` starts at 1); the caller
+  advances them, so an update schedule (``update_period``) can decide what counts.
+* Buffers are stored lr-free, so LR schedulers act at read-out.
+* Low-precision parameters (fp16/bf16) keep fp32 state: the step runs in fp32 on an fp32 copy
+  of the parameter and is rounded into the parameter once at the end.
+* ``maximize`` negates the gradient out of place; ``.grad`` is never written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "associative_momentum",
+    "preconditioned_momentum",
+    "state_dtype",
+    "LOW_PRECISION_DTYPES",
+]
+
+#: Parameter dtypes whose optimizer state is kept in float32.
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the optimizer state kept for a (real) parameter of ``dtype``."""
+    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
+
+
+def _scalar(x) -> float:
+    """A Python float from a number or a one-element tensor (a CPU read: no device sync for
+    CPU tensors such as ``state['step']``)."""
+    return x.item() if isinstance(x, Tensor) else float(x)
+
+
+def _working_copy(p: Tensor) -> Tensor:
+    """The tensor the step is computed on: the parameter itself, or an fp32 copy of it."""
+    return p.float() if p.dtype in LOW_PRECISION_DTYPES else p
+
+
+def _signed_grad(g: Tensor, maximize: bool) -> Tensor:
+    """The gradient in the state dtype, negated out of place when maximizing."""
+    g = g.float() if g.dtype in LOW_PRECISION_DTYPES else g
+    return torch.neg(g) if maximize else g
+
+
+def _group_indices(params: list[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``params`` grouped by (device, dtype): one foreach call per group."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    return groups
+
+
+def _check_implementation(foreach: Optional[bool], fused: Optional[bool]) -> str:
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True")
+    if fused:
+        return "fused"
+    return "foreach" if foreach else "single"
+
+
+# ---------------------------------------------------------------------------------------------
+# §1 AssociativeMomentum
+# ---------------------------------------------------------------------------------------------
+
+
+def associative_momentum(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Optional[Tensor]],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
+) -> None:
+    r"""Momentum as a value-less associative memory (NL Eq 33–34; SPEC §1), in place.
+
+    .. math::
+        g_t &= \pm G_t + \lambda W_{t-1}\ \text{(coupled decay)}\\
+        b_1 &= g_1,\qquad b_t = \mu\, b_{t-1} + (1-\tau)\, g_t\\
+        U_t &= g_t + \mu b_t \ \text{(nesterov)}\ \text{ else }\ b_t\\
+        W_t &= W_{t-1}(1-\gamma\lambda_{\text{dec}}) - \gamma U_t
+
+    ``momentum_buffers`` entries that are ``None`` are created (``b_1 = g_1``) and written back
+    into the list. With ``momentum == 0`` no buffer is kept and ``U = g`` (torch's SGD).
+    """
+    impl = _check_implementation(foreach, fused)
+    fn = {
+        "single": _single_tensor_associative_momentum,
+        "foreach": _multi_tensor_associative_momentum,
+        "fused": _fused_associative_momentum,
+    }[impl]
+    fn(
+        params,
+        grads,
+        momentum_buffers,
+        lr=_scalar(lr),
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_associative_momentum(
+    params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
+    decoupled_weight_decay, maximize,
+):
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        w = _working_copy(param)
+        g = _signed_grad(grad, maximize)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                w.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(w, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = momentum_buffers[i] = torch.clone(g).detach()
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+        w.add_(g, alpha=-lr)
+        if w is not param:
+            param.copy_(w)
+
+
+def _multi_tensor_associative_momentum(
+    params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
+    decoupled_weight_decay, maximize,
+):
+    for indices in _group_indices(params).values():
+        ps = [params[i] for i in indices]
+        low = ps[0].dtype in LOW_PRECISION_DTYPES
+        ws = [p.float() for p in ps] if low else ps
+        gs = [grads[i] for i in indices]
+        fresh = low or maximize  # gs is our own copy and may be written in place
+        if low:
+            gs = [g.float() for g in gs]
+        if maximize:
+            gs = torch._foreach_neg(gs)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(ws, 1 - lr * weight_decay)
+            elif fresh:
+                torch._foreach_add_(gs, ws, alpha=weight_decay)
+            else:
+                gs = torch._foreach_add(gs, ws, alpha=weight_decay)
+        if momentum != 0:
+            bufs = [momentum_buffers[i] for i in indices]
+            if all(b is not None for b in bufs):
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, gs, alpha=1 - dampening)
+            else:  # some tensors take their first step: b_1 = g_1
+                for j, (b, g) in enumerate(zip(bufs, gs)):
+                    if b is None:
+                        bufs[j] = momentum_buffers[indices[j]] = torch.clone(g).detach()
+                    else:
+                        b.mul_(momentum).add_(g, alpha=1 - dampening)
+            if nesterov:
+                gs = torch._foreach_add(gs, bufs, alpha=momentum)
+            else:
+                gs = bufs
+        torch._foreach_add_(ws, gs, alpha=-lr)
+        if low:
+            torch._foreach_copy_(ps, ws)
+
+
+def _fused_associative_momentum(
+    params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
+    decoupled_weight_decay, maximize,
+):
+    # torch's fused SGD is exactly §1 with coupled decay. Decoupled decay does not depend on
+    # the update, so it is applied first and the kernel runs without decay.
+    if weight_decay != 0 and decoupled_weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        weight_decay = 0.0
+    # The kernel's is_first_step flag covers a whole call: split first and later steps.
+    first = [i for i, b in enumerate(momentum_buffers) if b is None] if momentum != 0 else []
+    later = [i for i in range(len(params)) if i not in set(first)]
+    for indices, is_first in ((first, True), (later, False)):
+        if not indices:
+            continue
+        if is_first:
+            for i in indices:
+                momentum_buffers[i] = torch.empty_like(grads[i])
+        for group in _group_indices([params[i] for i in indices]).values():
+            sel = [indices[j] for j in group]
+            torch._fused_sgd_(
+                [params[i] for i in sel],
+                [grads[i] for i in sel],
+                [momentum_buffers[i] for i in sel] if momentum != 0 else [],
+                weight_decay=weight_decay,
+                momentum=momentum,
+                lr=lr,
+                dampening=dampening,
+                nesterov=nesterov,
+                maximize=maximize,
+                is_first_step=is_first,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# §3 PreconditionedMomentum
+# ---------------------------------------------------------------------------------------------
+
+PRECONDITION_MODES = ("readout", "value")
+PRECONDITIONERS = ("adam", "none")
+
+
+def preconditioned_momentum(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Optional[Tensor]],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool = True,
+    precondition: str = "readout",
+    preconditioner: str = "adam",
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
+) -> None:
+    r"""Momentum whose values are preconditioned gradients (NL Eq 46–47, App. B; SPEC §3).
+
+    With :math:`P_t(x) = x / (\sqrt{v_t / (1-\beta_2^t)} + \epsilon)` and the second-moment memory
+    :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2`:
+
+    * ``precondition="readout"``: :math:`b_t = \beta_1 b_{t-1} + (1-\beta_1) g_t`,
+      :math:`U_t = P_t(b_t / (1-\beta_1^t))` — Adam/AdamW.
+    * ``precondition="value"``: :math:`b_t = \beta_1 b_{t-1} + (1-\beta_1) P_t(g_t)`,
+      :math:`U_t = b_t / (1-\beta_1^t)` — NL Eq 19 read literally.
+    * ``preconditioner="none"``: :math:`P` is the identity (``exp_avg_sqs`` entries may be None).
+
+    Then :math:`W_t = W_{t-1}(1-\gamma\lambda) - \gamma U_t` (decoupled decay) or
+    :math:`g_t = G_t + \lambda W_{t-1}` (coupled). ``exp_avgs``/``exp_avg_sqs`` start at zero.
+    """
+    if precondition not in PRECONDITION_MODES:
+        raise ValueError(f"precondition must be one of {PRECONDITION_MODES}, got {precondition!r}")
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    impl = _check_implementation(foreach, fused)
+    if impl == "fused" and not (precondition == "readout" and preconditioner == "adam"):
+        raise ValueError(
+            "fused=True is only available for precondition='readout', preconditioner='adam'"
+        )
+    fn = {
+        "single": _single_tensor_preconditioned_momentum,
+        "foreach": _multi_tensor_preconditioned_momentum,
+        "fused": _fused_preconditioned_momentum,
+    }[impl]
+    fn(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        lr=_scalar(lr),
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        precondition=precondition,
+        preconditioner=preconditioner,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_preconditioned_momentum(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+    decoupled_weight_decay, precondition, preconditioner, maximize,
+):
+    adam = preconditioner == "adam"
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        w = _working_copy(param)
+        g = _signed_grad(grad, maximize)
+        b, v = exp_avgs[i], exp_avg_sqs[i]
+        t = _scalar(state_steps[i])
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                w.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(w, alpha=weight_decay)
+        bias_correction1 = 1 - beta1**t
+        if adam:
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            # P_t's denominator, in torch Adam's order of operations.
+            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+        if adam and precondition == "readout":
+            b.lerp_(g, 1 - beta1)
+            w.addcdiv_(b, denom, value=-lr / bias_correction1)
+        else:
+            b.lerp_(g / denom if adam else g, 1 - beta1)
+            w.add_(b, alpha=-lr / bias_correction1)
+        if w is not param:
+            param.copy_(w)
+
+
+def _multi_tensor_preconditioned_momentum(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+    decoupled_weight_decay, precondition, preconditioner, maximize,
+):
+    adam = preconditioner == "adam"
+    for indices in _group_indices(params).values():
+        ps = [params[i] for i in indices]
+        low = ps[0].dtype in LOW_PRECISION_DTYPES
+        ws = [p.float() for p in ps] if low else ps
+        gs = [grads[i] for i in indices]
+        if low:
+            gs = [g.float() for g in gs]
+        if maximize:
+            gs = torch._foreach_neg(gs)
+        bs = [exp_avgs[i] for i in indices]
+        ts = [_scalar(state_steps[i]) for i in indices]
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(ws, 1 - lr * weight_decay)
+            else:
+                gs = torch._foreach_add(gs, ws, alpha=weight_decay)
+        step_sizes = [-lr / (1 - beta1**t) for t in ts]
+        if adam:
+            vs = [exp_avg_sqs[i] for i in indices]
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
+            torch._foreach_add_(denom, eps)
+        if adam and precondition == "readout":
+            torch._foreach_lerp_(bs, gs, 1 - beta1)
+            torch._foreach_addcdiv_(ws, bs, denom, step_sizes)
+        else:
+            torch._foreach_lerp_(bs, torch._foreach_div(gs, denom) if adam else gs, 1 - beta1)
+            torch._foreach_add_(ws, torch._foreach_mul(bs, step_sizes))
+        if low:
+            torch._foreach_copy_(ps, ws)
+
+
+def _fused_preconditioned_momentum(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+    decoupled_weight_decay, precondition, preconditioner, maximize,
+):
+    # Readout preconditioning with Adam's second moment *is* Adam(W): use torch's kernel.
+    kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    for indices in _group_indices(params).values():
+        kernel(
+            [params[i] for i in indices],
+            [grads[i] for i in indices],
+            [exp_avgs[i] for i in indices],
+            [exp_avg_sqs[i] for i in indices],
+            [],
+            [state_steps[i] for i in indices],
+            amsgrad=False,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=maximize,
+        )

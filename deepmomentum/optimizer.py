@@ -1,0 +1,269 @@
+"""Shared ``torch.optim`` plumbing for every deepmomentum optimizer.
+
+:class:`MemoryOptimizer` holds what all rules share, so a rule's class is only its
+hyperparameters, its state and a call into :mod:`deepmomentum.functional`:
+
+* hyperparameter validation per param group (``ValueError`` naming the argument and range);
+* gathering parameters with gradients, rejecting sparse gradients and unsupported tensors by
+  name, passing complex tensors through their real view;
+* the ``foreach``/``fused`` switch with torch's meaning;
+* state that keeps its own dtype through ``state_dict``/``load_state_dict`` (fp32 state of
+  bf16 parameters stays fp32: torch's loader would cast it to bf16);
+* ``__setstate__`` that fills in hyperparameters added after a checkpoint was pickled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from .functional import state_dtype
+
+__all__ = ["MemoryOptimizer", "UnsupportedTensorError"]
+
+
+class UnsupportedTensorError(ValueError, RuntimeError):
+    """A tensor this optimizer cannot update (sparse gradient, complex, wrong rank, …).
+
+    A ``ValueError`` and a ``RuntimeError`` at once, so code written for torch's optimizers
+    (which raise ``RuntimeError`` on sparse gradients) catches it too.
+    """
+
+
+# --- hyperparameter checks -------------------------------------------------------------------
+
+
+def check_number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``low (<)<= value (<)<= high``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor, got shape "
+                             f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"Invalid {name}: {value!r}; {name} must lie in {interval}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}; {name} must be one of {choices}")
+
+
+def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r}; {name} must be True or False"
+                         + (" or None" if allow_none else ""))
+
+
+class MemoryOptimizer(torch.optim.Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` whose step calls a functional rule.
+
+    Subclasses implement :meth:`_validate_group` (hyperparameters of one group),
+    :meth:`_fused_unsupported` (why a group cannot take the fused path, or ``None``) and
+    :meth:`_update` (one update of the parameters that have gradients).
+    """
+
+    #: Whether the rule is elementwise, so complex parameters can go through their real view.
+    supports_complex: bool = True
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of Tensors or dicts, got a Tensor; "
+                            "pass [tensor] or model.parameters()")
+        super().__init__(params, defaults)
+
+    # --- groups ------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_common(group)
+            self._validate_group(group)
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    def _validate_common(self, group: dict[str, Any]) -> None:
+        check_number("lr", group["lr"], 0.0)
+        check_flag("maximize", group["maximize"])
+        check_flag("foreach", group["foreach"], allow_none=True)
+        check_flag("fused", group["fused"], allow_none=True)
+        if group["foreach"] and group["fused"]:
+            raise ValueError("foreach and fused cannot both be True")
+        if group["fused"]:
+            reason = self._fused_unsupported(group)
+            if reason is not None:
+                raise ValueError(f"fused=True is not available for {type(self).__name__}: "
+                                 f"{reason}. Use fused=None (automatic) or foreach=True.")
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        """Why this group's hyperparameters have no fused implementation (None: they have)."""
+        return "no fused implementation exists for this rule"
+
+    @classmethod
+    def _signature_defaults(cls) -> dict[str, Any]:
+        """Constructor defaults, read from the signature: the single source of truth used to
+        fill groups unpickled from an older version (``__setstate__``)."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            name: p.default
+            for name, p in sig.parameters.items()
+            if name not in ("self", "params") and p.default is not inspect.Parameter.empty
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for key, value in self._signature_defaults().items():
+            self.defaults.setdefault(key, value)
+            for group in self.param_groups:
+                group.setdefault(key, value)
+
+    # --- tensors -----------------------------------------------------------------------------
+
+    def _param_name(self, group_index: int, param: Tensor) -> str:
+        group = self.param_groups[group_index]
+        for i, p in enumerate(group["params"]):
+            if p is param:
+                names = group.get("param_names")
+                where = f"param_groups[{group_index}]['params'][{i}]"
+                shape = f"shape {tuple(p.shape)}, dtype {p.dtype}"
+                return f"'{names[i]}' ({where}, {shape})" if names else f"{where} ({shape})"
+        return f"a tensor of shape {tuple(param.shape)}"
+
+    def _check_param(self, group_index: int, param: Tensor) -> None:
+        """Reject what this rule cannot update, naming the tensor."""
+        if param.grad.layout != torch.strided:
+            raise UnsupportedTensorError(
+                f"{type(self).__name__} does not support sparse gradients; "
+                f"{self._param_name(group_index, param)} has one"
+            )
+        if param.is_complex() and not self.supports_complex:
+            raise UnsupportedTensorError(
+                f"{type(self).__name__} does not support complex parameters; "
+                f"{self._param_name(group_index, param)} is complex"
+            )
+        if not (param.is_floating_point() or param.is_complex()):
+            raise UnsupportedTensorError(
+                f"{self._param_name(group_index, param)} is not floating point"
+            )
+
+    @staticmethod
+    def _real(t: Optional[Tensor]) -> Optional[Tensor]:
+        return torch.view_as_real(t) if t is not None and t.is_complex() else t
+
+    @staticmethod
+    def _like_param(t: Tensor, param: Tensor) -> Tensor:
+        """Store a buffer created on the real view in the parameter's own (complex) form."""
+        return torch.view_as_complex(t) if param.is_complex() and not t.is_complex() else t
+
+    @staticmethod
+    def _new_state_tensor(param: Tensor) -> Tensor:
+        """A zero buffer of the parameter's shape in its state dtype (fp32 for bf16/fp16)."""
+        dtype = param.dtype if param.is_complex() else state_dtype(param.dtype)
+        return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        """'fused', 'foreach' or 'single' for this group's tensors, with torch's meaning of the
+        flags. Default: torch's fused CPU kernel where the rule is torch's and dtypes allow it,
+        else foreach."""
+        if group["fused"]:
+            for p in params:
+                reason = self._fused_tensor_unsupported(p)
+                if reason:
+                    raise UnsupportedTensorError(
+                        f"fused=True cannot update {self._param_name(self._group_index(group), p)}"
+                        f": {reason}")
+            return "fused"
+        if group["foreach"] is not None:
+            return "foreach" if group["foreach"] else "single"
+        if group["fused"] is None and self._fused_unsupported(group) is None and all(
+            not self._fused_tensor_unsupported(p) for p in params
+        ):
+            return "fused"
+        return "foreach"
+
+    def _fused_tensor_unsupported(self, param: Tensor) -> Optional[str]:
+        # torch's fused CPU kernels keep state in the parameter's dtype; ours is fp32 for
+        # 16-bit parameters, and our step counters live on the CPU.
+        if param.device.type != "cpu":
+            return f"no fused kernel for {param.device.type} tensors yet"
+        if param.is_complex():
+            return "complex parameters have no fused kernel"
+        if state_dtype(param.dtype) != param.dtype:
+            return f"{param.dtype} parameters keep float32 state, which torch's kernel cannot"
+        return None
+
+    def _group_index(self, group: dict[str, Any]) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
+
+    # --- step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                self._check_param(index, p)
+            self._update(group, params, self._implementation(group, params))
+        return loss
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], implementation: str) -> None:
+        raise NotImplementedError
+
+    def _advance_steps(self, params: list[Tensor]) -> list[Tensor]:
+        """Create (at 0) and advance each parameter's ``step`` counter; return the counters.
+
+        ``step`` is a float32 CPU tensor, as in torch: reading it costs no device sync."""
+        steps = []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            steps.append(state["step"])
+        torch._foreach_add_(steps, 1.0)
+        return steps
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, keeping each state tensor's saved dtype.
+
+        torch's loader casts floating state to the parameter's dtype, which would round the
+        fp32 state of bf16 parameters to bf16 and break bit-exact resumption; the tensors whose
+        dtype it changed are copied again from the saved state here.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if not saved or param not in self.state:
+                continue
+            state = self.state[param]
+            for key, value in saved.items():
+                if isinstance(value, Tensor) and state[key].dtype != value.dtype:
+                    state[key] = value.to(device=state[key].device, copy=True)

@@ -1,0 +1,131 @@
+"""Momentum with preconditioned values: Adam read as an associative memory (SPEC §3)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from . import functional as F
+from .optimizer import MemoryOptimizer, check_choice, check_flag, check_number
+
+__all__ = ["PreconditionedMomentum"]
+
+
+class PreconditionedMomentum(MemoryOptimizer):
+    r"""Momentum whose memory stores preconditioned gradients (NL Eq 46–47; Adam as memory, App. B).
+
+    A second-moment memory ``v`` sets the preconditioner
+    :math:`P_t(x) = x / (\sqrt{v_t/(1-\beta_2^t)} + \epsilon)`,
+    :math:`v_t = \beta_2 v_{t-1} + (1-\beta_2) G_t^2`, and the momentum memory ``b`` is an EMA:
+
+    * ``precondition="readout"`` (default): :math:`b_t = \beta_1 b_{t-1} + (1-\beta_1) G_t`,
+      :math:`U_t = P_t(b_t / (1-\beta_1^t))` — this is AdamW.
+    * ``precondition="value"``: the values written are preconditioned (NL Eq 19 literally),
+      :math:`b_t = \beta_1 b_{t-1} + (1-\beta_1) P_t(G_t)`, :math:`U_t = b_t / (1-\beta_1^t)`.
+    * ``preconditioner="none"``: :math:`P` is the identity; ``U`` is the bias-corrected EMA of
+      the gradients and no second moment is stored.
+
+    Then :math:`W_t = W_{t-1}(1-\gamma\lambda) - \gamma U_t` (decoupled decay, default), or with
+    ``decoupled_weight_decay=False`` the decay is added to the gradient (torch Adam style).
+
+    Args:
+        params: iterable of parameters, named parameters or param-group dicts.
+        lr (float or 1-element Tensor, default 1e-3): γ ≥ 0.
+        betas (tuple, default (0.9, 0.999)): (β₁, β₂), each in [0, 1).
+        eps (float, default 1e-8): ε ≥ 0, added to the preconditioner's denominator.
+        weight_decay (float, default 0): λ ≥ 0.
+        precondition (str, default "readout"): "readout" or "value" (see above).
+        preconditioner (str, default "adam"): "adam" or "none".
+        decoupled_weight_decay (bool, default True): AdamW-style decay; False couples it.
+        maximize (bool, default False): ascend instead of descend.
+        foreach, fused (bool or None): torch's meaning; ``fused`` uses torch's fused Adam(W)
+            kernel and exists for ``precondition="readout"``, ``preconditioner="adam"``.
+
+    Reductions (tested as properties): readout + decoupled decay equals
+    ``torch.optim.AdamW(lr, betas, eps, weight_decay)``; λ = 0 equals ``torch.optim.Adam`` (R3a);
+    ``preconditioner="none"`` gives the bias-corrected EMA of the gradients (R3b).
+
+    Example:
+        >>> import torch, deepmomentum as dm
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = dm.PreconditionedMomentum(model.parameters(), lr=1e-3, weight_decay=0.01)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step(); opt.zero_grad()
+
+    References: Behrouz et al., Nested Learning (NeurIPS 2025), Eq 19, 46–47 and App. B;
+    Kingma & Ba, Adam (2015); Loshchilov & Hutter, AdamW (2019).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        precondition: str = "readout",
+        preconditioner: str = "adam",
+        decoupled_weight_decay: bool = True,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition=precondition,
+            preconditioner=preconditioner,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}; betas must be a pair (beta1, beta2)")
+        check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_number("eps", group["eps"], 0.0)
+        check_number("weight_decay", group["weight_decay"], 0.0)
+        check_choice("precondition", group["precondition"], F.PRECONDITION_MODES)
+        check_choice("preconditioner", group["preconditioner"], F.PRECONDITIONERS)
+        check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+
+    def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        if group["precondition"] != "readout" or group["preconditioner"] != "adam":
+            return ("only precondition='readout' with preconditioner='adam' (Adam/AdamW) has a "
+                    "fused kernel")
+        return None
+
+    def _update(self, group, params, implementation):
+        adam = group["preconditioner"] == "adam"
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = self._new_state_tensor(p)
+            if adam and "exp_avg_sq" not in state:
+                state["exp_avg_sq"] = self._new_state_tensor(p)
+        steps = self._advance_steps(params)
+        beta1, beta2 = group["betas"]
+        F.preconditioned_momentum(
+            [self._real(p) for p in params],
+            [self._real(p.grad) for p in params],
+            [self._real(self.state[p]["exp_avg"]) for p in params],
+            [self._real(self.state[p].get("exp_avg_sq")) for p in params],
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            precondition=group["precondition"],
+            preconditioner=group["preconditioner"],
+            maximize=group["maximize"],
+            foreach=implementation == "foreach",
+            fused=implementation == "fused",
+        )

@@ -1,0 +1,415 @@
+"""The torch.optim contract, checked for every optimizer in the registry and every setting."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import deepmomentum as dm
+from deepmomentum.testing import assert_same_trajectory, noisy_quadratic_grads, run_trajectory
+
+from registry import cases, invalid_cases
+
+SHAPES = ((4, 3), (5,), (2, 3, 2), ())
+
+
+def _params(dtype=torch.float32, shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+
+
+def _fill_grads(params, step, seed=1):
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+def _run(opt, params, steps, start=0):
+    for step in range(start, start + steps):
+        _fill_grads(params, step)
+        opt.step()
+
+
+# --- construction ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("info,kwargs,name", invalid_cases())
+def test_invalid_hyperparameters_raise_naming_the_argument(info, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        info.make(_params(), **kwargs)
+
+
+@pytest.mark.parametrize("info,kwargs,name", invalid_cases())
+def test_invalid_group_is_rejected_and_not_added(info, kwargs, name):
+    opt = info.make(_params()[:1])
+    with pytest.raises(ValueError, match=name):
+        opt.add_param_group({"params": _params()[1:2], **kwargs})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_a_bare_tensor_is_not_accepted_as_params(info, variant):
+    with pytest.raises(TypeError, match="iterable"):
+        info.make(torch.zeros(3, requires_grad=True), **variant)
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_lr_has_a_default(info, variant):
+    opt = info.cls(_params(), **variant)  # code written for torch optimizers passes no lr
+    assert opt.param_groups[0]["lr"] > 0
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_repr_names_the_class_and_settings(info, variant):
+    text = repr(info.make(_params(), **variant))
+    assert info.cls.__name__ in text and "lr" in text
+    for key in variant:
+        assert key in text
+
+
+# --- stepping --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_step_without_grads_changes_nothing(info, variant):
+    params = _params()
+    before = [p.detach().clone() for p in params]
+    opt = info.make(params, **variant)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_params_without_grad_are_skipped(info, variant):
+    params = _params()
+    opt = info.make(params, **variant)
+    frozen = params[1].detach().clone()
+    _fill_grads(params, 0)
+    params[1].grad = None
+    opt.step()
+    assert torch.equal(params[1], frozen)
+    assert params[1] not in opt.state
+    assert not torch.equal(params[0], _params()[0])
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_grads_are_never_written(info, variant):
+    params = _params()
+    opt = info.make(params, **variant)
+    for step in range(3):
+        _fill_grads(params, step)
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_closure_is_called_and_its_loss_returned(info, variant):
+    params = _params()
+    opt = info.make(params, **variant)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = sum((p.float() ** 2).sum() for p in params)
+        loss.backward()
+        calls.append(1)
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [1] and torch.is_tensor(loss) and loss.requires_grad
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_step_hooks_run(info, variant):
+    params = _params()
+    opt = info.make(params, **variant)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    _run(opt, params, 1)
+    assert seen == ["pre", "post"]
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_sparse_gradient_is_rejected_by_name(info, variant):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = info.make(emb.named_parameters(), **variant)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(dm.UnsupportedTensorError, match="sparse.*'weight'"):
+        opt.step()
+    with pytest.raises(RuntimeError):  # what torch's own optimizers raise
+        opt.step()
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_integer_parameter_is_rejected_by_name(info, variant):
+    p = torch.zeros(3)
+    opt = info.make([p], **variant)
+    p.data = torch.zeros(3, dtype=torch.int64)
+    p.grad = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(dm.UnsupportedTensorError, match=r"param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+
+
+# --- implementations -------------------------------------------------------------------------
+
+
+def _implementations(info, variant):
+    impls = [{"foreach": False}, {"foreach": True}]
+    probe = info.make(_params(), **variant)
+    if probe._fused_unsupported(probe.param_groups[0]) is None:
+        impls.append({"fused": True})
+    return impls
+
+
+@pytest.mark.parametrize("info,variant", cases())
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-12, 1e-14),
+                                             (torch.float32, 1e-5, 1e-6),
+                                             (torch.bfloat16, 1e-2, 1e-3)])
+def test_implementations_agree_with_the_reference(info, variant, dtype, rtol, atol):
+    impls = _implementations(info, variant)
+    for impl in impls[1:]:
+        if impl.get("fused") and dtype == torch.bfloat16:
+            continue  # bf16 parameters keep fp32 state: no fused kernel (see next test)
+        assert_same_trajectory(
+            lambda ps: info.make(ps, **variant, **impl),
+            lambda ps: info.make(ps, **variant, foreach=False),
+            shapes=SHAPES, dtype=dtype, steps=20, rtol=rtol, atol=atol,
+        )
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_fused_on_bf16_parameters_raises_naming_the_tensor(info, variant):
+    if {"fused": True} not in _implementations(info, variant):
+        pytest.skip("this setting has no fused path; covered by the next test")
+    params = _params(torch.bfloat16)
+    opt = info.make(params, **variant, fused=True)
+    _fill_grads(params, 0)
+    with pytest.raises(dm.UnsupportedTensorError, match=r"param_groups\[0\]\['params'\]\[0\]"):
+        opt.step()
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_fused_where_no_fused_path_exists_raises(info, variant):
+    if {"fused": True} in _implementations(info, variant):
+        pytest.skip("this setting has a fused path")
+    with pytest.raises(ValueError, match="fused"):
+        info.make(_params(), **variant, fused=True)
+
+
+@pytest.mark.parametrize("info,variant", cases())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_keep_fp32_state(info, variant, dtype):
+    params = _params(dtype)
+    opt = info.make(params, **variant)
+    _run(opt, params, 3)
+    for p in params:
+        assert p.dtype == dtype and torch.isfinite(p.float()).all()
+        for key, value in opt.state[p].items():
+            if key != "step":
+                assert value.dtype == torch.float32, key
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_complex_parameters_follow_their_real_view(info, variant):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 2, dtype=torch.complex64, generator=g)
+    assert_same_trajectory(
+        lambda ps: info.make(ps, **variant, foreach=False),
+        lambda ps: info.make(ps, **variant, foreach=False),
+        params=[z], steps=5, rtol=0.0,
+    )  # deterministic on complex parameters
+    traj_c = run_trajectory(lambda ps: info.make(ps, **variant, foreach=False), [z], 5)
+    traj_r = run_trajectory(lambda ps: info.make(ps, **variant, foreach=False),
+                            [torch.view_as_real(z).clone()], 5)
+    assert torch.equal(torch.view_as_real(traj_c[-1][0]), traj_r[-1][0])
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("info,variant", cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mid_run_checkpoint_resumes_bit_identically(info, variant, dtype):
+    params = _params(dtype)
+    opt = info.make(params, **variant)
+    _run(opt, params, 5)
+
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # state holds only tensors and containers
+
+    resumed_params = [p.clone().requires_grad_() for p in saved["params"]]
+    resumed = info.make(resumed_params, **variant)
+    resumed.load_state_dict(saved["opt"])
+    for p, q in zip(params, resumed_params):
+        for key, value in opt.state[p].items():
+            assert resumed.state[q][key].dtype == value.dtype, key
+            assert torch.equal(resumed.state[q][key], value), key
+
+    _run(opt, params, 5, start=5)
+    _run(resumed, resumed_params, 5, start=5)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_deepcopy_continues_identically(info, variant):
+    params = _params()
+    opt = info.make(params, **variant)
+    _run(opt, params, 3)
+    twin = copy.deepcopy({"params": params, "opt": opt})
+    _run(opt, params, 3, start=3)
+    _run(twin["opt"], twin["params"], 3, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(params, twin["params"]))
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_setstate_fills_flags_added_later(info, variant):
+    params = _params()
+    opt = info.make(params, **variant)
+    _run(opt, params, 2)
+    state = opt.__getstate__()
+    for group in state["param_groups"]:  # as pickled by an older version
+        for key in ("maximize", "foreach", "fused"):
+            group.pop(key)
+    restored = info.cls.__new__(info.cls)
+    restored.__setstate__(pickle.loads(pickle.dumps(state)))
+    for key in ("maximize", "foreach", "fused"):
+        assert restored.param_groups[0][key] == info.cls._signature_defaults()[key]
+    restored.step()  # usable
+
+
+# --- learning rates and groups ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_tensor_lr_equals_float_lr(info, variant):
+    assert_same_trajectory(
+        lambda ps: info.make(ps, **{**variant, "lr": torch.tensor(info.lr)}),
+        lambda ps: info.make(ps, **{**variant, "lr": torch.tensor(info.lr).item()}),
+        shapes=SHAPES, steps=10, rtol=0.0,
+    )
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_lr_scheduler_equals_setting_lr_by_hand(info, variant):
+    def scheduled(ps):
+        opt = info.make(ps, **variant)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+
+    class ByHand:
+        def __init__(self, ps):
+            self.opt, self.calls = info.make(ps, **variant), 0
+
+        def step(self):
+            self.opt.step()
+            self.calls += 1
+            self.opt.param_groups[0]["lr"] = info.lr * 0.5 ** (self.calls // 3)
+
+    assert_same_trajectory(scheduled, ByHand, shapes=SHAPES, steps=10, rtol=0.0)
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_groups_with_their_own_lr_and_decay_act_independently(info, variant):
+    def grouped(ps):
+        return info.make([{"params": ps[:2]},
+                          {"params": ps[2:], "lr": info.lr * 3, "weight_decay": 0.02}],
+                         **variant, foreach=False)
+
+    def separate(ps):
+        a = info.make(ps[:2], **variant, foreach=False)
+        b = info.make(ps[2:], **{**variant, "lr": info.lr * 3, "weight_decay": 0.02},
+                      foreach=False)
+
+        class Both:
+            def step(self):
+                a.step()
+                b.step()
+
+        return Both()
+
+    assert_same_trajectory(grouped, separate, shapes=SHAPES, steps=10, rtol=0.0)
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_named_parameters_are_kept_and_used_in_errors(info, variant):
+    model = torch.nn.Linear(3, 2)
+    opt = info.make(model.named_parameters(), **variant)
+    assert opt.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+    model.bias.grad = torch.zeros(2).to_sparse()
+    with pytest.raises(dm.UnsupportedTensorError, match="'bias'"):
+        opt.step()
+
+
+@pytest.mark.parametrize("info,variant", cases(minimizing=True))
+def test_maximize_ascends_the_negated_objective(info, variant):
+    descend = run_trajectory(lambda ps: info.make(ps, **variant), _params(), 5)
+    negated = noisy_quadratic_grads(0)
+    ascend = run_trajectory(lambda ps: info.make(ps, **variant, maximize=True), _params(), 5,
+                            grad_fn=lambda step, ps: [-g for g in negated(step, ps)])
+    for a, b in zip(descend[-1], ascend[-1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# --- it optimizes ----------------------------------------------------------------------------
+
+
+def _rosenbrock(xy):
+    x, y = xy[0], xy[1]
+    return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+
+@pytest.mark.parametrize("info,variant", cases(minimizing=True))
+def test_goes_downhill_on_rosenbrock(info, variant):
+    xy = torch.tensor([-1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    opt = info.make([xy], **{**variant, "lr": info.lr * 0.1})
+    start = _rosenbrock(xy).item()
+    for _ in range(300):
+        opt.zero_grad()
+        _rosenbrock(xy).backward()
+        opt.step()
+    end = _rosenbrock(xy).item()
+    assert end < 0.5 * start, (start, end)
+
+
+@pytest.mark.parametrize("info,variant", cases(minimizing=True))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_goes_downhill_on_a_noisy_quadratic(info, variant, dtype):
+    g = torch.Generator().manual_seed(0)
+    h = 0.1 + torch.rand(64, generator=g)
+    x = (3 * torch.randn(64, generator=g)).to(dtype).requires_grad_()
+    opt = info.make([x], **{**variant, "lr": info.lr * 5})
+
+    def loss():
+        return 0.5 * (h * x.float() ** 2).sum()
+
+    start = loss().item()
+    for _ in range(200):
+        opt.zero_grad()
+        (loss() + 0.1 * (torch.randn(64, generator=g) * x.float()).sum()).backward()
+        opt.step()
+    assert loss().item() < 0.2 * start
+
+
+# --- torch.compile ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_compiled_foreach_step_equals_eager(info, variant):
+    torch._dynamo.reset()
+
+    def compiled(ps):
+        opt = info.make(ps, **variant, foreach=True)
+        opt.step = torch.compile(opt.step, backend="aot_eager")
+        return opt
+
+    assert_same_trajectory(compiled, lambda ps: info.make(ps, **variant, foreach=True),
+                           shapes=SHAPES, steps=4, rtol=1e-6, atol=1e-7)
