@@ -206,8 +206,8 @@ def sgd_hyperparameters():
 
     return st.fixed_dictionaries({
         "lr": learning_rates(),
-        "momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
-        "dampening": st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
+        "momentum": st.floats(0.0, 0.99),
+        "dampening": st.floats(0.0, 1.0),
         "nesterov": st.booleans(),
         "weight_decay": st.one_of(st.just(0.0), st.floats(0.0, 0.1)),
         "maximize": st.booleans(),
