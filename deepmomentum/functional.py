@@ -205,7 +205,8 @@ def _fused_associative_momentum(
         weight_decay = 0.0
     # The kernel's is_first_step flag covers a whole call: split first and later steps.
     first = [i for i, b in enumerate(momentum_buffers) if b is None] if momentum != 0 else []
-    later = [i for i in range(len(params)) if i not in set(first)]
+    first_set = set(first)
+    later = [i for i in range(len(params)) if i not in first_set]
     for indices, is_first in ((first, True), (later, False)):
         if not indices:
             continue

@@ -39,7 +39,7 @@ class AssociativeMomentum(MemoryOptimizer):
         maximize (bool, default False): ascend instead of descend.
         foreach, fused (bool or None): torch's meaning. ``fused`` uses torch's fused SGD kernel
             (CPU; parameters that keep their state in their own dtype); by default it is picked
-            where it applies, else the multi-tensor path.
+            where it applies, else the single-tensor loop on CPU and foreach elsewhere.
 
     Reductions (tested as properties): equals ``torch.optim.SGD(lr, momentum, dampening,
     nesterov, weight_decay, maximize)`` step for step (R1).
@@ -94,7 +94,6 @@ class AssociativeMomentum(MemoryOptimizer):
         return None  # torch's fused SGD kernel covers every setting of §1
 
     def _update(self, group, params, implementation):
-        self._advance_steps(params)
         bufs = [self._real(self.state[p].get("momentum_buffer")) for p in params]
         F.associative_momentum(
             [self._real(p) for p in params],

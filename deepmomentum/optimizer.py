@@ -181,11 +181,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
         """'fused', 'foreach' or 'single' for this group's tensors, with torch's meaning of the
-        flags. Default: torch's fused CPU kernel where the rule is torch's and dtypes allow it,
-        else foreach."""
+        flags. Default: torch's fused CPU kernel where the rule is torch's and dtypes allow it;
+        otherwise the single-tensor loop on CPU (torch's foreach ops are slower there: see
+        benchmarks/step_time_cpu.py) and foreach on accelerators."""
+        kinds: dict[tuple, Tensor] = {}  # one check per kind of tensor, naming its first
+        for p in params:
+            kinds.setdefault((p.device.type, p.dtype), p)
         if group["fused"]:
-            for p in params:
-                reason = self._fused_tensor_unsupported(p)
+            for (device_type, dtype), p in kinds.items():
+                reason = self._fused_tensor_unsupported(device_type, dtype)
                 if reason:
                     raise UnsupportedTensorError(
                         f"fused=True cannot update {self._param_name(self._group_index(group), p)}"
@@ -193,21 +197,21 @@ class MemoryOptimizer(torch.optim.Optimizer):
             return "fused"
         if group["foreach"] is not None:
             return "foreach" if group["foreach"] else "single"
-        if group["fused"] is None and self._fused_unsupported(group) is None and all(
-            not self._fused_tensor_unsupported(p) for p in params
+        if group["fused"] is None and self._fused_unsupported(group) is None and not any(
+            self._fused_tensor_unsupported(*kind) for kind in kinds
         ):
             return "fused"
-        return "foreach"
+        return "single" if all(device_type == "cpu" for device_type, _ in kinds) else "foreach"
 
-    def _fused_tensor_unsupported(self, param: Tensor) -> Optional[str]:
+    def _fused_tensor_unsupported(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
         # torch's fused CPU kernels keep state in the parameter's dtype; ours is fp32 for
         # 16-bit parameters, and our step counters live on the CPU.
-        if param.device.type != "cpu":
-            return f"no fused kernel for {param.device.type} tensors yet"
-        if param.is_complex():
+        if device_type != "cpu":
+            return f"no fused kernel for {device_type} tensors yet"
+        if dtype.is_complex:
             return "complex parameters have no fused kernel"
-        if state_dtype(param.dtype) != param.dtype:
-            return f"{param.dtype} parameters keep float32 state, which torch's kernel cannot"
+        if state_dtype(dtype) != dtype:
+            return f"{dtype} parameters keep float32 state, which torch's kernel cannot"
         return None
 
     def _group_index(self, group: dict[str, Any]) -> int:

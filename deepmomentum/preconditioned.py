@@ -38,7 +38,9 @@ class PreconditionedMomentum(MemoryOptimizer):
         decoupled_weight_decay (bool, default True): AdamW-style decay; False couples it.
         maximize (bool, default False): ascend instead of descend.
         foreach, fused (bool or None): torch's meaning; ``fused`` uses torch's fused Adam(W)
-            kernel and exists for ``precondition="readout"``, ``preconditioner="adam"``.
+            kernel and exists for ``precondition="readout"``, ``preconditioner="adam"``; by
+            default it is picked where it applies, else the single-tensor loop on CPU and
+            foreach elsewhere.
 
     Reductions (tested as properties): readout + decoupled decay equals
     ``torch.optim.AdamW(lr, betas, eps, weight_decay)``; λ = 0 equals ``torch.optim.Adam`` (R3a);

@@ -1,0 +1,36 @@
+"""Packaging for deepmomentum."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "deepmomentum" / "__init__.py").read_text(),
+                    re.M).group(1)
+
+setup(
+    name="deepmomentum",
+    version=VERSION,
+    description="Deep-memory optimizers for PyTorch (Nested Learning): associative, delta-rule, "
+                "preconditioned and MLP momentum, Muon, M3, multi-frequency updates",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["deepmomentum", "deepmomentum.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        'triton>=3.4; platform_system == "Linux"',
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.100", "pytest-benchmark>=4"],
+        "bench": ["matplotlib", "scikit-learn", "tqdm"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Intended Audience :: Science/Research",
+    ],
+)
