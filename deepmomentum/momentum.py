@@ -62,10 +62,10 @@ class AssociativeMomentum(MemoryOptimizer):
         dampening: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
     ):
         defaults = dict(
             lr=lr,

@@ -66,10 +66,10 @@ class PreconditionedMomentum(MemoryOptimizer):
         weight_decay: float = 0.0,
         precondition: str = "readout",
         preconditioner: str = "adam",
-        decoupled_weight_decay: bool = True,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = True,
     ):
         defaults = dict(
             lr=lr,
