@@ -6,6 +6,8 @@ memory of the gradient stream; see SPEC.md for the rules and the reductions they
 
 from . import functional
 from .momentum import AssociativeMomentum
+from .muon import M3, Muon, muon_param_groups
+from .newton_schulz import newton_schulz
 from .optimizer import MemoryOptimizer, UnsupportedTensorError
 from .preconditioned import PreconditionedMomentum
 
@@ -13,6 +15,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssociativeMomentum",
+    "M3",
+    "Muon",
+    "muon_param_groups",
+    "newton_schulz",
     "MemoryOptimizer",
     "PreconditionedMomentum",
     "UnsupportedTensorError",

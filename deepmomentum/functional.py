@@ -29,9 +29,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .newton_schulz import adjusted_lr_scale, matrix_view, newton_schulz
+
 __all__ = [
     "associative_momentum",
     "preconditioned_momentum",
+    "muon",
+    "m3",
+    "orthogonalize",
     "state_dtype",
     "LOW_PRECISION_DTYPES",
 ]
@@ -393,3 +398,158 @@ def _fused_preconditioned_momentum(
             eps=eps,
             maximize=maximize,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# §5 Muon and §6 M3: Newton–Schulz read-out of matrix memories
+# ---------------------------------------------------------------------------------------------
+
+
+def orthogonalize(
+    tensors: list[Tensor],
+    *,
+    batch_dims: int = 0,
+    steps: int = 5,
+    coefficients="keller",
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+    batched: bool = True,
+) -> list[Tensor]:
+    """Newton–Schulz of each tensor's matrix view, returned in each tensor's shape and dtype.
+
+    ``batched=True`` stacks all matrices of the same (rows, cols, dtype, device) and
+    orthogonalizes them in one batched call; ``batched=False`` is the reference loop, one
+    matrix at a time.
+    """
+    views = [matrix_view(t, batch_dims) for t in tensors]  # (n, r, c) each
+    ns = dict(steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
+    out: list[Optional[Tensor]] = [None] * len(views)
+    if not batched:
+        for i, v in enumerate(views):
+            out[i] = torch.stack([newton_schulz(m, **ns) for m in v.unbind(0)])
+    else:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, v in enumerate(views):
+            groups[(tuple(v.shape[1:]), v.dtype, v.device)].append(i)
+        for indices in groups.values():
+            if len(indices) == 1 and views[indices[0]].shape[0] == 1:
+                out[indices[0]] = newton_schulz(views[indices[0]][0], **ns)[None]
+                continue
+            stacked = torch.cat([views[i] for i in indices])
+            result = newton_schulz(stacked, **ns).split([views[i].shape[0] for i in indices])
+            for i, r in zip(indices, result):
+                out[i] = r
+    return [o.reshape(t.shape) for o, t in zip(out, tensors)]
+
+
+def muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    ns_coefficients="keller",
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    ns_dtype: torch.dtype = torch.bfloat16,
+    adjust_lr_fn: Optional[str] = None,
+    batch_dims: int = 0,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+) -> None:
+    r"""Muon (NL Eq 42, 52; SPEC §5): Newton–Schulz read-out of an EMA momentum, in place.
+
+    .. math::
+        b_t = \mu b_{t-1} + (1-\mu) G_t,\quad U = \mathrm{lerp}(G_t, b_t, \mu)\ \text{(nesterov)}
+        \text{ else } b_t,\quad W \leftarrow W(1-\gamma\lambda) - \gamma\, s(r, c)\, \mathrm{NS}(U)
+
+    ``momentum_buffers`` start at zero. ``foreach`` (default on) orthogonalizes same-shape
+    matrices in one batched call; ``foreach=False`` is the one-matrix-at-a-time reference.
+    """
+    if not params:
+        return
+    lr = _scalar(lr)
+    updates = []
+    for grad, buf in zip(grads, momentum_buffers):
+        g = _signed_grad(grad, maximize)
+        buf.lerp_(g, 1 - momentum)
+        updates.append(g.lerp(buf, momentum) if nesterov else buf)
+    orthogonal = orthogonalize(updates, batch_dims=batch_dims, steps=ns_steps,
+                               coefficients=ns_coefficients, eps=eps, dtype=ns_dtype,
+                               batched=foreach is not False)
+    for param, o in zip(params, orthogonal):
+        rows, cols = matrix_view(param, batch_dims).shape[-2:]
+        w = _working_copy(param)
+        w.mul_(1 - lr * weight_decay)  # decoupled decay with the unadjusted lr, as torch does
+        w.add_(o, alpha=-lr * adjusted_lr_scale(adjust_lr_fn, rows, cols))
+        if w is not param:
+            param.copy_(w)
+
+
+def m3(
+    params: list[Tensor],
+    grads: list[Tensor],
+    fast_buffers: list[Tensor],
+    second_moments: list[Tensor],
+    slow_buffers: list[Tensor],
+    slow_updates: list[Tensor],
+    chunk_sums: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float, float],
+    decays: tuple[float, float, float],
+    alpha: float,
+    chunk: int,
+    eps: float,
+    weight_decay: float,
+    ns_coefficients="keller",
+    ns_steps: int = 5,
+    ns_eps: float = 1e-7,
+    ns_dtype: torch.dtype = torch.bfloat16,
+    batch_dims: int = 0,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+) -> None:
+    r"""M3, multi-scale momentum Muon (NL §7.2, Algorithm 1; SPEC §6), in place.
+
+    Every step (``t`` = ``state_steps``, already advanced):
+
+    .. math::
+        M^1_t = \mu_1 M^1_{t-1} + \beta_1 G_t,\quad V_t = \mu_2 V_{t-1} + \beta_2 G_t^2,\quad
+        O^1_t = \mathrm{NS}(M^1_t)\\
+        W_t = W_{t-1}(1-\gamma\lambda) - \gamma\,(O^1_t + \alpha O^2) / (\sqrt{V_t} + \epsilon)
+
+    and at the end of every chunk of Ĉ steps (``t % chunk == 0``) the slow memory takes the
+    chunk's summed gradients, :math:`M^2 \leftarrow \mu_3 M^2 + \beta_3 \sum_{chunk} G`,
+    :math:`O^2 = \mathrm{NS}(M^2)`, which the next chunk reads (the first chunk reads
+    :math:`O^2 = 0`). With decays (1, 1, 1) this is SPEC §6 to the letter.
+    """
+    if not params:
+        return
+    lr = _scalar(lr)
+    (beta1, beta2, beta3), (mu1, mu2, mu3) = betas, decays
+    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=ns_eps,
+              dtype=ns_dtype, batched=foreach is not False)
+    for grad, m1, v, s in zip(grads, fast_buffers, second_moments, chunk_sums):
+        g = _signed_grad(grad, maximize)
+        m1.mul_(mu1).add_(g, alpha=beta1)
+        v.mul_(mu2).addcmul_(g, g, value=beta2)
+        s.add_(g)
+    fast = orthogonalize(fast_buffers, **ns)
+    for param, o1, o2, v in zip(params, fast, slow_updates, second_moments):
+        w = _working_copy(param)
+        w.mul_(1 - lr * weight_decay)
+        w.addcdiv_(o1.add_(o2, alpha=alpha), v.sqrt().add_(eps), value=-lr)
+        if w is not param:
+            param.copy_(w)
+    boundary = [i for i, t in enumerate(state_steps) if int(_scalar(t)) % chunk == 0]
+    for i in boundary:
+        slow_buffers[i].mul_(mu3).add_(chunk_sums[i], alpha=beta3)
+        chunk_sums[i].zero_()
+    if boundary:
+        for i, o2 in zip(boundary, orthogonalize([slow_buffers[i] for i in boundary], **ns)):
+            slow_updates[i].copy_(o2)

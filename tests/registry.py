@@ -7,12 +7,21 @@ with the argument they must name, and a learning rate that makes progress on the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 
 import deepmomentum as dm
+
+
+#: Parameter shapes of the contract tests: scalar, vector, matrix, conv-like.
+SHAPES = ((4, 3), (5,), (2, 3, 2), ())
+#: For matrix optimizers: two same-shape matrices (batched together), wide, conv-like.
+MATRIX_SHAPES = ((4, 3), (4, 3), (2, 5), (3, 2, 2))
+#: For matrix optimizers with batch_dims=1: stacks of matrices.
+STACKED_SHAPES = ((2, 4, 3), (2, 4, 3), (3, 2, 5))
 
 
 @dataclass(frozen=True)
@@ -22,11 +31,25 @@ class OptimizerInfo:
     lr: float
     variants: tuple[dict[str, Any], ...] = ({},)
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
-    # kwargs of the toy runs (Rosenbrock, noisy quadratic) that differ from lr=...
-    toy_kwargs: dict[str, Any] = field(default_factory=dict)
+    matrix_only: bool = False  # groups with use_muon=False take any shape
+    # learning rates for the toy problems (Rosenbrock, noisy quadratic); default lr × (0.1, 5)
+    toy_lrs: tuple[float, float] | None = None
+
+    @property
+    def toy_lr(self) -> tuple[float, float]:
+        return self.toy_lrs or (self.lr * 0.1, self.lr * 5)
 
     def make(self, params, **kwargs):
         return self.cls(params, **{"lr": self.lr, **kwargs})
+
+    def shapes(self, variant: dict[str, Any]) -> tuple:
+        if not self.matrix_only or variant.get("use_muon") is False:
+            return SHAPES
+        return STACKED_SHAPES if variant.get("batch_dims") else MATRIX_SHAPES
+
+    @property
+    def supports_complex(self) -> bool:
+        return self.cls.supports_complex
 
 
 COMMON_INVALID = (
@@ -77,6 +100,58 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
             ({"precondition": "output"}, "precondition"),
             ({"preconditioner": "shampoo"}, "preconditioner"),
             ({"precondition": "value", "fused": True}, "fused"),
+        ),
+    ),
+    OptimizerInfo(
+        name="Muon",
+        cls=dm.Muon,
+        lr=0.05,
+        matrix_only=True,
+        variants=(
+            {},
+            {"nesterov": False, "weight_decay": 0.0},
+            {"ns_coefficients": "polar_express", "adjust_lr_fn": "spectral", "maximize": True},
+            {"ns_coefficients": "you", "adjust_lr_fn": "match_rms_adamw", "batch_dims": 1},
+            {"use_muon": False, "adamw_weight_decay": 0.01, "adamw_betas": (0.9, 0.99)},
+        ),
+        invalid=COMMON_INVALID + (
+            ({"momentum": 1.0}, "momentum"),
+            ({"weight_decay": -0.1}, "weight_decay"),
+            ({"ns_coefficients": "newton"}, "ns_coefficients"),
+            ({"ns_coefficients": [(1.0, 2.0)]}, "ns_coefficients"),
+            ({"ns_steps": 0}, "ns_steps"),
+            ({"adjust_lr_fn": "sqrt"}, "adjust_lr_fn"),
+            ({"batch_dims": -1}, "batch_dims"),
+            ({"ns_dtype": torch.int32}, "ns_dtype"),
+            ({"adamw_betas": (1.0, 0.9)}, "adamw_betas"),
+            ({"adamw_eps": -1.0}, "adamw_eps"),
+            ({"use_muon": "no"}, "use_muon"),
+            ({"fused": True}, "fused"),
+        ),
+    ),
+    OptimizerInfo(
+        name="M3",
+        cls=dm.M3,
+        lr=0.05,
+        # M3 divides by √V (no bias correction), so its steps shrink like lr/|G|: larger lrs.
+        toy_lrs=(1.0, 0.5),
+        matrix_only=True,
+        variants=(
+            {},
+            {"chunk": 2, "alpha": 0.5, "weight_decay": 0.01},
+            {"decays": (1.0, 1.0, 1.0), "betas": (1.0, 0.5, 2.0), "chunk": 3},
+            {"ns_coefficients": "polar_express", "batch_dims": 1, "maximize": True},
+            {"use_muon": False, "adamw_eps": 1e-8},
+        ),
+        invalid=COMMON_INVALID + (
+            ({"chunk": 0}, "chunk"),
+            ({"chunk": 2.5}, "chunk"),
+            ({"decays": (1.1, 0.9, 0.9)}, "decays"),
+            ({"decays": (0.9, 0.9)}, "decays"),
+            ({"betas": (-1.0, 1.0, 1.0)}, "betas"),
+            ({"alpha": -1.0}, "alpha"),
+            ({"eps": -1.0}, "eps"),
+            ({"ns_eps": -1.0}, "ns_eps"),
         ),
     ),
 )

@@ -1,0 +1,358 @@
+"""Muon and M3: momentum memories read out through Newton–Schulz (SPEC §5–6).
+
+Both optimize matrices; everything else (embeddings, the output head, norms, biases) goes in
+``use_muon=False`` groups, which the same optimizer updates with AdamW. :func:`muon_param_groups`
+builds both kinds of group from a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .newton_schulz import ADJUST_LR_FNS, ns_coefficients
+from .optimizer import MemoryOptimizer, UnsupportedTensorError, check_choice, check_flag, \
+    check_number
+
+__all__ = ["Muon", "M3", "muon_param_groups"]
+
+_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+_NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+class _MatrixOptimizer(MemoryOptimizer):
+    """Shared by Muon and M3: matrix groups (``use_muon=True``) take the subclass's rule on the
+    matrix view of each tensor; ``use_muon=False`` groups take AdamW with their own ``lr``,
+    ``betas``, ``eps`` and ``weight_decay`` (defaults: the constructor's ``adamw_*``)."""
+
+    supports_complex = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not param_group.get("use_muon", self.defaults["use_muon"]):
+            for key in _ADAMW_KEYS:
+                param_group.setdefault(key, self.defaults[f"adamw_{key}"])
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_flag("use_muon", group["use_muon"])
+        batch_dims = group["batch_dims"]
+        if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
+            raise ValueError(f"Invalid batch_dims: {batch_dims!r}; batch_dims must be an "
+                             "integer ≥ 0")
+        check_number("adamw_lr", group["adamw_lr"], 0.0)
+        if not group["use_muon"]:
+            self._validate_adamw(group, "")
+            return
+        self._validate_adamw(group, "adamw_")
+        ns_coefficients(group["ns_coefficients"], group["ns_steps"])  # raises ValueError
+        if group["ns_dtype"] not in _NS_DTYPES:
+            raise ValueError(f"Invalid ns_dtype: {group['ns_dtype']!r}; ns_dtype must be one of "
+                             f"{_NS_DTYPES}")
+        self._validate_matrix_group(group)
+        index = len(self.param_groups) - 1
+        for p in group["params"]:
+            if p.ndim < batch_dims + 2:
+                raise UnsupportedTensorError(
+                    f"{type(self).__name__} updates matrices; "
+                    f"{self._param_name(index, p)} has {p.ndim} dim(s), fewer than "
+                    f"batch_dims + 2 = {batch_dims + 2}. Put it in a group with use_muon=False "
+                    "(AdamW), e.g. with deepmomentum.muon_param_groups(model)")
+
+    @staticmethod
+    def _validate_adamw(group: dict[str, Any], prefix: str) -> None:
+        betas = group[f"{prefix}betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid {prefix}betas: {betas!r}; {prefix}betas must be a pair")
+        check_number(f"{prefix}betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        check_number(f"{prefix}betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_number(f"{prefix}eps", group[f"{prefix}eps"], 0.0)
+        check_number(f"{prefix}weight_decay", group[f"{prefix}weight_decay"], 0.0)
+
+    def _validate_matrix_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        if group["use_muon"]:
+            return "Newton–Schulz groups have no fused kernel yet"
+        return None  # AdamW groups: torch's fused AdamW kernel
+
+    def _implementation(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
+        if group["use_muon"] and group["foreach"] is None:
+            return "foreach"  # batched Newton–Schulz is the fast path on every device
+        return super()._implementation(group, params)
+
+    def _update(self, group, params, implementation):
+        if group["use_muon"]:
+            self._update_matrices(group, params, implementation)
+            return
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = self._new_state_tensor(p)
+                state["exp_avg_sq"] = self._new_state_tensor(p)
+        beta1, beta2 = group["betas"]
+        F.preconditioned_momentum(
+            params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params], self._advance_steps(params),
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled_weight_decay=True,
+            maximize=group["maximize"], foreach=implementation == "foreach",
+            fused=implementation == "fused")
+
+    def _update_matrices(self, group, params, implementation):
+        raise NotImplementedError
+
+
+class Muon(_MatrixOptimizer):
+    r"""Muon: momentum whose read-out is orthogonalized by Newton–Schulz (NL Eq 42, 52).
+
+    In Nested Learning's reading the momentum is a linear memory of the gradients and σ = NS is
+    its output map. Per matrix ``W`` (the matrix view of conv kernels; ``batch_dims`` leading
+    dims index stacked independent matrices):
+
+    .. math::
+        b_t &= \mu\, b_{t-1} + (1-\mu)\, G_t \qquad (b_0 = 0)\\
+        U_t &= \mathrm{lerp}(G_t, b_t, \mu)\ \text{if nesterov, else}\ b_t\\
+        W_t &= W_{t-1}(1-\gamma\lambda) - \gamma\, s(r, c)\, \mathrm{NS}(U_t)
+
+    with ``s`` from ``adjust_lr_fn``: None/"original" √max(1, r/c), "match_rms_adamw"
+    0.2·√max(r, c), "spectral" √(r/c). Same-shape matrices of a group are orthogonalized in one
+    batched call (``foreach=False``: one at a time, the reference). The NS input is always a
+    copy: unlike ``torch.optim.Muon`` with bf16 gradients, the momentum buffer is never
+    normalized in place.
+
+    Groups with ``use_muon=False`` (1-D tensors, embeddings, the output head) are updated by
+    AdamW with their own ``lr``, ``betas``, ``eps`` and ``weight_decay`` — the ``adamw_*``
+    arguments are their defaults. :func:`muon_param_groups` builds both groups from a model.
+
+    Args:
+        params: iterable of ≥2-D parameters, named parameters or group dicts.
+        lr (float, default 1e-3): γ ≥ 0 for the matrices.
+        weight_decay (float, default 0.1): λ ≥ 0, decoupled (W ← W(1 − γλ), unadjusted γ).
+        momentum (float, default 0.95): μ in [0, 1).
+        nesterov (bool, default True).
+        ns_coefficients (default "keller"): "keller", "you", "polar_express", one (a, b, c)
+            triple for every step, or a list of per-step triples.
+        ns_steps (int, default 5); eps (float, default 1e-7): NS normalisation guard.
+        adjust_lr_fn (str or None, default None): see above.
+        ns_dtype (torch.dtype, default bfloat16): NS arithmetic dtype.
+        batch_dims (int, default 0): leading dims that index independent matrices.
+        use_muon (bool, default True): False makes a group AdamW.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW-group defaults
+            (3e-4, (0.9, 0.95), 1e-10, 0.0).
+        maximize, foreach, fused: as in torch; no fused path exists for NS groups yet.
+
+    Reductions (tested): with ``ns_coefficients="keller"`` and torch's defaults, equals
+    ``torch.optim.Muon`` — identical momentum buffers, updates within bf16 rounding (R5).
+
+    Example:
+        >>> import torch, deepmomentum as dm
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+        ...                             torch.nn.Linear(16, 4))
+        >>> opt = dm.Muon(dm.muon_param_groups(model), lr=0.02)
+        >>> model(torch.randn(32, 8)).pow(2).mean().backward()
+        >>> opt.step()
+
+    References: Jordan et al., Muon (2024); Liu et al., Muon is Scalable for LLM Training
+    (2025); Amsel et al., The Polar Express (2025); Behrouz et al., Nested Learning (2025).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients="keller",
+        ns_steps: int = 5,
+        eps: float = 1e-7,
+        adjust_lr_fn: Optional[str] = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        batch_dims: int = 0,
+        use_muon: bool = True,
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, batch_dims=batch_dims,
+                        use_muon=use_muon, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+                        adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
+                        maximize=maximize, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    def _validate_matrix_group(self, group):
+        check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_number("weight_decay", group["weight_decay"], 0.0)
+        check_number("eps", group["eps"], 0.0)
+        check_flag("nesterov", group["nesterov"])
+        check_choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
+
+    def _update_matrices(self, group, params, implementation):
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = self._new_state_tensor(p)
+        F.muon(
+            params, [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params],
+            lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"], ns_coefficients=group["ns_coefficients"],
+            ns_steps=group["ns_steps"], eps=group["eps"], ns_dtype=group["ns_dtype"],
+            adjust_lr_fn=group["adjust_lr_fn"], batch_dims=group["batch_dims"],
+            maximize=group["maximize"], foreach=implementation == "foreach")
+
+
+class M3(_MatrixOptimizer):
+    r"""M3, multi-scale momentum Muon (NL arXiv §7.2, Algorithm 1).
+
+    A fast momentum read every step and a slow momentum that learns once per chunk of
+    ``chunk`` (Ĉ) steps, both orthogonalized, share an AdaGrad-like second-moment memory:
+
+    .. math::
+        M^1_t &= \mu_1 M^1_{t-1} + \beta_1 G_t, \qquad V_t = \mu_2 V_{t-1} + \beta_2 G_t^2\\
+        W_t &= W_{t-1}(1-\gamma\lambda) - \gamma\,\big(\mathrm{NS}(M^1_t) + \alpha\, O^2\big)
+               / (\sqrt{V_t} + \epsilon)\\
+        \text{every Ĉ steps: }\ M^2 &\leftarrow \mu_3 M^2 + \beta_3 \textstyle\sum_{chunk} G,
+        \qquad O^2 = \mathrm{NS}(M^2)
+
+    :math:`O^2` is kept between chunks (zero during the first chunk), so the slow memory and its
+    read-out change only at chunk boundaries (tested).
+
+    The paper's text is partly garbled. Its Algorithm 1 writes the three memories as plain sums
+    (``M ← M + β·…``); that is ``decays=(1, 1, 1)`` here, tested against a literal loop. Plain
+    sums never forget, so the defaults add the decays the text omits: μ₁ = 0.95 (Muon's
+    momentum), μ₂ = 0.999 (V then averages G² over ~1000 steps instead of growing without bound),
+    μ₃ = 0.9 (per chunk). The write strengths β₁ and β₃ only scale M¹ and M², which NS does not
+    see (it is scale-invariant), so they default to 1. These defaults are not tuned yet.
+
+    Args:
+        params: ≥2-D parameters (AdamW groups via ``use_muon=False`` as in :class:`Muon`).
+        lr (float, default 1e-3): γ ≥ 0.
+        betas (tuple, default (1, 1, 1)): write strengths (β₁, β₂, β₃) ≥ 0.
+        decays (tuple, default (0.95, 0.999, 0.9)): (μ₁, μ₂, μ₃), each in [0, 1].
+        alpha (float, default 1.0): α ≥ 0, weight of the slow read-out.
+        chunk (int, default 16): Ĉ ≥ 1, steps per slow update.
+        eps (float, default 1e-8): ε ≥ 0 in the denominator.
+        weight_decay (float, default 0): decoupled λ ≥ 0.
+        ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims: as :class:`Muon` (``ns_eps`` is
+            Muon's ``eps``).
+        use_muon, adamw_*: as :class:`Muon`.
+        maximize, foreach, fused: as :class:`Muon`.
+
+    References: Behrouz et al., Nested Learning (NeurIPS 2025; arXiv 2512.24695), §7.2.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        decays: tuple[float, float, float] = (0.95, 0.999, 0.9),
+        alpha: float = 1.0,
+        chunk: int = 16,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        ns_coefficients="keller",
+        ns_steps: int = 5,
+        ns_eps: float = 1e-7,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        batch_dims: int = 0,
+        use_muon: bool = True,
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        adamw_weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        defaults = dict(lr=lr, betas=betas, decays=decays, alpha=alpha, chunk=chunk, eps=eps,
+                        weight_decay=weight_decay, ns_coefficients=ns_coefficients,
+                        ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype,
+                        batch_dims=batch_dims, use_muon=use_muon, adamw_lr=adamw_lr,
+                        adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                        adamw_weight_decay=adamw_weight_decay, maximize=maximize,
+                        foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    def _validate_matrix_group(self, group):
+        for name, low, high in (("betas", 0.0, float("inf")), ("decays", 0.0, 1.0)):
+            values = group[name]
+            if not isinstance(values, (tuple, list)) or len(values) != 3:
+                raise ValueError(f"Invalid {name}: {values!r}; {name} must be a triple")
+            for i, v in enumerate(values):
+                check_number(f"{name}[{i}]", v, low, high)
+        check_number("alpha", group["alpha"], 0.0)
+        check_number("eps", group["eps"], 0.0)
+        check_number("ns_eps", group["ns_eps"], 0.0)
+        check_number("weight_decay", group["weight_decay"], 0.0)
+        chunk = group["chunk"]
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"Invalid chunk: {chunk!r}; chunk must be an integer ≥ 1")
+
+    def _update_matrices(self, group, params, implementation):
+        keys = ("fast_buffer", "exp_avg_sq", "slow_buffer", "slow_update", "chunk_sum")
+        for p in params:
+            state = self.state[p]
+            if "fast_buffer" not in state:
+                for key in keys:
+                    state[key] = self._new_state_tensor(p)
+        steps = self._advance_steps(params)
+        F.m3(params, [p.grad for p in params],
+             *([self.state[p][key] for p in params] for key in keys), steps,
+             lr=group["lr"], betas=tuple(group["betas"]), decays=tuple(group["decays"]),
+             alpha=group["alpha"], chunk=group["chunk"], eps=group["eps"],
+             weight_decay=group["weight_decay"], ns_coefficients=group["ns_coefficients"],
+             ns_steps=group["ns_steps"], ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
+             batch_dims=group["batch_dims"], maximize=group["maximize"],
+             foreach=implementation == "foreach")
+
+
+def muon_param_groups(
+    model: nn.Module,
+    *,
+    adamw_modules: Iterable[type] = (nn.Embedding, nn.EmbeddingBag),
+    exclude: Iterable[str] = ("lm_head", "head", "output", "classifier", "fc_out"),
+    muon_options: Optional[dict[str, Any]] = None,
+    adamw_options: Optional[dict[str, Any]] = None,
+) -> list[dict[str, Any]]:
+    """Split a model's trainable parameters into a Muon group and an AdamW group.
+
+    A parameter goes to the Muon (matrix) group when it has ≥ 2 dims, does not belong to a
+    module of a type in ``adamw_modules`` (embeddings by default: their rows are looked up, not
+    multiplied), and no part of its dotted name is in ``exclude`` (common names of output
+    heads, whose shape is the vocabulary). Everything else — biases, norm gains, embeddings,
+    the head — goes to the ``use_muon=False`` group. Parameters tied to two modules (an
+    embedding shared with the head) are counted once, with the first module that owns them.
+
+    Override by passing other ``adamw_modules``/``exclude``, or by building the groups by hand;
+    ``muon_options``/``adamw_options`` are merged into the two groups (e.g. their ``lr``).
+    Groups with no parameters are left out. Named parameters are used, so errors and
+    ``state_dict`` carry the names.
+    """
+    exclude = set(exclude)
+    adamw_types = tuple(adamw_modules)
+    muon_params, adamw_params, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            parts = set(name.split("."))
+            is_matrix = p.ndim >= 2 and not isinstance(module, adamw_types) and not parts & exclude
+            (muon_params if is_matrix else adamw_params).append((name, p))
+    groups = []
+    if muon_params:
+        groups.append({"params": muon_params, "use_muon": True, **(muon_options or {})})
+    if adamw_params:
+        groups.append({"params": adamw_params, "use_muon": False, **(adamw_options or {})})
+    return groups

@@ -1,0 +1,166 @@
+"""Newton–Schulz orthogonalization: the σ read-out of Muon, M3 and DMGD (SPEC §5).
+
+``newton_schulz(X)`` approximates the polar factor ``U Vᵀ`` of ``X = U Σ Vᵀ`` with a fixed
+number of odd quintic polynomial steps applied to the singular values:
+
+    X₀ = X / (‖X‖_F · s₀ + ε);   A = X Xᵀ;   B = b A + c A²;   X ← a X + B X
+
+computed with ``r ≤ c`` (the input is transposed first when tall, so ``A`` is the small Gram
+matrix), in bfloat16 by default, over any leading batch dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["newton_schulz", "NS_PRESETS", "ns_coefficients", "matrix_view", "adjusted_lr_scale",
+           "ADJUST_LR_FNS"]
+
+Coefficients = Union[str, Sequence[Sequence[float]]]
+
+# Jordan's quintic: one polynomial every step, chosen to maximise the slope at zero.
+_KELLER = ((3.4445, -4.7750, 2.0315),)
+# You Jiacheng's six per-step polynomials (published as multiples of 1/1024).
+_YOU = tuple(
+    (a / 1024, b / 1024, c / 1024)
+    for a, b, c in ((3955, -8306, 5008), (3735, -6681, 3463), (3799, -6499, 3211),
+                    (4019, -6385, 2906), (2677, -3029, 1162), (2172, -1833, 682))
+)
+# Polar Express (Amsel et al. 2025, degree 5, ℓ = 1e-3): per-step optimal polynomials; all but
+# the last are deflated by the paper's safety factor 1.01 (a/1.01, b/1.01³, c/1.01⁵) and the
+# input is normalised by ‖X‖_F · 1.01.
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+_POLAR_EXPRESS = tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
+                       ) + _POLAR_EXPRESS_RAW[-1:]
+
+#: name -> (per-step (a, b, c) list, repeated from its last entry past its end; s₀)
+NS_PRESETS = {
+    "keller": (_KELLER, 1.0),
+    "you": (_YOU, 1.0),
+    "polar_express": (_POLAR_EXPRESS, 1.01),
+}
+
+
+def ns_coefficients(coefficients: Coefficients, steps: int) -> tuple[list[tuple], float]:
+    """The ``steps`` (a, b, c) triples and normalisation factor s₀ of a preset or explicit list.
+
+    A schedule shorter than ``steps`` repeats its last polynomial. Raises ``ValueError`` on an
+    unknown preset, a malformed list or ``steps < 1``.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"Invalid ns_steps: {steps!r}; ns_steps must be an integer ≥ 1")
+    if isinstance(coefficients, str):
+        if coefficients not in NS_PRESETS:
+            raise ValueError(f"Invalid ns_coefficients: {coefficients!r}; ns_coefficients must be "
+                             f"one of {tuple(NS_PRESETS)} or a list of (a, b, c) triples")
+        schedule, scale = NS_PRESETS[coefficients]
+    else:
+        try:
+            schedule = [tuple(float(v) for v in abc) for abc in coefficients]
+        except (TypeError, ValueError):
+            schedule = []
+        # A single bare triple (a, b, c), as torch.optim.Muon takes it, means "every step".
+        if not schedule and _is_triple(coefficients):
+            schedule = [tuple(float(v) for v in coefficients)]
+        if not schedule or any(len(abc) != 3 or not all(map(math.isfinite, abc))
+                               for abc in schedule):
+            raise ValueError(f"Invalid ns_coefficients: {coefficients!r}; expected a preset name "
+                             f"{tuple(NS_PRESETS)} or a list of finite (a, b, c) triples")
+        scale = 1.0
+    schedule = list(schedule[:steps]) + [schedule[-1]] * max(0, steps - len(schedule))
+    return schedule, scale
+
+
+def _is_triple(value) -> bool:
+    try:
+        return len(value) == 3 and all(isinstance(v, (int, float)) for v in value)
+    except TypeError:
+        return False
+
+
+def newton_schulz(X: Tensor, steps: int = 5, coefficients: Coefficients = "keller",
+                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Orthogonalize ``X`` of shape ``(..., r, c)`` by Newton–Schulz; same shape and dtype out.
+
+    Args:
+        X: a matrix or a batch of matrices (each orthogonalized on its own).
+        steps: number of polynomial steps.
+        coefficients: ``"keller"`` (3.4445, −4.7750, 2.0315 every step), ``"you"`` (You's six
+            per-step polynomials), ``"polar_express"`` (Amsel et al.'s per-step optimal
+            polynomials with their 1.01 normalisation), a single (a, b, c) used every step, or
+            a list of per-step triples. Short schedules repeat their last polynomial.
+        eps: added to the normaliser ‖X‖_F · s₀, so a zero matrix maps to zero.
+        dtype: the arithmetic dtype (bfloat16 by default; float32 or float64 for accuracy).
+
+    The input is never modified and never aliased by the output.
+    """
+    if X.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape "
+                         f"{tuple(X.shape)}")
+    schedule, scale = ns_coefficients(coefficients, steps)
+    Y = X.to(dtype)
+    transposed = Y.size(-2) > Y.size(-1)
+    if transposed:
+        Y = Y.mT
+    # Out of place: Y may still be X itself when X already has the arithmetic dtype.
+    Y = Y / (torch.linalg.vector_norm(Y, dim=(-2, -1), keepdim=True) * scale + eps)
+    batch_shape = Y.shape[:-2]
+    if Y.ndim > 3:
+        Y = Y.reshape(-1, *Y.shape[-2:])
+    for a, b, c in schedule:
+        if Y.ndim == 2:
+            A = Y @ Y.mT
+            B = torch.addmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²
+            Y = torch.addmm(Y, B, Y, beta=a)  # a·Y + B·Y
+        else:
+            A = torch.bmm(Y, Y.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            Y = torch.baddbmm(Y, B, Y, beta=a)
+    Y = Y.reshape(*batch_shape, *Y.shape[-2:])
+    if transposed:
+        Y = Y.mT
+    return Y.to(X.dtype)
+
+
+def matrix_view(t: Tensor, batch_dims: int = 0) -> Tensor:
+    """``t`` as a batch of matrices ``(n, r, c)`` (SPEC: matrix view).
+
+    With ``batch_dims = 0``: a 2-D tensor is one matrix; a ≥3-D tensor (a conv kernel) is
+    ``(shape[0], prod(shape[1:]))``. With ``batch_dims = k``: the first k dims index independent
+    matrices ``(shape[k], prod(shape[k+1:]))`` (stacked experts or heads).
+    """
+    k = batch_dims
+    if t.ndim < k + 2:
+        raise ValueError(f"a tensor of shape {tuple(t.shape)} has no matrix view with "
+                         f"batch_dims={k}: it needs at least {k + 2} dims")
+    n = math.prod(t.shape[:k])
+    return t.reshape(n, t.shape[k], math.prod(t.shape[k + 1:]))
+
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")
+
+
+def adjusted_lr_scale(adjust_lr_fn, rows: int, cols: int) -> float:
+    """Muon's lr factor s(r, c): "original" √max(1, r/c), "match_rms_adamw" 0.2·√max(r, c),
+    "spectral" √(r/c)."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn == "spectral":
+        return math.sqrt(rows / cols)
+    raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r}; adjust_lr_fn must be one of "
+                     f"{ADJUST_LR_FNS}")
