@@ -233,6 +233,10 @@ class M3(_MatrixOptimizer):
     μ₃ = 0.9 (per chunk). The write strengths β₁ and β₃ only scale M¹ and M², which NS does not
     see (it is scale-invariant), so they default to 1. These defaults are not tuned yet.
 
+    Mind the scale: NS output has unit spectral scale while √V has the gradients' scale, so a
+    step is about γ/|G| per entry — γ must be set relative to the gradients (1e-4 trained the
+    char model of ``examples/replace_adam.py``, where Muon takes 5e-3; 1e-2 diverged).
+
     Args:
         params: ≥2-D parameters (AdamW groups via ``use_muon=False`` as in :class:`Muon`).
         lr (float, default 1e-3): γ ≥ 0.

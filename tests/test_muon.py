@@ -78,6 +78,22 @@ def test_newton_schulz_is_one_polynomial_step_per_iteration():
     torch.testing.assert_close(torch.linalg.svdvals(out), expected.sort(descending=True).values)
 
 
+@pytest.mark.parametrize("preset,abc,scale", [
+    ("keller", (3.4445, -4.7750, 2.0315), 1.0),
+    ("you", (3955 / 1024, -8306 / 1024, 5008 / 1024), 1.0),
+    ("polar_express", (8.28721201814563 / 1.01, -23.595886519098837 / 1.01**3,
+                       17.300387312530933 / 1.01**5), 1.01),
+])
+def test_preset_first_step_and_normalisation(preset, abc, scale):
+    values = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
+    x = _with_singular_values(3, 6, values, _gen(4))
+    out = dm.newton_schulz(x, steps=1, coefficients=preset, dtype=torch.float64, eps=0.0)
+    s = values / (values.norm() * scale)
+    a, b, c = abc
+    expected = (a * s + b * s**3 + c * s**5).abs().sort(descending=True).values
+    torch.testing.assert_close(torch.linalg.svdvals(out), expected)
+
+
 def test_newton_schulz_keeps_its_input_and_maps_zero_to_zero():
     x = torch.randn(4, 6, generator=_gen(3)).bfloat16()
     before = x.clone()
