@@ -5,7 +5,7 @@ memory of the gradient stream; see SPEC.md for the rules and the reductions they
 """
 
 from . import functional
-from .momentum import AssociativeMomentum
+from .momentum import AssociativeMomentum, DeltaMomentum
 from .muon import M3, Muon, muon_param_groups
 from .newton_schulz import newton_schulz
 from .optimizer import MemoryOptimizer, UnsupportedTensorError
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssociativeMomentum",
+    "DeltaMomentum",
     "M3",
     "Muon",
     "muon_param_groups",

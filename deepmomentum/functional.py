@@ -34,6 +34,7 @@ from .newton_schulz import adjusted_lr_scale, matrix_view, newton_schulz
 __all__ = [
     "associative_momentum",
     "preconditioned_momentum",
+    "delta_momentum",
     "muon",
     "m3",
     "orthogonalize",
@@ -553,3 +554,95 @@ def m3(
     if boundary:
         for i, o2 in zip(boundary, orthogonalize([slow_buffers[i] for i in boundary], **ns)):
             slow_updates[i].copy_(o2)
+
+
+# ---------------------------------------------------------------------------------------------
+# §2 DeltaMomentum
+# ---------------------------------------------------------------------------------------------
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """The matrix view of §2: 2-D as is, ≥3-D as (shape[0], rest), 1-D and 0-D as one row."""
+    return t.reshape(1, -1) if t.ndim < 2 else t.reshape(t.shape[0], -1)
+
+
+def erase_along_keys(b: Tensor, keys: Tensor, denominator: Tensor) -> Tensor:
+    """``b K`` for the key Gram ``K = kᵀk / denominator`` (c × c) without forming K when the key
+    count is the smaller side: ``(b kᵀ) k / d`` if ``n ≤ c`` else ``b (kᵀ k) / d``.
+
+    ``b`` is ``r × c`` and ``keys`` is ``n × c``; cost ``4·r·c·min(n, c)`` flops. A zero
+    ``denominator`` (no keys, a zero gradient) gives zero.
+    """
+    n, c = keys.shape
+    product = (b @ keys.mT) @ keys if n <= c else b @ (keys.mT @ keys)
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, product / safe, torch.zeros_like(product))
+
+
+def delta_momentum(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Optional[Tensor]],
+    input_keys: Optional[list[Optional[Tensor]]] = None,
+    *,
+    lr: float,
+    momentum: float,
+    erase: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+) -> None:
+    r"""Momentum with the delta-rule (L2) objective over keys (NL Eq 48–49, 35–37; SPEC §2).
+
+    .. math::
+        b_1 = g_1,\qquad b_t = b_{t-1}(\mu I - \beta K_t) + (1-\tau)\, g_t
+
+    then read-out and update as :func:`associative_momentum`. ``K_t`` is a normalized key Gram
+    (c × c, PSD, trace ≤ 1) on each tensor's matrix view (:func:`as_matrix`): the gradient's
+    ``GᵀG/‖G‖²`` by default, or ``X̂ᵀX̂/n`` from ``input_keys[i]`` (rows already unit-normalized)
+    where given. Since its eigenvalues lie in [0, 1] and β ∈ [0, μ], the memory never grows
+    faster than plain momentum: ‖b_t‖ ≤ μ‖b_{t−1}‖ + (1−τ)‖g_t‖.
+    """
+    lr = _scalar(lr)
+    input_keys = input_keys if input_keys is not None else [None] * len(params)
+    works, updates = [], []
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        w = _working_copy(param)
+        g = _signed_grad(grad, maximize)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                w.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(w, alpha=weight_decay)
+        buf = momentum_buffers[i]
+        if buf is None:
+            buf = momentum_buffers[i] = torch.clone(g).detach()
+        else:
+            erased = None
+            if erase != 0:
+                keys = input_keys[i]
+                if keys is None:  # the gradient's own rows are the keys
+                    keys = as_matrix(g)
+                    denominator = keys.pow(2).sum()
+                else:
+                    keys = keys.to(g.dtype)
+                    denominator = torch.tensor(float(keys.shape[0]), dtype=g.dtype,
+                                               device=g.device)
+                erased = erase_along_keys(as_matrix(buf), keys, denominator).view_as(buf)
+            buf.mul_(momentum)
+            if erased is not None:
+                buf.sub_(erased, alpha=erase)
+            buf.add_(g, alpha=1 - dampening)
+        works.append(w)
+        updates.append(g.add(buf, alpha=momentum) if nesterov else buf)
+    if foreach:
+        torch._foreach_add_(works, updates, alpha=-lr)
+    else:
+        for w, u in zip(works, updates):
+            w.add_(u, alpha=-lr)
+    for param, w in zip(params, works):
+        if w is not param:
+            param.copy_(w)

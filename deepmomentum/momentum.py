@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import functional as F
-from .optimizer import MemoryOptimizer, check_flag, check_number
+import torch
+from torch import Tensor, nn
 
-__all__ = ["AssociativeMomentum"]
+from . import functional as F
+from .optimizer import MemoryOptimizer, check_choice, check_flag, check_number
+
+__all__ = ["AssociativeMomentum", "DeltaMomentum"]
+
+
+def _validate_momentum(group: dict[str, Any]) -> None:
+    """The hyperparameters AssociativeMomentum and DeltaMomentum share."""
+    check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+    check_number("dampening", group["dampening"], 0.0, 1.0)
+    check_number("weight_decay", group["weight_decay"], 0.0)
+    check_flag("nesterov", group["nesterov"])
+    check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("nesterov=True requires momentum > 0 and dampening = 0, got "
+                         f"momentum={group['momentum']}, dampening={group['dampening']}")
 
 
 class AssociativeMomentum(MemoryOptimizer):
@@ -81,14 +96,7 @@ class AssociativeMomentum(MemoryOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        check_number("dampening", group["dampening"], 0.0, 1.0)
-        check_number("weight_decay", group["weight_decay"], 0.0)
-        check_flag("nesterov", group["nesterov"])
-        check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0, got "
-                             f"momentum={group['momentum']}, dampening={group['dampening']}")
+        _validate_momentum(group)
 
     def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
         return None  # torch's fused SGD kernel covers every setting of §1
@@ -112,3 +120,178 @@ class AssociativeMomentum(MemoryOptimizer):
         if group["momentum"] != 0:
             for p, b in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = self._like_param(b, p)
+
+
+KEY_SOURCES = ("gradient", "input")
+
+
+class DeltaMomentum(MemoryOptimizer):
+    r"""Momentum with a delta-rule (L2) objective over keys (Nested Learning Eq 48–49, 35–37).
+
+    Plain momentum only adds to its memory. With the inner objective ``½‖b k − v‖²`` instead of
+    ``⟨b, −G⟩``, one gradient step first *erases* what the memory holds along the current keys
+    and then writes. With a normalized key Gram ``K_t`` (c × c on the matrix view, PSD,
+    trace 1):
+
+    .. math::
+        b_1 = g_1, \qquad b_t = b_{t-1}(\mu I - \beta K_t) + (1-\tau)\, g_t
+
+    and the read-out and update of :class:`AssociativeMomentum`
+    (``U = g + μb`` with nesterov, else ``b``; ``W ← W − γU``).
+
+    Keys:
+
+    * ``keys="gradient"`` (default): ``K_t = GᵀG / ‖G‖_F²``, erasing along the gradient's row
+      space; ``b K`` is computed as ``(b Gᵀ) G / ‖G‖²`` or ``b (GᵀG) / ‖G‖²``, whichever side
+      is smaller (``4·r·c·min(r, c)`` flops, ``min(r, c)²`` memory).
+    * ``keys="input"``: the unit-normalized rows of each layer's input, ``K_t = X̂ᵀX̂ / n``
+      (NL: keys are the layer inputs, values the local error). Call :meth:`attach` once with
+      the model: forward hooks on its ``nn.Linear`` modules (subclasses included) keep at most
+      ``key_samples`` rows a step (evenly spaced; micro-batches accumulate until ``step()``).
+      Captured keys are detached copies, dropped at every ``step()``. Parameters with no
+      captured keys — biases, other module types, a step with no forward — use ``"gradient"``.
+
+    Tensors use the matrix view: 2-D as is, ≥3-D as ``(shape[0], prod(rest))``, 1-D as one row,
+    which is the closed form ``b_t = μb − β⟨b, ĝ⟩ĝ + (1 − τ)g`` (R2b).
+
+    Args:
+        params: iterable of parameters, named parameters or group dicts.
+        lr (float, default 1e-3): γ ≥ 0.
+        momentum (float, default 0.9): μ in [0, 1).
+        erase (float, default 0.5): β in [0, μ]; the eigenvalues of ``μI − βK`` stay in
+            [μ − β, μ], so the memory never grows faster than plain momentum (P2).
+        keys (str, default "gradient"): "gradient" or "input".
+        key_samples (int, default 256): most input rows kept per step (≥ 1).
+        dampening, nesterov, weight_decay, decoupled_weight_decay, maximize: as
+            :class:`AssociativeMomentum`.
+        foreach (bool or None): the final update as one foreach call; fused: not available.
+
+    Reductions (tested as properties): ``erase=0`` equals :class:`AssociativeMomentum`, hence
+    ``torch.optim.SGD`` (R2a); 1-D closed form (R2b); the norm bound (P2).
+
+    Example:
+        >>> import torch, deepmomentum as dm
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(8, 1))
+        >>> opt = dm.DeltaMomentum(model.parameters(), lr=0.05, keys="input")
+        >>> opt.attach(model)
+        >>> model(torch.randn(16, 4)).pow(2).mean().backward()
+        >>> opt.step(); opt.zero_grad()
+        >>> opt.detach()
+
+    References: Behrouz et al., Nested Learning (NeurIPS 2025), Eq 35–37, 48–49; Widrow & Hoff
+    (the delta rule); Schlag et al., Linear Transformers Are Secretly Fast Weight Programmers.
+    """
+
+    supports_complex = False
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        erase: float = 0.5,
+        keys: str = "gradient",
+        key_samples: int = 256,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
+    ):
+        defaults = dict(lr=lr, momentum=momentum, erase=erase, keys=keys,
+                        key_samples=key_samples, dampening=dampening, nesterov=nesterov,
+                        weight_decay=weight_decay, maximize=maximize, foreach=foreach,
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        self._captured: dict[Tensor, list[Tensor]] = {}
+        self._hooks: list[Any] = []
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        _validate_momentum(group)
+        check_number("erase", group["erase"], 0.0, group["momentum"])
+        check_choice("keys", group["keys"], KEY_SOURCES)
+        samples = group["key_samples"]
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"Invalid key_samples: {samples!r}; key_samples must be an "
+                             "integer ≥ 1")
+
+    # --- input keys --------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> "DeltaMomentum":
+        """Capture the inputs of ``model``'s ``nn.Linear`` layers as keys for the weights of
+        groups with ``keys="input"``. Returns self; :meth:`detach` removes the hooks."""
+        wanted = {id(p): g["key_samples"] for g in self.param_groups if g["keys"] == "input"
+                  for p in g["params"]}
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) in wanted:
+                hook = module.register_forward_hook(
+                    self._make_hook(module.weight, wanted[id(module.weight)]))
+                self._hooks.append(hook)
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks added by :meth:`attach` and drop captured keys."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._captured.clear()
+
+    def _make_hook(self, weight: Tensor, samples: int):
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled():
+                return  # evaluation passes leave no keys
+            x = inputs[0].detach().reshape(-1, weight.shape[1])
+            rows = self._captured.setdefault(weight, [])
+            rows.append(_unit_rows(_evenly_spaced(x, samples)))
+            if sum(r.shape[0] for r in rows) > samples:
+                self._captured[weight] = [_evenly_spaced(torch.cat(rows), samples)]
+
+        return hook
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state["_captured"], state["_hooks"] = {}, []  # hooks belong to a live model
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("_captured", {})
+        state.setdefault("_hooks", [])
+        super().__setstate__(state)
+
+    # --- step --------------------------------------------------------------------------------
+
+    def _update(self, group, params, implementation):
+        captured = self._captured
+        keys = [None] * len(params)
+        if group["keys"] == "input":
+            for i, p in enumerate(params):
+                rows = captured.get(p)
+                if rows:
+                    keys[i] = torch.cat(rows) if len(rows) > 1 else rows[0]
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        F.delta_momentum(
+            params, [p.grad for p in params], bufs, keys, lr=group["lr"],
+            momentum=group["momentum"], erase=group["erase"], dampening=group["dampening"],
+            nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            maximize=group["maximize"], foreach=implementation == "foreach")
+        for p, b in zip(params, bufs):
+            self.state[p]["momentum_buffer"] = b
+            captured.pop(p, None)  # keys serve one step and are not kept alive
+
+
+def _evenly_spaced(x: Tensor, samples: int) -> Tensor:
+    """At most ``samples`` rows of ``x``, evenly spaced (deterministic, so runs repeat)."""
+    if x.shape[0] <= samples:
+        return x.clone()
+    index = torch.linspace(0, x.shape[0] - 1, samples, device=x.device).round().long()
+    return x.index_select(0, index)
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    x = x.float() if x.dtype in F.LOW_PRECISION_DTYPES else x
+    return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)

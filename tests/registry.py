@@ -103,6 +103,29 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
         ),
     ),
     OptimizerInfo(
+        name="DeltaMomentum",
+        cls=dm.DeltaMomentum,
+        lr=0.01,
+        variants=(
+            {},
+            {"erase": 0.0},
+            {"erase": 0.9, "nesterov": True, "weight_decay": 0.01},
+            {"keys": "input", "key_samples": 4},  # no attach: falls back to gradient keys
+            {"dampening": 0.3, "maximize": True, "decoupled_weight_decay": True,
+             "weight_decay": 0.05},
+        ),
+        invalid=COMMON_INVALID + (
+            ({"momentum": 1.0}, "momentum"),
+            ({"erase": -0.1}, "erase"),
+            ({"erase": 0.95, "momentum": 0.9}, "erase"),
+            ({"keys": "output"}, "keys"),
+            ({"key_samples": 0}, "key_samples"),
+            ({"key_samples": 2.5}, "key_samples"),
+            ({"dampening": 2.0}, "dampening"),
+            ({"nesterov": True, "dampening": 0.5}, "nesterov"),
+        ),
+    ),
+    OptimizerInfo(
         name="Muon",
         cls=dm.Muon,
         lr=0.05,
