@@ -5,6 +5,7 @@ memory of the gradient stream; see SPEC.md for the rules and the reductions they
 """
 
 from . import functional
+from .deep import DMGD, DeepMomentum
 from .momentum import AssociativeMomentum, DeltaMomentum
 from .muon import M3, Muon, muon_param_groups
 from .newton_schulz import newton_schulz
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssociativeMomentum",
+    "DMGD",
+    "DeepMomentum",
     "DeltaMomentum",
     "M3",
     "Muon",

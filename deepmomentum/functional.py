@@ -35,6 +35,8 @@ __all__ = [
     "associative_momentum",
     "preconditioned_momentum",
     "delta_momentum",
+    "deep_momentum",
+    "deep_memory_gradients",
     "muon",
     "m3",
     "orthogonalize",
@@ -644,5 +646,179 @@ def delta_momentum(
         for w, u in zip(works, updates):
             w.add_(u, alpha=-lr)
     for param, w in zip(params, works):
+        if w is not param:
+            param.copy_(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# §4 DeepMomentum (DMGD): a momentum whose keyed memory is an MLP
+# ---------------------------------------------------------------------------------------------
+
+DMGD_OBJECTIVES = ("dot", "l2")
+DMGD_VALUES = ("gradient", "preconditioned")
+DMGD_OUTPUTS = ("identity", "sign", "newton_schulz")
+# Activations with φ(0) = 0, so a zero key reads zero (P4); each with its closed-form φ'.
+DMGD_ACTIVATIONS = ("tanh", "relu", "silu", "gelu")
+
+
+def _activation(name: str, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(φ(z), φ'(z)) in closed form."""
+    if name == "tanh":
+        h = torch.tanh(z)
+        return h, 1 - h * h
+    if name == "relu":
+        return torch.relu(z), (z > 0).to(z.dtype)
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return z * s, s * (1 + z * (1 - s))
+    if name == "gelu":  # exact (erf) GELU: φ = zΦ(z), φ' = Φ(z) + z·pdf(z)
+        cdf = 0.5 * (1 + torch.erf(z * (0.5**0.5)))
+        pdf = torch.exp(-0.5 * z * z) * (2 * math.pi) ** -0.5
+        return z * cdf, cdf + z * pdf
+    raise ValueError(f"Invalid activation: {name!r}; activation must be one of "
+                     f"{DMGD_ACTIVATIONS}")
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """Rows of ``x`` (…, r, c) scaled to unit norm; a zero row stays zero."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def deep_memory_gradients(keys: Tensor, values: Tensor, A: Tensor, B: Tensor, *,
+                          objective: str, activation: str) -> tuple[Tensor, Tensor]:
+    r"""Closed-form ``(∇_A L, ∇_B L)`` of the inner objective for ``f_θ(X) = φ(X A) B``.
+
+    Batched over a leading dim: ``keys``/``values`` (n, r, c), ``A`` (n, c, h), ``B`` (n, h, c).
+    With ``D = ∂L/∂F`` — ``−V/r`` for ``"dot"``, ``(F − V)/r`` for ``"l2"`` —
+    ``∇_B = φ(XA)ᵀ D`` and ``∇_A = Xᵀ((D Bᵀ) ⊙ φ'(XA))``.
+    """
+    Z = keys @ A  # (n, r, h)
+    H, dH = _activation(activation, Z)
+    rows = keys.shape[-2]
+    D = -values / rows if objective == "dot" else (H @ B - values) / rows  # (n, r, c)
+    grad_B = H.mT @ D  # (n, h, c)
+    grad_A = keys.mT @ ((D @ B.mT) * dH)  # (n, c, h)
+    return grad_A, grad_B
+
+
+def deep_momentum(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Optional[Tensor]],
+    memory_A: list[Optional[Tensor]],
+    memory_B: list[Optional[Tensor]],
+    exp_avg_sqs: list[Optional[Tensor]],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    memory_lr: float,
+    key_decay: Optional[float] = None,
+    objective: str = "dot",
+    values: str = "gradient",
+    output: str = "identity",
+    activation: str = "tanh",
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    adjust_lr_fn: Optional[str] = None,
+    ns_coefficients="keller",
+    ns_steps: int = 5,
+    ns_dtype: torch.dtype = torch.bfloat16,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+) -> None:
+    r"""DMGD (NL Eq 23–24, 50–52; SPEC §4): momentum whose memory is ``b + f_θ``, in place.
+
+    Per tensor, on its matrix view (r × c) with keys ``X = Ĝ`` (unit rows of ``g``) and values
+    ``V = g`` (or ``P_t(g)`` with ``values="preconditioned"``):
+
+    .. math::
+        b_t &= \mu b_{t-1} + (1-\tau) g_t \quad (b_1 = g_1)\\
+        (A, B)_t &= (\mu_A A, \mu B)_{t-1} - \eta_m \nabla_{A,B} L^{(2)}(A_{t-1}, B_{t-1};
+        X_t, V_t)\\
+        M_t &= b_t + \varphi(X_t A_t) B_t, \qquad U_t = \sigma(g_t + \mu M_t)\ \text{(nesterov)}
+        \text{ else } \sigma(M_t)\\
+        W_t &= W_{t-1}(1-\gamma\lambda_{\text{dec}}) - \gamma\, s\, U_t
+
+    ``μ_A`` is ``key_decay`` (None: μ, SPEC §4 to the letter). ``s`` is Muon's lr adjustment
+    when σ is Newton–Schulz, else 1. Tensors whose ``memory_A``
+    entry is None have no keyed part (``hidden=0``): the rule is then §1's. ``foreach`` (the
+    default) runs the inner step and the read-out for all same-shape tensors as one batched
+    product; ``foreach=False`` is the one-tensor-at-a-time reference.
+    """
+    lr = _scalar(lr)
+    n = len(params)
+    works, gs, reads = [], [], [None] * n
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        w = _working_copy(param)
+        g = _signed_grad(grad, maximize)
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                w.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(w, alpha=weight_decay)
+        works.append(w)
+        gs.append(g)
+
+    # The keyed memory: one inner gradient step on θ at θ_{t−1}, then the read at θ_t.
+    keyed = [i for i in range(n) if memory_A[i] is not None]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in keyed:
+        key = (tuple(as_matrix(gs[i]).shape), memory_A[i].shape[-1], gs[i].dtype) \
+            if foreach is not False else (i,)
+        groups[key].append(i)
+    for indices in groups.values():
+        X = torch.stack([unit_rows(as_matrix(gs[i])) for i in indices])
+        V = torch.stack([as_matrix(gs[i]) for i in indices])
+        if values == "preconditioned":
+            for j, i in enumerate(indices):
+                v2 = exp_avg_sqs[i]
+                v2.mul_(beta2).addcmul_(gs[i], gs[i], value=1 - beta2)
+                bias = 1 - beta2 ** _scalar(state_steps[i])
+                V[j] = as_matrix(gs[i] / ((v2 / bias).sqrt_() + eps))
+        A = torch.stack([memory_A[i] for i in indices])
+        B = torch.stack([memory_B[i] for i in indices])
+        grad_A, grad_B = deep_memory_gradients(X, V, A, B, objective=objective,
+                                               activation=activation)
+        A.mul_(momentum if key_decay is None else key_decay).sub_(grad_A, alpha=memory_lr)
+        B.mul_(momentum).sub_(grad_B, alpha=memory_lr)
+        read = _activation(activation, X @ A)[0] @ B  # (k, r, c)
+        for j, i in enumerate(indices):
+            memory_A[i].copy_(A[j])
+            memory_B[i].copy_(B[j])
+            reads[i] = read[j].view_as(gs[i])
+
+    # The keyless part (§1) and the read-out.
+    outs = []
+    for i in range(n):
+        g, buf = gs[i], momentum_buffers[i]
+        if momentum == 0:
+            memory = g
+        else:
+            if buf is None:
+                buf = momentum_buffers[i] = torch.clone(g).detach()
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            memory = buf
+        if reads[i] is not None:
+            memory = memory + reads[i]
+        outs.append(g.add(memory, alpha=momentum) if nesterov else memory)
+    if output == "sign":
+        outs = [torch.sign(u) for u in outs]
+    elif output == "newton_schulz":
+        outs = orthogonalize([as_matrix(u) for u in outs], steps=ns_steps,
+                             coefficients=ns_coefficients, dtype=ns_dtype,
+                             batched=foreach is not False)
+    for param, w, u, g in zip(params, works, outs, gs):
+        scale = 1.0
+        if output == "newton_schulz":
+            rows, cols = as_matrix(g).shape
+            scale = adjusted_lr_scale(adjust_lr_fn, rows, cols)
+        w.add_(u.view_as(w), alpha=-lr * scale)
         if w is not param:
             param.copy_(w)
