@@ -55,6 +55,9 @@ class DeepMomentum(MemoryOptimizer):
             up, after which the keyed memory reads nothing (measured: a recurring-key stream's
             read-out cosine fell to 1e-17 after 300 steps at μ = 0.9); so by default the key
             projection learns without forgetting while ``b`` and the value layer ``B`` decay.
+            With an unbounded φ (relu, silu, gelu) and large gradients an undecayed ``A`` can
+            grow until the inner step is unstable (seen on Rosenbrock with silu and "l2"): use
+            the bounded default tanh there, or ``key_decay=None``.
         objective (str, default "dot"): "dot" or "l2".
         values (str, default "gradient"): "gradient" or "preconditioned" (uses ``beta2``,
             ``eps``).

@@ -132,9 +132,9 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
         variants=(
             {},
             {"hidden": 0},
-            {"objective": "l2", "activation": "silu", "nesterov": True, "weight_decay": 0.01},
-            {"values": "preconditioned", "output": "sign", "activation": "gelu", "hidden": 3,
+            {"objective": "l2", "activation": "silu", "nesterov": True, "weight_decay": 0.01,
              "key_decay": None},
+            {"values": "preconditioned", "output": "sign", "activation": "gelu", "hidden": 3},
             {"output": "newton_schulz", "activation": "relu", "maximize": True,
              "decoupled_weight_decay": True, "weight_decay": 0.05, "dampening": 0.2},
         ),
