@@ -6,6 +6,7 @@ memory of the gradient stream; see SPEC.md for the rules and the reductions they
 
 from . import functional
 from .deep import DMGD, DeepMomentum
+from .frequency import MultiFrequency, continuum_groups
 from .momentum import AssociativeMomentum, DeltaMomentum
 from .muon import M3, Muon, muon_param_groups
 from .newton_schulz import newton_schulz
@@ -20,6 +21,8 @@ __all__ = [
     "DeepMomentum",
     "DeltaMomentum",
     "M3",
+    "MultiFrequency",
+    "continuum_groups",
     "Muon",
     "muon_param_groups",
     "newton_schulz",

@@ -169,13 +169,13 @@ class DeepMomentum(MemoryOptimizer):
         if group["values"] == "preconditioned" and "exp_avg_sq" not in state:
             state["exp_avg_sq"] = self._new_state_tensor(p)
 
-    def _update(self, group, params, implementation):
+    def _update(self, group, params, grads, implementation):
         for p in params:
             self._init_state(group, p)
         steps = self._advance_steps(params)
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         F.deep_momentum(
-            params, [p.grad for p in params], bufs,
+            params, grads, bufs,
             [self.state[p].get("memory_A") for p in params],
             [self.state[p].get("memory_B") for p in params],
             [self.state[p].get("exp_avg_sq") for p in params], steps,

@@ -101,11 +101,11 @@ class AssociativeMomentum(MemoryOptimizer):
     def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
         return None  # torch's fused SGD kernel covers every setting of §1
 
-    def _update(self, group, params, implementation):
+    def _update(self, group, params, grads, implementation):
         bufs = [self._real(self.state[p].get("momentum_buffer")) for p in params]
         F.associative_momentum(
             [self._real(p) for p in params],
-            [self._real(p.grad) for p in params],
+            [self._real(g) for g in grads],
             bufs,
             lr=group["lr"],
             momentum=group["momentum"],
@@ -267,7 +267,7 @@ class DeltaMomentum(MemoryOptimizer):
 
     # --- step --------------------------------------------------------------------------------
 
-    def _update(self, group, params, implementation):
+    def _update(self, group, params, grads, implementation):
         captured = self._captured
         keys = [None] * len(params)
         if group["keys"] == "input":
@@ -277,7 +277,7 @@ class DeltaMomentum(MemoryOptimizer):
                     keys[i] = torch.cat(rows) if len(rows) > 1 else rows[0]
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         F.delta_momentum(
-            params, [p.grad for p in params], bufs, keys, lr=group["lr"],
+            params, grads, bufs, keys, lr=group["lr"],
             momentum=group["momentum"], erase=group["erase"], dampening=group["dampening"],
             nesterov=group["nesterov"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],

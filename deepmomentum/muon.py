@@ -84,9 +84,9 @@ class _MatrixOptimizer(MemoryOptimizer):
             return "foreach"  # batched Newton–Schulz is the fast path on every device
         return super()._implementation(group, params)
 
-    def _update(self, group, params, implementation):
+    def _update(self, group, params, grads, implementation):
         if group["use_muon"]:
-            self._update_matrices(group, params, implementation)
+            self._update_matrices(group, params, grads, implementation)
             return
         for p in params:
             state = self.state[p]
@@ -95,14 +95,14 @@ class _MatrixOptimizer(MemoryOptimizer):
                 state["exp_avg_sq"] = self._new_state_tensor(p)
         beta1, beta2 = group["betas"]
         F.preconditioned_momentum(
-            params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+            params, grads, [self.state[p]["exp_avg"] for p in params],
             [self.state[p]["exp_avg_sq"] for p in params], self._advance_steps(params),
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_weight_decay=True,
             maximize=group["maximize"], foreach=implementation == "foreach",
             fused=implementation == "fused")
 
-    def _update_matrices(self, group, params, implementation):
+    def _update_matrices(self, group, params, grads, implementation):
         raise NotImplementedError
 
 
@@ -197,12 +197,12 @@ class Muon(_MatrixOptimizer):
         check_flag("nesterov", group["nesterov"])
         check_choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
 
-    def _update_matrices(self, group, params, implementation):
+    def _update_matrices(self, group, params, grads, implementation):
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = self._new_state_tensor(p)
         F.muon(
-            params, [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params],
+            params, grads, [self.state[p]["momentum_buffer"] for p in params],
             lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
             weight_decay=group["weight_decay"], ns_coefficients=group["ns_coefficients"],
             ns_steps=group["ns_steps"], eps=group["eps"], ns_dtype=group["ns_dtype"],
@@ -302,7 +302,7 @@ class M3(_MatrixOptimizer):
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"Invalid chunk: {chunk!r}; chunk must be an integer ≥ 1")
 
-    def _update_matrices(self, group, params, implementation):
+    def _update_matrices(self, group, params, grads, implementation):
         keys = ("fast_buffer", "exp_avg_sq", "slow_buffer", "slow_update", "chunk_sum")
         for p in params:
             state = self.state[p]
@@ -310,7 +310,7 @@ class M3(_MatrixOptimizer):
                 for key in keys:
                     state[key] = self._new_state_tensor(p)
         steps = self._advance_steps(params)
-        F.m3(params, [p.grad for p in params],
+        F.m3(params, grads,
              *([self.state[p][key] for p in params] for key in keys), steps,
              lr=group["lr"], betas=tuple(group["betas"]), decays=tuple(group["decays"]),
              alpha=group["alpha"], chunk=group["chunk"], eps=group["eps"],

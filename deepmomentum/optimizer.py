@@ -21,9 +21,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .functional import state_dtype
+from .functional import LOW_PRECISION_DTYPES, state_dtype
 
-__all__ = ["MemoryOptimizer", "UnsupportedTensorError"]
+__all__ = ["MemoryOptimizer", "UnsupportedTensorError", "check_schedule"]
 
 
 class UnsupportedTensorError(ValueError, RuntimeError):
@@ -68,6 +68,21 @@ def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
                          + (" or None" if allow_none else ""))
 
 
+ACCUMULATE_MODES = ("sum", "mean")
+
+
+def check_schedule(group: dict[str, Any]) -> None:
+    """Validate a group's multi-frequency options (SPEC §7)."""
+    period, offset = group["update_period"], group["update_offset"]
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"Invalid update_period: {period!r}; update_period must be an integer "
+                         "≥ 1")
+    check_choice("accumulate", group["accumulate"], ACCUMULATE_MODES)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < period:
+        raise ValueError(f"Invalid update_offset: {offset!r}; update_offset must be an integer "
+                         f"in [0, update_period) = [0, {period})")
+
+
 class MemoryOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose step calls a functional rule.
 
@@ -79,11 +94,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
     #: Whether the rule is elementwise, so complex parameters can go through their real view.
     supports_complex: bool = True
 
+    #: Group options every optimizer takes (SPEC §7): a group with ``update_period = C``
+    #: accumulates its gradients and applies its rule once every C ``step()`` calls.
+    SCHEDULE_DEFAULTS = {"update_period": 1, "accumulate": "sum", "update_offset": 0}
+
     def __init__(self, params, defaults: dict[str, Any]):
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts, got a Tensor; "
                             "pass [tensor] or model.parameters()")
-        super().__init__(params, defaults)
+        super().__init__(params, {**self.SCHEDULE_DEFAULTS, **defaults})
 
     # --- groups ------------------------------------------------------------------------------
 
@@ -99,6 +118,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     def _validate_common(self, group: dict[str, Any]) -> None:
         check_number("lr", group["lr"], 0.0)
+        check_schedule(group)
         check_flag("maximize", group["maximize"])
         check_flag("foreach", group["foreach"], allow_none=True)
         check_flag("fused", group["fused"], allow_none=True)
@@ -123,9 +143,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
         fill groups unpickled from an older version (``__setstate__``)."""
         sig = inspect.signature(cls.__init__)
         return {
-            name: p.default
-            for name, p in sig.parameters.items()
-            if name not in ("self", "params") and p.default is not inspect.Parameter.empty
+            **cls.SCHEDULE_DEFAULTS,
+            **{name: p.default for name, p in sig.parameters.items()
+               if name not in ("self", "params") and p.default is not inspect.Parameter.empty},
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -221,21 +241,54 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        A group with ``update_period = C > 1`` adds its gradients to an accumulator in the
+        optimizer state on every call and applies its rule to the accumulated gradient (the sum,
+        or the mean over C with ``accumulate="mean"``) on the calls where
+        ``(calls − update_offset) % C == 0``; on the other calls neither the parameters nor the
+        rule's state change. ``.grad`` is never written: ``zero_grad()`` clears the user's
+        gradients, not the accumulator. LR schedulers see every call.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
             for p in params:
                 self._check_param(index, p)
-            self._update(group, params, self._implementation(group, params))
+            if group["update_period"] > 1:
+                params, grads = self._accumulate(group, params)
+            else:
+                grads = [p.grad for p in params]
+            if params:
+                self._update(group, params, grads, self._implementation(group, params))
         return loss
 
-    def _update(self, group: dict[str, Any], params: list[Tensor], implementation: str) -> None:
+    def _accumulate(self, group: dict[str, Any], params: list[Tensor]):
+        """Add this call's gradients to the group's accumulators; at a period boundary return
+        the parameters that received gradients with their accumulated gradients (and clear the
+        accumulators), else nothing."""
+        group["period_calls"] = group.get("period_calls", 0) + 1
+        for p in params:
+            state = self.state[p]
+            if "grad_accumulator" not in state:
+                state["grad_accumulator"] = self._new_state_tensor(p)
+            state["grad_accumulator"].add_(p.grad)
+        if (group["period_calls"] - group["update_offset"]) % group["update_period"] != 0:
+            return [], []
+        ready = [p for p in group["params"] if "grad_accumulator" in self.state.get(p, {})]
+        grads = [self.state[p].pop("grad_accumulator") for p in ready]
+        if group["accumulate"] == "mean":
+            grads = [g.div_(group["update_period"]) for g in grads]
+        # Torch's fused kernels want the gradient in the parameter's dtype.
+        grads = [g if g.dtype == p.dtype or p.dtype in LOW_PRECISION_DTYPES else g.to(p.dtype)
+                 for p, g in zip(ready, grads)]
+        return ready, grads
+
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                implementation: str) -> None:
         raise NotImplementedError
 
     def _advance_steps(self, params: list[Tensor]) -> list[Tensor]:

@@ -103,7 +103,7 @@ class PreconditionedMomentum(MemoryOptimizer):
                     "fused kernel")
         return None
 
-    def _update(self, group, params, implementation):
+    def _update(self, group, params, grads, implementation):
         adam = group["preconditioner"] == "adam"
         for p in params:
             state = self.state[p]
@@ -115,7 +115,7 @@ class PreconditionedMomentum(MemoryOptimizer):
         beta1, beta2 = group["betas"]
         F.preconditioned_momentum(
             [self._real(p) for p in params],
-            [self._real(p.grad) for p in params],
+            [self._real(g) for g in grads],
             [self._real(self.state[p]["exp_avg"]) for p in params],
             [self._real(self.state[p].get("exp_avg_sq")) for p in params],
             steps,

@@ -1,0 +1,204 @@
+"""DMGD against AssociativeMomentum and AdamW on a toy, Permuted-Digits and a char-LM.
+
+    python -m benchmarks.dmgd [--seeds 3] [--out benchmarks/results/dmgd_cpu.json]
+
+Every optimizer is run at every lr of one shared log grid, over ``--seeds`` seeds, and reported
+at its best lr (mean ± std):
+
+* toy — NL's ψ(r, θ) (see benchmarks/delta.py): steps to ψ < 0.05 (≤ 3,000);
+* Permuted-Digits — scikit-learn's ``load_digits``, 5 tasks (the first unpermuted, then fixed
+  random pixel permutations), an MLP 64→128→10 trained 3 epochs per task (batch 32) in
+  sequence; accuracy matrix R (R[i, j]: accuracy on task j after training task i), ACC (mean of
+  the last row) and BWT (mean of R[T−1, j] − R[j, j], j < T−1; Lopez-Paz & Ranzato 2017);
+  best lr by ACC;
+* char-LM — the char MLP of examples/replace_adam.py on Python stdlib source, 800 steps;
+  validation loss in nats/char; best lr by it.
+
+Also: optimizer-state size relative to AdamW for each model and for GPT-2 small, and steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import deepmomentum as dm
+
+from .delta import run_toy
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+import replace_adam  # noqa: E402
+
+LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+OPTIMIZERS = {
+    "AdamW": lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0),
+    "AssociativeMomentum": lambda ps, lr: dm.AssociativeMomentum(ps, lr=lr, momentum=0.9),
+    "DMGD dot η=0.003": lambda ps, lr: dm.DMGD(ps, lr=lr, memory_lr=0.003),
+    "DMGD dot η=0.01 (default)": lambda ps, lr: dm.DMGD(ps, lr=lr),
+    "DMGD dot η=0.03": lambda ps, lr: dm.DMGD(ps, lr=lr, memory_lr=0.03),
+    "DMGD l2 η=0.1": lambda ps, lr: dm.DMGD(ps, lr=lr, memory_lr=0.1, objective="l2"),
+}
+
+
+def state_numel(opt) -> int:
+    return sum(v.numel() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.ndim > 0)
+
+
+# --- Permuted-Digits ---------------------------------------------------------------------------
+
+
+def digits_tasks(tasks=5, seed=0):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=g)
+    split = int(0.8 * len(x))
+    train, test = order[:split], order[split:]
+    perms = [torch.arange(64)] + [torch.randperm(64, generator=g) for _ in range(tasks - 1)]
+    return [((x[train][:, p], y[train]), (x[test][:, p], y[test])) for p in perms]
+
+
+def run_digits(make, lr, seed, tasks, epochs=3, batch=32):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10))
+    opt = make(model.parameters(), lr)
+    g = torch.Generator().manual_seed(seed)
+    R = [[0.0] * len(tasks) for _ in tasks]
+    steps, start = 0, time.perf_counter()
+    for i, ((xs, ys), _) in enumerate(tasks):
+        for _ in range(epochs):
+            order = torch.randperm(len(xs), generator=g)
+            for k in range(0, len(xs), batch):
+                idx = order[k:k + batch]
+                loss = F.cross_entropy(model(xs[idx]), ys[idx])
+                if not torch.isfinite(loss):
+                    return None
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+        with torch.no_grad():
+            for j, (_, (xt, yt)) in enumerate(tasks):
+                R[i][j] = (model(xt).argmax(1) == yt).float().mean().item()
+    T = len(tasks)
+    acc = sum(R[-1]) / T
+    bwt = sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+    return {"R": R, "ACC": acc, "BWT": bwt, "steps_per_s": steps / (time.perf_counter() - start),
+            "state_numel": state_numel(opt),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+# --- char-LM -----------------------------------------------------------------------------------
+
+
+def run_char(make, lr, seed, data, steps=800):
+    train, val, vocab = data
+    _, val_loss, rate = replace_adam.train(lambda ps: make(ps, lr), train, val, vocab, steps,
+                                           seed=seed)
+    return None if not math.isfinite(val_loss) else {"val_loss": val_loss, "steps_per_s": rate}
+
+
+def summarize(values):
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = range(args.seeds)
+    results = {"lrs": LRS, "toy": {}, "digits": {}, "char": {}}
+
+    print(f"lr grid {LRS}; {args.seeds} seeds\n")
+    print("| optimizer | ψ toy steps (lr) | Permuted-Digits ACC (lr) | BWT | char-LM val "
+          "(lr) | state / AdamW (digits MLP) | steps/s (char) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    tasks = digits_tasks()
+    text = replace_adam.load_text()
+    chars = sorted(set(text))
+    encoded = torch.tensor([chars.index(c) for c in text])
+    split = int(0.9 * len(encoded))
+    char_data = (encoded[:split], encoded[split:], len(chars))
+    adamw_state = None
+    for name, make in OPTIMIZERS.items():
+        row = {}
+        # toy: fewest mean steps
+        best = None
+        for lr in LRS:
+            steps = [run_toy(make, lr, s) for s in seeds]
+            if all(s is not None for s in steps):
+                m, sd = summarize(steps)
+                if best is None or m < best["mean"]:
+                    best = {"lr": lr, "mean": m, "std": sd, "runs": steps}
+        row["toy"] = best
+        # digits: best mean ACC
+        best = None
+        for lr in LRS:
+            runs = [run_digits(make, lr, s, tasks) for s in seeds]
+            if all(r is not None for r in runs):
+                m, sd = summarize([r["ACC"] for r in runs])
+                if best is None or m > best["ACC"]:
+                    bwt = summarize([r["BWT"] for r in runs])
+                    best = {"lr": lr, "ACC": m, "ACC_std": sd, "BWT": bwt[0], "BWT_std": bwt[1],
+                            "R_seed0": runs[0]["R"], "state_numel": runs[0]["state_numel"],
+                            "params": runs[0]["params"],
+                            "steps_per_s": summarize([r["steps_per_s"] for r in runs])[0]}
+        row["digits"] = best
+        # char-LM: best mean validation loss
+        best = None
+        for lr in LRS:
+            runs = [run_char(make, lr, s, char_data) for s in seeds]
+            if all(r is not None for r in runs):
+                m, sd = summarize([r["val_loss"] for r in runs])
+                if best is None or m < best["val"]:
+                    best = {"lr": lr, "val": m, "val_std": sd,
+                            "steps_per_s": summarize([r["steps_per_s"] for r in runs])[0]}
+        row["char"] = best
+        results[name] = row
+        if name == "AdamW" and row["digits"]:
+            adamw_state = row["digits"]["state_numel"]
+
+        def show(entry, key, fmt):
+            return "diverged" if entry is None else fmt(entry)
+
+        toy = show(row["toy"], "mean", lambda e: f"{e['mean']:.0f} ± {e['std']:.0f} ({e['lr']:g})")
+        acc = show(row["digits"], "ACC",
+                   lambda e: f"{e['ACC']:.3f} ± {e['ACC_std']:.3f} ({e['lr']:g})")
+        bwt = show(row["digits"], "BWT", lambda e: f"{e['BWT']:+.3f} ± {e['BWT_std']:.3f}")
+        char = show(row["char"], "val", lambda e: f"{e['val']:.3f} ± {e['val_std']:.3f} "
+                                                  f"({e['lr']:g})")
+        ratio = "n/a" if not (row["digits"] and adamw_state) else \
+            f"{row['digits']['state_numel'] / adamw_state:.2f}"
+        rate = "n/a" if not row["char"] else f"{row['char']['steps_per_s']:.0f}"
+        print(f"| {name} | {toy} | {acc} | {bwt} | {char} | {ratio} | {rate} |", flush=True)
+
+    if args.out:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        results["env"] = {"git_sha": sha, "torch": torch.__version__, "date": time.strftime(
+            "%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {args.threads} threads"}
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Multi-frequency updates — the Continuum Memory System schedule (NL Eq 30–31; SPEC §7).
+
+Every deepmomentum optimizer takes per-group ``update_period``/``accumulate``/``update_offset``
+itself (see :class:`~deepmomentum.optimizer.MemoryOptimizer.step`). :class:`MultiFrequency`
+gives the same schedule to any ``torch.optim.Optimizer``, and :func:`continuum_groups` builds
+the groups of a CMS-style chain of levels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .optimizer import MemoryOptimizer, check_schedule
+
+__all__ = ["MultiFrequency", "continuum_groups"]
+
+Level = Union[tuple[Any, int], tuple[Any, int, dict]]
+
+
+def continuum_groups(levels: Iterable[Level], accumulate: str = "sum", stagger: bool = False,
+                     **options: Any) -> list[dict[str, Any]]:
+    """Param groups for a chain of levels that learn at different frequencies.
+
+    ``levels`` holds ``(module_or_params, period)`` or ``(module_or_params, period, options)``;
+    e.g. ``continuum_groups([(fast, 1), (mid, 16), (slow, 256)], lr=1e-3)``. Each level becomes
+    a group with ``update_period=period`` and ``accumulate``, plus the shared ``options`` and its
+    own (its own win). With ``stagger=True`` level ℓ gets ``update_offset = ℓ mod period`` so
+    that slow levels do not all update on the same call. Modules contribute their trainable
+    parameters; named parameters are kept, so ``state_dict`` carries the names.
+    """
+    groups = []
+    for index, level in enumerate(levels):
+        if len(level) not in (2, 3):
+            raise ValueError("each level must be (module_or_params, period) or "
+                             "(module_or_params, period, options)")
+        source, period = level[0], level[1]
+        own = level[2] if len(level) == 3 else {}
+        if isinstance(source, nn.Module):
+            params = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
+        else:
+            params = list(source)
+        group = {"params": params, "update_period": period, "accumulate": accumulate,
+                 **options, **own}
+        if stagger and "update_offset" not in own:
+            group["update_offset"] = index % period if isinstance(period, int) and period > 0 \
+                else 0
+        group.setdefault("update_offset", 0)
+        check_schedule(group)
+        groups.append(group)
+    return groups
+
+
+class MultiFrequency(torch.optim.Optimizer):
+    """Give any ``torch.optim.Optimizer`` per-group update periods (SPEC §7).
+
+    Wrap an optimizer whose groups may carry ``update_period`` (int ≥ 1, default 1),
+    ``accumulate`` ("sum" or "mean") and ``update_offset`` (in [0, period)). On each
+    :meth:`step` a group with period C adds its gradients to an accumulator; on the calls where
+    ``(calls − offset) % C == 0`` the wrapped optimizer steps with the accumulated gradient in
+    ``.grad`` (the mean divides by C); on the other calls it does not see the group's
+    parameters at all, so neither they nor its state change. ``.grad`` is restored to the
+    user's gradient after every step. Groups with period 1 pass straight through.
+
+    The wrapper shares ``param_groups`` with the wrapped optimizer, so LR schedulers can take
+    either; they see every call. ``state_dict`` holds the wrapped optimizer's state plus the
+    accumulators and call counters, so a checkpoint taken mid-period resumes exactly.
+
+    Example:
+        >>> import torch, deepmomentum as dm
+        >>> fast, slow = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        >>> groups = dm.continuum_groups([(fast, 1), (slow, 8)])
+        >>> opt = dm.MultiFrequency(torch.optim.AdamW(groups, lr=1e-3))
+        >>> slow(fast(torch.randn(2, 4))).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, update_period: int = 1,
+                 accumulate: str = "sum", update_offset: int = 0):
+        if isinstance(optimizer, (MultiFrequency, MemoryOptimizer)):
+            raise TypeError(f"{type(optimizer).__name__} schedules its own groups: set "
+                            "update_period on its groups instead of wrapping it")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"MultiFrequency wraps a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self.optimizer = optimizer
+        schedule = {"update_period": update_period, "accumulate": accumulate,
+                    "update_offset": update_offset}
+        for group in optimizer.param_groups:
+            for key, value in schedule.items():
+                group.setdefault(key, value)
+            check_schedule(group)
+        self._sharing = True
+        super().__init__(optimizer.param_groups, {})
+        self._sharing = False
+        # One list of group dicts for both, so schedulers and the wrapped optimizer agree.
+        self.param_groups = optimizer.param_groups
+        self.defaults = optimizer.defaults
+
+    def __repr__(self) -> str:
+        return f"MultiFrequency({self.optimizer!r})"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_sharing", False):  # __init__ passing the wrapped optimizer's groups
+            self.param_groups.append(param_group)
+            return
+        for key, value in (("update_period", 1), ("accumulate", "sum"), ("update_offset", 0)):
+            param_group.setdefault(key, value)
+        check_schedule(param_group)
+        self.optimizer.add_param_group(param_group)  # appends to the shared list
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Accumulate, and step the wrapped optimizer on the groups at a period boundary."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        user_grads: dict[Tensor, Optional[Tensor]] = {}
+        for group in self.param_groups:
+            period = group["update_period"]
+            if period == 1:
+                continue
+            group["period_calls"] = group.get("period_calls", 0) + 1
+            boundary = (group["period_calls"] - group["update_offset"]) % period == 0
+            for p in group["params"]:
+                state = self.state[p]
+                if p.grad is not None:
+                    if "grad_accumulator" not in state:
+                        state["grad_accumulator"] = torch.zeros_like(p)
+                    state["grad_accumulator"].add_(p.grad)
+                user_grads[p] = p.grad
+                if boundary and "grad_accumulator" in state:
+                    accumulated = state.pop("grad_accumulator")
+                    if group["accumulate"] == "mean":
+                        accumulated.div_(period)
+                    p.grad = accumulated
+                else:
+                    p.grad = None  # the wrapped optimizer skips parameters without grads
+        try:
+            self.optimizer.step()
+        finally:
+            for p, grad in user_grads.items():
+                p.grad = grad
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "multi_frequency": super().state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        # The wrapped optimizer's loader replaced its group dicts: share the new ones.
+        self.param_groups = self.optimizer.param_groups
+        super().load_state_dict(state_dict["multi_frequency"])
+        self.param_groups = self.optimizer.param_groups
