@@ -101,7 +101,32 @@ class AssociativeMomentum(MemoryOptimizer):
     def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
         return None  # torch's fused SGD kernel covers every setting of §1
 
+    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        return None  # kernels.elementwise.sgd_step covers every setting of §1
+
+    def _update_triton(self, group, params, grads):
+        from .kernels import elementwise
+
+        momentum = group["momentum"]
+        first = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+        if momentum != 0:
+            for i in first:
+                self.state[params[i]]["momentum_buffer"] = self._new_state_tensor(params[i])
+        first_set = set(first) if momentum != 0 else set()
+        for is_first in (True, False):
+            idx = [i for i in range(len(params)) if (i in first_set) == is_first]
+            elementwise.sgd_step(
+                [params[i] for i in idx], [grads[i] for i in idx],
+                [self.state[params[i]].get("momentum_buffer") for i in idx], lr=group["lr"],
+                momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                maximize=group["maximize"], first_step=is_first)
+
     def _update(self, group, params, grads, implementation):
+        if implementation == "triton":
+            self._update_triton(group, params, grads)
+            return
         bufs = [self._real(self.state[p].get("momentum_buffer")) for p in params]
         F.associative_momentum(
             [self._real(p) for p in params],

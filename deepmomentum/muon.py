@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import kernels
 from .newton_schulz import ADJUST_LR_FNS, ns_coefficients
 from .optimizer import MemoryOptimizer, UnsupportedTensorError, check_choice, check_flag, \
     check_number
@@ -79,8 +80,13 @@ class _MatrixOptimizer(MemoryOptimizer):
             return "Newton–Schulz groups have no fused kernel yet"
         return None  # AdamW groups: torch's fused AdamW kernel
 
+    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        return None if not group["use_muon"] or isinstance(self, Muon) else \
+            "no Triton kernels for M3's stages yet"
+
     def _implementation(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
-        if group["use_muon"] and group["foreach"] is None:
+        if group["use_muon"] and group["foreach"] is None and not group["fused"] and \
+                not kernels.usable(params):
             return "foreach"  # batched Newton–Schulz is the fast path on every device
         return super()._implementation(group, params)
 
@@ -94,9 +100,19 @@ class _MatrixOptimizer(MemoryOptimizer):
                 state["exp_avg"] = self._new_state_tensor(p)
                 state["exp_avg_sq"] = self._new_state_tensor(p)
         beta1, beta2 = group["betas"]
+        steps = self._advance_steps(params)
+        if implementation == "triton":
+            from .kernels import elementwise
+
+            elementwise.adam_step(
+                params, grads, [self.state[p]["exp_avg"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params], [s.item() for s in steps],
+                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], maximize=group["maximize"])
+            return
         F.preconditioned_momentum(
             params, grads, [self.state[p]["exp_avg"] for p in params],
-            [self.state[p]["exp_avg_sq"] for p in params], self._advance_steps(params),
+            [self.state[p]["exp_avg_sq"] for p in params], steps,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_weight_decay=True,
             maximize=group["maximize"], foreach=implementation == "foreach",
@@ -201,6 +217,9 @@ class Muon(_MatrixOptimizer):
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = self._new_state_tensor(p)
+        if implementation == "triton":
+            self._update_matrices_triton(group, params, grads)
+            return
         F.muon(
             params, grads, [self.state[p]["momentum_buffer"] for p in params],
             lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
@@ -208,6 +227,25 @@ class Muon(_MatrixOptimizer):
             ns_steps=group["ns_steps"], eps=group["eps"], ns_dtype=group["ns_dtype"],
             adjust_lr_fn=group["adjust_lr_fn"], batch_dims=group["batch_dims"],
             maximize=group["maximize"], foreach=implementation == "foreach")
+
+
+    def _update_matrices_triton(self, group, params, grads):
+        """The elementwise stages in fused kernels around the batched Newton–Schulz."""
+        from .kernels import elementwise
+        from .newton_schulz import adjusted_lr_scale, matrix_view
+
+        updates = elementwise.ema_momentum(
+            [self.state[p]["momentum_buffer"] for p in params], grads,
+            momentum=group["momentum"], nesterov=group["nesterov"], maximize=group["maximize"])
+        orthogonal = F.orthogonalize(updates, batch_dims=group["batch_dims"],
+                                     steps=group["ns_steps"],
+                                     coefficients=group["ns_coefficients"], eps=group["eps"],
+                                     dtype=group["ns_dtype"])
+        scales = [adjusted_lr_scale(group["adjust_lr_fn"],
+                                    *matrix_view(p, group["batch_dims"]).shape[-2:])
+                  for p in params]
+        elementwise.apply_update(params, orthogonal, scales, lr=float(group["lr"]),
+                                 weight_decay=group["weight_decay"])
 
 
 class M3(_MatrixOptimizer):

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import Tensor
 
+from . import kernels
 from .functional import LOW_PRECISION_DTYPES, state_dtype
 
 __all__ = ["MemoryOptimizer", "UnsupportedTensorError", "check_schedule"]
@@ -124,7 +125,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         check_flag("fused", group["fused"], allow_none=True)
         if group["foreach"] and group["fused"]:
             raise ValueError("foreach and fused cannot both be True")
-        if group["fused"]:
+        if group["fused"] and not self._has_triton_path(group):
             reason = self._fused_unsupported(group)
             if reason is not None:
                 raise ValueError(f"fused=True is not available for {type(self).__name__}: "
@@ -204,10 +205,19 @@ class MemoryOptimizer(torch.optim.Optimizer):
         flags. Default: torch's fused CPU kernel where the rule is torch's and dtypes allow it;
         otherwise the single-tensor loop on CPU (torch's foreach ops are slower there: see
         benchmarks/step_time_cpu.py) and foreach on accelerators."""
+        if group["fused"] is not False and self._has_triton_path(group) and \
+                kernels.usable(params):
+            return "triton"
         kinds: dict[tuple, Tensor] = {}  # one check per kind of tensor, naming its first
         for p in params:
             kinds.setdefault((p.device.type, p.dtype), p)
         if group["fused"]:
+            reason = self._fused_unsupported(group)
+            if reason is not None:  # only the Triton path exists, and these tensors can't take it
+                raise UnsupportedTensorError(
+                    f"fused=True: {reason} for these tensors; the Triton kernels take "
+                    "contiguous fp32/bf16/fp16 CUDA tensors (first: "
+                    f"{self._param_name(self._group_index(group), params[0])})")
             for (device_type, dtype), p in kinds.items():
                 reason = self._fused_tensor_unsupported(device_type, dtype)
                 if reason:
@@ -222,6 +232,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         ):
             return "fused"
         return "single" if all(device_type == "cpu" for device_type, _ in kinds) else "foreach"
+
+    def _has_triton_path(self, group: dict[str, Any]) -> bool:
+        return self._triton_unsupported(group) is None and kernels.triton_available()
+
+    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        """Why this group has no Triton path (None: it has one, used for CUDA tensors)."""
+        return "no Triton kernel for this rule yet"
 
     def _fused_tensor_unsupported(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
         # torch's fused CPU kernels keep state in the parameter's dtype; ours is fp32 for
@@ -254,28 +271,45 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GradScaler (we set _step_supports_amp_scaling) hands us grad_scale and found_inf and
+        # leaves the gradients scaled: skip the step on inf, else unscale out of place.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item() != 0:
+            return loss
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 self._check_param(index, p)
+            grads = [p.grad for p in params]
+            if grad_scale is not None and grads:
+                inverse = 1.0 / grad_scale.double().item()
+                grads = [g * inverse for g in grads]
             if group["update_period"] > 1:
-                params, grads = self._accumulate(group, params)
-            else:
-                grads = [p.grad for p in params]
+                params, grads = self._accumulate(group, params, grads)
             if params:
                 self._update(group, params, grads, self._implementation(group, params))
         return loss
 
-    def _accumulate(self, group: dict[str, Any], params: list[Tensor]):
+    #: GradScaler may pass grad_scale/found_inf instead of unscaling (see step()).
+    _step_supports_amp_scaling = True
+
+    def _accumulate(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]):
         """Add this call's gradients to the group's accumulators; at a period boundary return
         the parameters that received gradients with their accumulated gradients (and clear the
         accumulators), else nothing."""
         group["period_calls"] = group.get("period_calls", 0) + 1
         for p in params:
-            state = self.state[p]
-            if "grad_accumulator" not in state:
-                state["grad_accumulator"] = self._new_state_tensor(p)
-            state["grad_accumulator"].add_(p.grad)
+            if "grad_accumulator" not in self.state[p]:
+                self.state[p]["grad_accumulator"] = self._new_state_tensor(p)
+        accumulators = [self.state[p]["grad_accumulator"] for p in params]
+        if kernels.usable(params):
+            from .kernels import elementwise
+
+            elementwise.accumulate(accumulators, grads)
+        else:
+            for a, g in zip(accumulators, grads):
+                a.add_(g)
         if (group["period_calls"] - group["update_offset"]) % group["update_period"] != 0:
             return [], []
         ready = [p for p in group["params"] if "grad_accumulator" in self.state.get(p, {})]

@@ -103,6 +103,9 @@ class PreconditionedMomentum(MemoryOptimizer):
                     "fused kernel")
         return None
 
+    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        return None  # kernels.elementwise.adam_step covers both modes and preconditioners
+
     def _update(self, group, params, grads, implementation):
         adam = group["preconditioner"] == "adam"
         for p in params:
@@ -113,6 +116,18 @@ class PreconditionedMomentum(MemoryOptimizer):
                 state["exp_avg_sq"] = self._new_state_tensor(p)
         steps = self._advance_steps(params)
         beta1, beta2 = group["betas"]
+        if implementation == "triton":
+            from .kernels import elementwise
+
+            elementwise.adam_step(
+                params, grads, [self.state[p]["exp_avg"] for p in params],
+                [self.state[p].get("exp_avg_sq") for p in params], [s.item() for s in steps],
+                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                precondition=group["precondition"], preconditioner=group["preconditioner"],
+                maximize=group["maximize"])
+            return
         F.preconditioned_momentum(
             [self._real(p) for p in params],
             [self._real(g) for g in grads],

@@ -8,6 +8,10 @@ a long local run before a release.
 import os
 
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter (set before any kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

@@ -99,7 +99,6 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
             ({"weight_decay": -0.1}, "weight_decay"),
             ({"precondition": "output"}, "precondition"),
             ({"preconditioner": "shampoo"}, "preconditioner"),
-            ({"precondition": "value", "fused": True}, "fused"),
         ),
     ),
     OptimizerInfo(
@@ -178,7 +177,6 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
             ({"adamw_betas": (1.0, 0.9)}, "adamw_betas"),
             ({"adamw_eps": -1.0}, "adamw_eps"),
             ({"use_muon": "no"}, "use_muon"),
-            ({"fused": True}, "fused"),
         ),
     ),
     OptimizerInfo(

@@ -1,0 +1,29 @@
+"""Fused Triton kernels for CUDA, each with a plain-torch twin.
+
+``elementwise`` holds the multi-tensor kernels of the elementwise stages (SGD-momentum,
+Adam-style, multi-frequency accumulation, Muon's momentum and apply stages). Triton is imported
+only when a kernel is used, so the package works without it on the CPU; tests run the kernels on
+the CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Sequence
+
+import torch
+
+__all__ = ["triton_available", "usable"]
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def usable(params: Sequence[torch.Tensor]) -> bool:
+    """Whether the Triton kernels can update these parameters: CUDA, fp32/bf16/fp16,
+    contiguous, and Triton installed."""
+    return bool(params) and triton_available() and all(
+        p.is_cuda and p.dtype in _SUPPORTED and p.is_contiguous() for p in params)
