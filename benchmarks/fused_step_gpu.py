@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python benchmarks/fused_step_gpu.py [--params 5.12e8] [--tensors 64]
 
-First checks correctness on the card (the Triton path against the single-tensor reference,
-fp32 and bf16 parameters, a few steps), then times with ``triton.testing.do_bench`` (median,
+First checks correctness on the card (the Triton path of AssociativeMomentum,
+PreconditionedMomentum, Muon, DeltaMomentum, DMGD and M3 against their single-tensor
+references, fp32 and bf16 parameters, a few steps), then times with ``triton.testing.do_bench`` (median,
 after warm-up, random data larger than L2) in one run on one card:
 
 * the device's copy bandwidth (``dst.copy_(src)``, 2 × bytes per element moved);
@@ -36,7 +37,10 @@ def check_correctness():
                                                              weight_decay=0.01, **k),
                      lambda ps, **k: dm.PreconditionedMomentum(ps, lr=0.01, weight_decay=0.01,
                                                                **k),
-                     lambda ps, **k: dm.Muon(ps, lr=0.02, **k)):
+                     lambda ps, **k: dm.Muon(ps, lr=0.02, **k),
+                     lambda ps, **k: dm.DeltaMomentum(ps, lr=0.01, erase=0.3, **k),
+                     lambda ps, **k: dm.DMGD(ps, lr=0.01, **k),
+                     lambda ps, **k: dm.M3(ps, lr=1e-3, chunk=2, **k)):
             base = [torch.randn(s, device="cuda").to(dtype) for s in [(257, 129), (64, 64),
                                                                         (1000, 3)]]
             a = [p.clone().requires_grad_() for p in base]

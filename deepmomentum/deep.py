@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 
 from . import functional as F
+from . import kernels
 from .momentum import _validate_momentum
 from .muon import _NS_DTYPES
 from .newton_schulz import ADJUST_LR_FNS, ns_coefficients
@@ -152,8 +153,48 @@ class DeepMomentum(MemoryOptimizer):
         if group["output"] == "newton_schulz":
             ns_coefficients(group["ns_coefficients"], group["ns_steps"])
 
+    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        if group["output"] == "newton_schulz":
+            return "the Newton–Schulz read-out has no Triton path yet"
+        return None  # inner step by batched matmul, the rest in memory_step
+
+    def _update_triton(self, group, params, grads, steps):
+        from .kernels import elementwise
+
+        gs = F.effective_grads(params, grads, maximize=group["maximize"],
+                               weight_decay=group["weight_decay"],
+                               decoupled_weight_decay=group["decoupled_weight_decay"])
+        reads = F.deep_memory_reads(
+            gs, [self.state[p].get("memory_A") for p in params],
+            [self.state[p].get("memory_B") for p in params],
+            [self.state[p].get("exp_avg_sq") for p in params], steps,
+            momentum=group["momentum"], memory_lr=group["memory_lr"],
+            key_decay=group["key_decay"], objective=group["objective"], values=group["values"],
+            activation=group["activation"], beta2=group["beta2"], eps=group["eps"])
+        momentum = group["momentum"]
+        first = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]] \
+            if momentum != 0 else []
+        for i in first:
+            self.state[params[i]]["momentum_buffer"] = self._new_state_tensor(params[i])
+        for is_first in (True, False):
+            idx = [i for i in range(len(params)) if (i in first) == is_first]
+            with_read = [i for i in idx if reads[i] is not None]
+            without = [i for i in idx if reads[i] is None]
+            for part, part_reads in ((with_read, [reads[i] for i in with_read]),
+                                     (without, None)):
+                elementwise.memory_step(
+                    [params[i] for i in part], [grads[i] for i in part],
+                    [self.state[params[i]].get("momentum_buffer") for i in part], None,
+                    part_reads, lr=float(group["lr"]), momentum=momentum,
+                    dampening=group["dampening"], nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    maximize=group["maximize"], first_step=is_first,
+                    sign=group["output"] == "sign")
+
     def _implementation(self, group, params):
-        if group["foreach"] is None and not group["fused"]:
+        if group["foreach"] is None and not group["fused"] and not (
+                self._has_triton_path(group) and kernels.usable(params)):
             return "foreach"  # batched inner steps are the fast path on every device
         return super()._implementation(group, params)
 
@@ -177,6 +218,9 @@ class DeepMomentum(MemoryOptimizer):
         for p in params:
             self._init_state(group, p)
         steps = self._advance_steps(params)
+        if implementation == "triton":
+            self._update_triton(group, params, grads, steps)
+            return
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         F.deep_momentum(
             params, grads, bufs,

@@ -37,6 +37,7 @@ __all__ = [
     "delta_momentum",
     "deep_momentum",
     "deep_memory_gradients",
+    "deep_memory_reads",
     "muon",
     "m3",
     "orthogonalize",
@@ -563,6 +564,18 @@ def m3(
 # ---------------------------------------------------------------------------------------------
 
 
+def effective_grads(params, grads, *, maximize, weight_decay, decoupled_weight_decay):
+    """The gradients the memories see, in the state dtype: negated when maximizing, with
+    coupled weight decay added (out of place). Used by the fused paths to form keys."""
+    out = []
+    for p, grad in zip(params, grads):
+        g = _signed_grad(grad, maximize)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g = g.add(_working_copy(p), alpha=weight_decay)
+        out.append(g)
+    return out
+
+
 def as_matrix(t: Tensor) -> Tensor:
     """The matrix view of §2: 2-D as is, ≥3-D as (shape[0], rest), 1-D and 0-D as one row."""
     return t.reshape(1, -1) if t.ndim < 2 else t.reshape(t.shape[0], -1)
@@ -702,6 +715,43 @@ def deep_memory_gradients(keys: Tensor, values: Tensor, A: Tensor, B: Tensor, *,
     return grad_A, grad_B
 
 
+def deep_memory_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, *, momentum,
+                      memory_lr, key_decay, objective, values, activation, beta2, eps,
+                      batched=True) -> list[Optional[Tensor]]:
+    """DMGD's keyed memory: one inner step on (A, B) at θ_{t−1} from the effective gradients
+    ``gs``, then the read ``φ(X A_t) B_t`` in each gradient's shape (None where no memory).
+    Same-shape tensors are stacked into one batched product when ``batched``."""
+    n = len(gs)
+    reads: list[Optional[Tensor]] = [None] * n
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in range(n):
+        if memory_A[i] is not None:
+            key = (tuple(as_matrix(gs[i]).shape), memory_A[i].shape[-1], gs[i].dtype) \
+                if batched else (i,)
+            groups[key].append(i)
+    for indices in groups.values():
+        X = torch.stack([unit_rows(as_matrix(gs[i])) for i in indices])
+        V = torch.stack([as_matrix(gs[i]) for i in indices])
+        if values == "preconditioned":
+            for j, i in enumerate(indices):
+                v2 = exp_avg_sqs[i]
+                v2.mul_(beta2).addcmul_(gs[i], gs[i], value=1 - beta2)
+                bias = 1 - beta2 ** _scalar(state_steps[i])
+                V[j] = as_matrix(gs[i] / ((v2 / bias).sqrt_() + eps))
+        A = torch.stack([memory_A[i] for i in indices])
+        B = torch.stack([memory_B[i] for i in indices])
+        grad_A, grad_B = deep_memory_gradients(X, V, A, B, objective=objective,
+                                               activation=activation)
+        A.mul_(momentum if key_decay is None else key_decay).sub_(grad_A, alpha=memory_lr)
+        B.mul_(momentum).sub_(grad_B, alpha=memory_lr)
+        read = _activation(activation, X @ A)[0] @ B  # (k, r, c)
+        for j, i in enumerate(indices):
+            memory_A[i].copy_(A[j])
+            memory_B[i].copy_(B[j])
+            reads[i] = read[j].view_as(gs[i])
+    return reads
+
+
 def deep_momentum(
     params: list[Tensor],
     grads: list[Tensor],
@@ -753,7 +803,7 @@ def deep_momentum(
     """
     lr = _scalar(lr)
     n = len(params)
-    works, gs, reads = [], [], [None] * n
+    works, gs = [], []
     for i, (param, grad) in enumerate(zip(params, grads)):
         w = _working_copy(param)
         g = _signed_grad(grad, maximize)
@@ -765,33 +815,10 @@ def deep_momentum(
         works.append(w)
         gs.append(g)
 
-    # The keyed memory: one inner gradient step on θ at θ_{t−1}, then the read at θ_t.
-    keyed = [i for i in range(n) if memory_A[i] is not None]
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i in keyed:
-        key = (tuple(as_matrix(gs[i]).shape), memory_A[i].shape[-1], gs[i].dtype) \
-            if foreach is not False else (i,)
-        groups[key].append(i)
-    for indices in groups.values():
-        X = torch.stack([unit_rows(as_matrix(gs[i])) for i in indices])
-        V = torch.stack([as_matrix(gs[i]) for i in indices])
-        if values == "preconditioned":
-            for j, i in enumerate(indices):
-                v2 = exp_avg_sqs[i]
-                v2.mul_(beta2).addcmul_(gs[i], gs[i], value=1 - beta2)
-                bias = 1 - beta2 ** _scalar(state_steps[i])
-                V[j] = as_matrix(gs[i] / ((v2 / bias).sqrt_() + eps))
-        A = torch.stack([memory_A[i] for i in indices])
-        B = torch.stack([memory_B[i] for i in indices])
-        grad_A, grad_B = deep_memory_gradients(X, V, A, B, objective=objective,
-                                               activation=activation)
-        A.mul_(momentum if key_decay is None else key_decay).sub_(grad_A, alpha=memory_lr)
-        B.mul_(momentum).sub_(grad_B, alpha=memory_lr)
-        read = _activation(activation, X @ A)[0] @ B  # (k, r, c)
-        for j, i in enumerate(indices):
-            memory_A[i].copy_(A[j])
-            memory_B[i].copy_(B[j])
-            reads[i] = read[j].view_as(gs[i])
+    reads = deep_memory_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps,
+                              momentum=momentum, memory_lr=memory_lr, key_decay=key_decay,
+                              objective=objective, values=values, activation=activation,
+                              beta2=beta2, eps=eps, batched=foreach is not False)
 
     # The keyless part (§1) and the read-out.
     outs = []

@@ -292,6 +292,39 @@ class DeltaMomentum(MemoryOptimizer):
 
     # --- step --------------------------------------------------------------------------------
 
+    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
+        return None  # erase terms by matmul, the rest in kernels.elementwise.memory_step
+
+    def _update_triton(self, group, params, grads, keys):
+        from .kernels import elementwise
+
+        gs = F.effective_grads(params, grads, maximize=group["maximize"],
+                               weight_decay=group["weight_decay"],
+                               decoupled_weight_decay=group["decoupled_weight_decay"])
+        first = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+        for i in first:
+            self.state[params[i]]["momentum_buffer"] = self._new_state_tensor(params[i])
+        for is_first in (True, False):
+            idx = [i for i in range(len(params)) if (i in first) == is_first]
+            erase_terms = None
+            if not is_first and group["erase"] != 0:
+                erase_terms = []
+                for i in idx:
+                    buf, g = self.state[params[i]]["momentum_buffer"], gs[i]
+                    k = F.as_matrix(g) if keys[i] is None else keys[i].to(g.dtype)
+                    d = k.pow(2).sum() if keys[i] is None else torch.tensor(
+                        float(k.shape[0]), dtype=g.dtype, device=g.device)
+                    erase_terms.append(F.erase_along_keys(F.as_matrix(buf), k, d)
+                                       .view_as(buf))
+            elementwise.memory_step(
+                [params[i] for i in idx], [grads[i] for i in idx],
+                [self.state[params[i]]["momentum_buffer"] for i in idx], erase_terms,
+                lr=float(group["lr"]), momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"], erase=group["erase"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                maximize=group["maximize"], first_step=is_first)
+
     def _update(self, group, params, grads, implementation):
         captured = self._captured
         keys = [None] * len(params)
@@ -300,6 +333,11 @@ class DeltaMomentum(MemoryOptimizer):
                 rows = captured.get(p)
                 if rows:
                     keys[i] = torch.cat(rows) if len(rows) > 1 else rows[0]
+        if implementation == "triton":
+            self._update_triton(group, params, grads, keys)
+            for p in params:
+                captured.pop(p, None)
+            return
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         F.delta_momentum(
             params, grads, bufs, keys, lr=group["lr"],

@@ -81,8 +81,7 @@ class _MatrixOptimizer(MemoryOptimizer):
         return None  # AdamW groups: torch's fused AdamW kernel
 
     def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        return None if not group["use_muon"] or isinstance(self, Muon) else \
-            "no Triton kernels for M3's stages yet"
+        return None  # Muon: ema_momentum/apply_update; M3: m3_write/m3_apply; AdamW: adam
 
     def _implementation(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
         if group["use_muon"] and group["foreach"] is None and not group["fused"] and \
@@ -348,6 +347,9 @@ class M3(_MatrixOptimizer):
                 for key in keys:
                     state[key] = self._new_state_tensor(p)
         steps = self._advance_steps(params)
+        if implementation == "triton":
+            self._update_matrices_triton(group, params, grads, steps)
+            return
         F.m3(params, grads,
              *([self.state[p][key] for p in params] for key in keys), steps,
              lr=group["lr"], betas=tuple(group["betas"]), decays=tuple(group["decays"]),
@@ -356,6 +358,33 @@ class M3(_MatrixOptimizer):
              ns_steps=group["ns_steps"], ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
              batch_dims=group["batch_dims"], maximize=group["maximize"],
              foreach=implementation == "foreach")
+
+    def _update_matrices_triton(self, group, params, grads, steps):
+        """M3's elementwise stages in fused kernels around the batched Newton–Schulz; the slow
+        memory's update (once per chunk) stays in torch."""
+        from .kernels import elementwise
+
+        state = [self.state[p] for p in params]
+        fast = [s["fast_buffer"] for s in state]
+        elementwise.m3_write(grads, fast, [s["exp_avg_sq"] for s in state],
+                             [s["chunk_sum"] for s in state], betas=tuple(group["betas"]),
+                             decays=tuple(group["decays"]), maximize=group["maximize"])
+        ns = dict(batch_dims=group["batch_dims"], steps=group["ns_steps"],
+                  coefficients=group["ns_coefficients"], eps=group["ns_eps"],
+                  dtype=group["ns_dtype"])
+        elementwise.m3_apply(params, F.orthogonalize(fast, **ns),
+                             [s["slow_update"] for s in state], [s["exp_avg_sq"] for s in state],
+                             lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
+                             weight_decay=group["weight_decay"])
+        boundary = [i for i, t in enumerate(steps) if int(t.item()) % group["chunk"] == 0]
+        mu3, beta3 = group["decays"][2], group["betas"][2]
+        for i in boundary:
+            state[i]["slow_buffer"].mul_(mu3).add_(state[i]["chunk_sum"], alpha=beta3)
+            state[i]["chunk_sum"].zero_()
+        if boundary:
+            slow = F.orthogonalize([state[i]["slow_buffer"] for i in boundary], **ns)
+            for i, o2 in zip(boundary, slow):
+                state[i]["slow_update"].copy_(o2)
 
 
 def muon_param_groups(

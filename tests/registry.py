@@ -150,7 +150,6 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
             ({"beta2": 1.0}, "beta2"),
             ({"output": "newton_schulz", "ns_coefficients": "nope"}, "ns_coefficients"),
             ({"seed": -1}, "seed"),
-            ({"fused": True}, "fused"),
         ),
     ),
     OptimizerInfo(

@@ -11,6 +11,8 @@ from deepmomentum import kernels
 from deepmomentum.kernels import elementwise as K
 from deepmomentum.testing import run_trajectory
 
+from registry import cases
+
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton")
 
 # Ragged sizes: smaller than a block, a scalar, one past a block boundary, several blocks.
@@ -112,6 +114,49 @@ def test_accumulate_ema_and_apply_kernels_equal_their_twins(dtype):
         _close(a, b, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [
+    dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, erase=0.3),
+    dict(momentum=0.5, dampening=0.2, nesterov=False, weight_decay=0.1, erase=0.5,
+         decoupled_weight_decay=True, maximize=True, sign=True),
+    dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0),
+])
+def test_memory_kernel_equals_its_twin_over_steps(dtype, options):
+    (p1, (b1,)), (p2, (b2,)) = _twin_pair(dtype)
+    for step in range(3):
+        grads = _tensors(dtype, 700 + step)
+        extra = _tensors(torch.float32, 800 + step)
+        reads = _tensors(torch.float32, 900 + step)
+        kwargs = dict(lr=0.05, first_step=step == 0, **options)
+        K.memory_step(p1, grads, b1, extra, reads, **kwargs)
+        K.memory_step_torch(p2, grads, b2, extra, reads, **kwargs)
+        for a, b in zip(p1, p2):
+            _close(a, b, dtype)
+        for a, b in zip(b1, b2):
+            torch.testing.assert_close(a, b, rtol=STATE_RTOL[dtype], atol=STATE_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_m3_kernels_equal_their_twins(dtype):
+    states1 = [[torch.rand(s) for s in SHAPES] for _ in range(3)]
+    states2 = [[t.clone() for t in st] for st in states1]
+    for step in range(3):
+        grads = _tensors(dtype, 1000 + step)
+        kw = dict(betas=(1.0, 0.5, 2.0), decays=(0.9, 0.99, 0.5), maximize=step == 1)
+        K.m3_write(grads, *states1, **kw)
+        K.m3_write_torch(grads, *states2, **kw)
+    for a, b in zip(sum(states1, []), sum(states2, [])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    p1 = _tensors(dtype, 1100)
+    p2 = [p.clone() for p in p1]
+    o1, o2 = _tensors(torch.float32, 1101), _tensors(torch.float32, 1102)
+    kw = dict(lr=0.01, alpha=0.5, eps=1e-8, weight_decay=0.1)
+    K.m3_apply(p1, o1, o2, states1[1], **kw)
+    K.m3_apply_torch(p2, o1, o2, states2[1], **kw)
+    for a, b in zip(p1, p2):
+        _close(a, b, dtype)
+
+
 def test_many_tensors_of_mixed_sizes_in_one_launch(monkeypatch):
     launches = []
     real = K._launch
@@ -163,32 +208,28 @@ def triton_on_cpu(monkeypatch):
     monkeypatch.setattr(kernels, "usable", lambda params: bool(params))
 
 
-CASES = [
-    (dm.AssociativeMomentum, dict(lr=0.05, nesterov=True, weight_decay=0.01)),
-    (dm.AssociativeMomentum, dict(lr=0.05, momentum=0.0)),
-    (dm.PreconditionedMomentum, dict(lr=0.01, weight_decay=0.01)),
-    (dm.PreconditionedMomentum, dict(lr=0.01, precondition="value", maximize=True)),
-    (dm.Muon, dict(lr=0.02)),
-]
-
-
-@pytest.mark.parametrize("cls,kwargs", CASES)
+@pytest.mark.parametrize("info,variant", cases())
 @pytest.mark.parametrize("period", [1, 3])
-def test_optimizer_triton_path_equals_the_reference(triton_on_cpu, cls, kwargs, period):
-    shapes = [(4, 3), (4, 3), (2, 5)]
+def test_optimizer_triton_path_equals_the_reference(triton_on_cpu, info, variant, period):
+    # The registry's settings on the Triton path (fp32; NS in fp32 so paths compare tightly).
+    if info.matrix_only:
+        variant = {**variant, "ns_dtype": torch.float32}
     params = [torch.randn(s, generator=torch.Generator().manual_seed(i))
-              for i, s in enumerate(shapes)]
+              for i, s in enumerate(info.shapes(variant))]
 
     def make(impl):
-        return lambda ps: cls([{"params": ps, "update_period": period}], **kwargs, **impl)
+        return lambda ps: info.make([{"params": ps, "update_period": period}], **variant,
+                                    **impl)
 
     probe = make({})([p.clone().requires_grad_() for p in params])
-    assert probe._implementation(probe.param_groups[0], probe.param_groups[0]["params"]) \
-        == "triton"
+    group = probe.param_groups[0]
+    if not probe._has_triton_path(group):
+        pytest.skip(probe._triton_unsupported(group))
+    assert probe._implementation(group, group["params"]) == "triton"
     a = run_trajectory(make({}), params, 6)
     b = run_trajectory(make({"foreach": False}), params, 6)
     for x, y in zip(a[-1], b[-1]):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_grad_scaler_steps_like_unscaled_gradients():

@@ -29,6 +29,8 @@ __all__ = [
     "accumulate", "accumulate_torch",
     "ema_momentum", "ema_momentum_torch",
     "apply_update", "apply_update_torch",
+    "memory_step", "memory_step_torch",
+    "m3_write", "m3_write_torch", "m3_apply", "m3_apply_torch",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -425,3 +427,195 @@ def apply_update_torch(params, updates, scales, *, lr, weight_decay) -> None:
     """The plain-torch twin of :func:`apply_update`."""
     for p, u, s in zip(params, updates, scales):
         p.copy_(p.float() * (1 - lr * weight_decay) - lr * s * u.float())
+
+
+# --- DeltaMomentum / DMGD keyless stage (§2, §4): b, erase, read, read-out, apply ------------
+
+
+@triton.jit
+def _memory_kernel(p_table, g_table, b_table, e_table, r_table, sizes, tensor_of_block,
+                   block_start, found_inf_ptr, lr, momentum, dampening, erase, weight_decay,
+                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                   FIRST: tl.constexpr, HAS_ERASE: tl.constexpr, HAS_READ: tl.constexpr,
+                   NESTEROV: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   SIGN: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
+                                BLOCK)
+    p_ptr = _ptr(p_table, t, P_DTYPE)
+    w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(_ptr(g_table, t, G_DTYPE) + offsets, mask=mask).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    if DECOUPLED:
+        w = w * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * w
+    memory = g
+    if HAS_MOMENTUM:
+        b_ptr = _ptr(b_table, t, tl.float32)
+        if FIRST:
+            b = g
+        else:
+            b = tl.load(b_ptr + offsets, mask=mask) * momentum
+            if HAS_ERASE:
+                b = b - erase * tl.load(_ptr(e_table, t, tl.float32) + offsets, mask=mask)
+            b = b + (1.0 - dampening) * g
+        tl.store(b_ptr + offsets, b, mask=mask)
+        memory = b
+    if HAS_READ:
+        memory = memory + tl.load(_ptr(r_table, t, tl.float32) + offsets, mask=mask)
+    u = memory
+    if NESTEROV:
+        u = g + momentum * memory
+    if SIGN:
+        u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+    tl.store(p_ptr + offsets, (w - lr * u).to(P_DTYPE), mask=mask)
+
+
+def memory_step(params, grads, momentum_buffers, erase_terms=None, reads=None, *, lr, momentum,
+                dampening, nesterov, weight_decay, erase=0.0, decoupled_weight_decay=False,
+                maximize=False, first_step=False, sign=False) -> None:
+    """``b ← μb − β·E + (1 − τ)g`` (``b = g`` on the first step), ``M = b + R``,
+    ``U = σ(g + μM)`` (nesterov) or ``σ(M)`` with σ identity or sign, ``W ← W − γU``.
+
+    ``erase_terms`` E (fp32, DeltaMomentum's ``b K``) and ``reads`` R (fp32, DMGD's keyed read)
+    are optional lists; an entry may be None only when the whole list is None."""
+    if not params:
+        return
+    _check("params", params)
+    has_momentum = momentum != 0
+    bufs = momentum_buffers if has_momentum else params
+    if has_momentum:
+        _check("momentum_buffers", bufs, torch.float32)
+    grads = [g.contiguous() for g in grads]
+    device = params[0].device
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    erase_terms = [e.contiguous() for e in erase_terms] if erase_terms is not None else params
+    reads = [r.contiguous() for r in reads] if reads is not None else params
+    for indices in _groups(params, grads):
+        _launch(_memory_kernel, indices, [params, grads, bufs, erase_terms, reads],
+                [dummy, float(lr), float(momentum), float(dampening), float(erase),
+                 float(weight_decay)],
+                dict(P_DTYPE=_TL[params[indices[0]].dtype], G_DTYPE=_TL[grads[indices[0]].dtype],
+                     HAS_MOMENTUM=has_momentum, FIRST=first_step,
+                     HAS_ERASE=erase_terms is not params and erase != 0,
+                     HAS_READ=reads is not params, NESTEROV=nesterov,
+                     DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize, SIGN=sign,
+                     HAS_SCALE=False), device)
+
+
+def memory_step_torch(params, grads, momentum_buffers, erase_terms=None, reads=None, *, lr,
+                      momentum, dampening, nesterov, weight_decay, erase=0.0,
+                      decoupled_weight_decay=False, maximize=False, first_step=False,
+                      sign=False) -> None:
+    """The plain-torch twin of :func:`memory_step`."""
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        w, g = p.float(), grad.float()
+        g = -g if maximize else g
+        if decoupled_weight_decay:
+            w = w * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * w
+        memory = g
+        if momentum != 0:
+            b = momentum_buffers[i]
+            if first_step:
+                b.copy_(g)
+            else:
+                new = b * momentum
+                if erase_terms is not None:
+                    new = new - erase * erase_terms[i]
+                b.copy_(new + (1 - dampening) * g)
+            memory = b
+        if reads is not None:
+            memory = memory + reads[i]
+        u = g + momentum * memory if nesterov else memory
+        p.copy_(w - lr * (torch.sign(u) if sign else u))
+
+
+# --- M3 (§6): the per-step memories, then the apply with the second-moment denominator -------
+
+
+@triton.jit
+def _m3_write_kernel(g_table, m1_table, v_table, s_table, sizes, tensor_of_block, block_start,
+                     found_inf_ptr, beta1, beta2, mu1, mu2, G_DTYPE: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
+                                BLOCK)
+    g = tl.load(_ptr(g_table, t, G_DTYPE) + offsets, mask=mask).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m1_ptr = _ptr(m1_table, t, tl.float32)
+    v_ptr = _ptr(v_table, t, tl.float32)
+    s_ptr = _ptr(s_table, t, tl.float32)
+    tl.store(m1_ptr + offsets, tl.load(m1_ptr + offsets, mask=mask) * mu1 + beta1 * g, mask=mask)
+    tl.store(v_ptr + offsets, tl.load(v_ptr + offsets, mask=mask) * mu2 + beta2 * g * g,
+             mask=mask)
+    tl.store(s_ptr + offsets, tl.load(s_ptr + offsets, mask=mask) + g, mask=mask)
+
+
+def m3_write(grads, fast_buffers, second_moments, chunk_sums, *, betas, decays,
+             maximize=False) -> None:
+    """``M¹ ← μ₁M¹ + β₁g``, ``V ← μ₂V + β₂g²``, ``S ← S + g`` in one launch per group."""
+    if not grads:
+        return
+    for name, xs in (("fast_buffers", fast_buffers), ("second_moments", second_moments),
+                     ("chunk_sums", chunk_sums)):
+        _check(name, xs, torch.float32)
+    grads = [g.contiguous() for g in grads]
+    device = grads[0].device
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    for indices in _groups(fast_buffers, grads):
+        _launch(_m3_write_kernel, indices, [grads, fast_buffers, second_moments, chunk_sums],
+                [dummy, float(betas[0]), float(betas[1]), float(decays[0]), float(decays[1])],
+                dict(G_DTYPE=_TL[grads[indices[0]].dtype], MAXIMIZE=maximize,
+                     HAS_SCALE=False), device)
+
+
+def m3_write_torch(grads, fast_buffers, second_moments, chunk_sums, *, betas, decays,
+                   maximize=False) -> None:
+    """The plain-torch twin of :func:`m3_write`."""
+    for g, m1, v, s in zip(grads, fast_buffers, second_moments, chunk_sums):
+        g = -g.float() if maximize else g.float()
+        m1.copy_(m1 * decays[0] + betas[0] * g)
+        v.copy_(v * decays[1] + betas[1] * g * g)
+        s.add_(g)
+
+
+@triton.jit
+def _m3_apply_kernel(p_table, o1_table, o2_table, v_table, sizes, tensor_of_block, block_start,
+                     found_inf_ptr, lr, alpha, eps, weight_decay, P_DTYPE: tl.constexpr,
+                     O_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
+                                BLOCK)
+    p_ptr = _ptr(p_table, t, P_DTYPE)
+    w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+    o1 = tl.load(_ptr(o1_table, t, O_DTYPE) + offsets, mask=mask).to(tl.float32)
+    o2 = tl.load(_ptr(o2_table, t, tl.float32) + offsets, mask=mask)
+    v = tl.load(_ptr(v_table, t, tl.float32) + offsets, mask=mask)
+    w = w * (1.0 - lr * weight_decay) - lr * (o1 + alpha * o2) / (tl.sqrt(v) + eps)
+    tl.store(p_ptr + offsets, w.to(P_DTYPE), mask=mask)
+
+
+def m3_apply(params, fast_updates, slow_updates, second_moments, *, lr, alpha, eps,
+             weight_decay) -> None:
+    """``W ← W(1 − γλ) − γ(O¹ + αO²)/(√V + ε)`` in one launch per group."""
+    if not params:
+        return
+    _check("params", params)
+    fast_updates = [o.contiguous() for o in fast_updates]
+    device = params[0].device
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    for indices in _groups(params, fast_updates):
+        _launch(_m3_apply_kernel, indices, [params, fast_updates, slow_updates, second_moments],
+                [dummy, float(lr), float(alpha), float(eps), float(weight_decay)],
+                dict(P_DTYPE=_TL[params[indices[0]].dtype],
+                     O_DTYPE=_TL[fast_updates[indices[0]].dtype], HAS_SCALE=False), device)
+
+
+def m3_apply_torch(params, fast_updates, slow_updates, second_moments, *, lr, alpha, eps,
+                   weight_decay) -> None:
+    """The plain-torch twin of :func:`m3_apply`."""
+    for p, o1, o2, v in zip(params, fast_updates, slow_updates, second_moments):
+        p.copy_(p.float() * (1 - lr * weight_decay)
+                - lr * (o1.float() + alpha * o2) / (v.sqrt() + eps))
