@@ -25,7 +25,9 @@ setup(
         'triton>=3.4; platform_system == "Linux"',
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.100", "pytest-benchmark>=4"],
+        # the benchmark smoke tests run in CI, so the test extra carries what they import
+        "test": ["pytest>=7", "hypothesis>=6.100", "pytest-benchmark>=4", "matplotlib",
+                 "scikit-learn"],
         "bench": ["matplotlib", "scikit-learn", "tqdm"],
     },
     classifiers=[

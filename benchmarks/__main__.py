@@ -1,0 +1,144 @@
+"""``python -m benchmarks``: compare optimizers on toy, continual and language-model tasks.
+
+    python -m benchmarks run --quick                      # the main job: every task, ≤ 3 min
+    python -m benchmarks run --task lm --optim adamw,muon,dmgd --seeds 3
+    python -m benchmarks run --task digits --optim torch.optim.RMSprop --lrs 1e-3,3e-3,1e-2
+    python -m benchmarks plot benchmarks/results/cpu-quick
+
+``run`` prints a Markdown table (each optimizer at its best lr: mean ± std over seeds of the
+task's metric, steps and seconds to the task's target) and writes ``results.json`` (records
+stamped with the environment) to ``--out``. ``plot`` turns that JSON into PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from . import core
+
+DEFAULT_TASKS = "rosenbrock,quadratic,psi,digits,lm,throughput"
+DEFAULT_OPTIMIZERS = "sgd,adamw,muon,associative,delta,preconditioned,dmgd,dm-muon,m3"
+
+
+def _clean(value):
+    """JSON without NaN/Infinity: non-finite numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _fmt(pair, spec="{:.3g}"):
+    if not pair or pair[0] is None:
+        return "—"
+    mean, std = pair
+    return spec.format(mean) + (f" ± {spec.format(std)}" if std else "")
+
+
+class _Progress:
+    def __init__(self, total):
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, leave=False)
+        except ImportError:
+            self.bar, self.done, self.total = None, 0, total
+
+    def __call__(self):
+        if self.bar is not None:
+            self.bar.update()
+        else:
+            self.done += 1
+            print(f"\r{self.done}/{self.total} runs", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def run(args) -> dict:
+    tasks = [core.task(t).name for t in args.task.split(",") if t]
+    lrs = core.parse_lrs(args.lrs) if args.lrs else None
+    specs = [core.optimizer_spec(name, lrs) for name in args.optim.split(",") if name]
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
+    if args.seeds < 1:
+        raise ValueError(f"Invalid --seeds {args.seeds}: must be ≥ 1")
+    if args.corpus != "shakespeare":
+        core._CORPUS["shakespeare"] = core.corpus(args.corpus)
+    total = sum(len(s.lrs) * args.seeds for s in specs) * len(tasks)
+    progress = _Progress(total)
+    records = []
+    try:
+        for name in tasks:
+            for spec in specs:
+                records.append(core.run_task(name, spec, args.seeds, args.quick, progress))
+    finally:
+        progress.close()
+    result = {"environment": core.environment(), "quick": args.quick, "seeds": args.seeds,
+              "tasks": {t: core.TASKS[t].description for t in tasks}, "records": records}
+    print_table(result)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "results.json")
+        with open(path, "w") as f:
+            json.dump(_clean(result), f, indent=1)
+        print(f"\nwrote {path}")
+    return result
+
+
+def print_table(result):
+    env = result["environment"]
+    print(f"\n{env['device']}; torch {env['torch']}; {result['seeds']} seed(s); "
+          f"{'quick' if result['quick'] else 'full'} sizes\n")
+    print("| task | optimizer | best lr | metric (mean ± std) | steps to target | "
+          "seconds to target |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in result["records"]:
+        best = r["best"]
+        metric = "diverged" if best["diverged"] else \
+            f"{r['metric']}: {_fmt((best['final_mean'], best['final_std']))}"
+        print(f"| {r['task']} | {r['optimizer']} | {best['lr']:g} | {metric} | "
+              f"{_fmt(best['steps_to_target'], '{:.0f}')} | "
+              f"{_fmt(best['seconds_to_target'])} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split(
+        "\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run tasks × optimizers × lr grid × seeds")
+    r.add_argument("--task", default=DEFAULT_TASKS, help=f"comma-separated ({DEFAULT_TASKS})")
+    r.add_argument("--optim", default=DEFAULT_OPTIMIZERS,
+                   help="comma-separated names, or import paths of torch.optim classes")
+    r.add_argument("--lrs", default=None, help="one lr grid for all (default: per optimizer)")
+    r.add_argument("--seeds", type=int, default=None, help="default 3; 1 with --quick")
+    r.add_argument("--quick", action="store_true", help="small sizes (the main job)")
+    r.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "stdlib"])
+    r.add_argument("--out", default=None, help="directory for results.json")
+    p = sub.add_parser("plot", help="PNG plots from a results.json directory")
+    p.add_argument("directory")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            run(args)
+        else:
+            from .plot import plot
+
+            for path in plot(args.directory):
+                print(f"wrote {path}")
+    except ValueError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    main()

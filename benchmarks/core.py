@@ -1,0 +1,385 @@
+"""Optimizers by name, tasks, and the fair-comparison runner behind ``python -m benchmarks``.
+
+Every optimizer is run at every lr of its grid (grids have the same length for all) over the
+seeds; each task reports, at the optimizer's best lr, the final loss (mean ± std), steps and
+seconds to the task's target, and its own extras (the continual-learning accuracy matrix).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import deepmomentum as dm
+
+# --- optimizers ------------------------------------------------------------------------------
+
+
+class _Pair:
+    """Two optimizers stepped as one (torch's Muon for matrices + AdamW for the rest)."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = [o for o in optimizers if o is not None]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def _torch_muon(model, lr):
+    groups = dm.muon_param_groups(model)
+    matrices = [p for g in groups if g["use_muon"] for _, p in g["params"]]
+    others = [p for g in groups if not g["use_muon"] for _, p in g["params"]]
+    return _Pair(torch.optim.Muon(matrices, lr=lr) if matrices else None,
+                 torch.optim.AdamW(others, lr=3e-3, weight_decay=0.0) if others else None)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    build: Callable[[nn.Module, float], Any]  # (model, lr) -> optimizer
+    lrs: tuple[float, ...]
+
+
+def _params(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+OPTIMIZERS = {spec.name: spec for spec in (
+    OptimizerSpec("sgd", lambda m, lr: torch.optim.SGD(_params(m), lr=lr, momentum=0.9),
+                  (0.01, 0.03, 0.1)),
+    OptimizerSpec("adamw", lambda m, lr: torch.optim.AdamW(_params(m), lr=lr, weight_decay=0.0),
+                  (1e-3, 3e-3, 1e-2)),
+    OptimizerSpec("muon", _torch_muon, (0.005, 0.02, 0.05)),
+    OptimizerSpec("associative", lambda m, lr: dm.AssociativeMomentum(_params(m), lr=lr),
+                  (0.01, 0.03, 0.1)),
+    OptimizerSpec("delta", lambda m, lr: dm.DeltaMomentum(_params(m), lr=lr),
+                  (0.01, 0.03, 0.1)),
+    OptimizerSpec("preconditioned", lambda m, lr: dm.PreconditionedMomentum(_params(m), lr=lr),
+                  (1e-3, 3e-3, 1e-2)),
+    OptimizerSpec("dmgd", lambda m, lr: dm.DMGD(_params(m), lr=lr), (0.01, 0.03, 0.1)),
+    OptimizerSpec("dm-muon", lambda m, lr: dm.Muon(
+        dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr), (0.005, 0.02, 0.05)),
+    OptimizerSpec("m3", lambda m, lr: dm.M3(
+        dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr), (3e-5, 1e-4, 3e-4)),
+)}
+
+
+def optimizer_spec(name: str, lrs: Optional[tuple[float, ...]] = None) -> OptimizerSpec:
+    """A registered name, or any optimizer class by import path ("torch.optim.RMSprop")."""
+    if name in OPTIMIZERS:
+        spec = OPTIMIZERS[name]
+    elif "." in name:
+        module, _, attr = name.replace(":", ".").rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"Unknown optimizer {name!r}: cannot import it ({error})") from None
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise ValueError(f"Unknown optimizer {name!r}: not a torch.optim.Optimizer")
+        spec = OptimizerSpec(name, lambda m, lr: cls(_params(m), lr=lr), (1e-3, 3e-3, 1e-2))
+    else:
+        raise ValueError(f"Unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)} or give "
+                         "an import path such as torch.optim.RMSprop")
+    if lrs is not None:
+        if not lrs or any(not (isinstance(lr, float) and math.isfinite(lr) and lr > 0)
+                          for lr in lrs):
+            raise ValueError(f"Invalid lr grid {lrs!r}: lrs must be positive finite numbers")
+        spec = OptimizerSpec(spec.name, spec.build, tuple(lrs))
+    return spec
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+    try:
+        lrs = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"Invalid lr grid {text!r}: give comma-separated positive numbers") \
+            from None
+    return optimizer_spec("sgd", lrs).lrs  # validates
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+class Point(nn.Module):
+    """A bare parameter vector as a 'model' (toy problems)."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor(start, dtype=torch.float64))
+
+
+@dataclass
+class Run:
+    losses: list[float]
+    seconds: float
+    target: Optional[float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def steps_to_target(self) -> Optional[int]:
+        if self.target is None:
+            return None
+        return next((i + 1 for i, v in enumerate(self.losses) if v <= self.target), None)
+
+
+def _toy(loss_fn, start, steps, target, noise=0.0):
+    def run(spec, lr, seed, quick):
+        g = torch.Generator().manual_seed(seed)
+        model = Point(start)
+        opt = spec.build(model, lr)
+        losses, t0 = [], time.perf_counter()
+        for _ in range(steps // (4 if quick else 1)):
+            opt.zero_grad()
+            loss = loss_fn(model.x)
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                break
+            loss.backward()
+            if noise:
+                model.x.grad.add_(noise * torch.randn(model.x.shape, generator=g,
+                                                      dtype=torch.float64))
+            opt.step()
+        return Run(losses, time.perf_counter() - t0, target)
+
+    return run
+
+
+def _rosenbrock(x):
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+
+_H = torch.linspace(0.1, 2.0, 32, dtype=torch.float64)
+
+
+def _quadratic(x):
+    return 0.5 * (_H * x**2).sum()
+
+
+def _psi(x, k=10.0, a=1.0, omega=3.0):
+    r, theta = x[0], x[1]
+    return r**2 + k * (r - theta + a * torch.sin(omega * r)) ** 2
+
+
+def _digits(spec, lr, seed, quick):
+    from .dmgd import digits_tasks
+
+    tasks = digits_tasks(tasks=3 if quick else 5)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = spec.build(model, lr)
+    g = torch.Generator().manual_seed(seed)
+    T = len(tasks)
+    R = [[0.0] * T for _ in range(T)]
+    losses, t0 = [], time.perf_counter()
+    for i, ((xs, ys), _) in enumerate(tasks):
+        for _ in range(1 if quick else 3):
+            order = torch.randperm(len(xs), generator=g)
+            for k in range(0, len(xs), 32):
+                idx = order[k:k + 32]
+                loss = F.cross_entropy(model(xs[idx]), ys[idx])
+                losses.append(loss.item())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            for j, (_, (xt, yt)) in enumerate(tasks):
+                R[i][j] = (model(xt).argmax(1) == yt).float().mean().item()
+    acc = sum(R[-1]) / T
+    bwt = sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+    return Run(losses, time.perf_counter() - t0, None, {"R": R, "ACC": acc, "BWT": bwt,
+                                                        "final_metric": 1 - acc})
+
+
+class CharGPT(nn.Module):
+    """A small causal transformer over characters (pre-norm, learned positions)."""
+
+    def __init__(self, vocab, context=64, width=64, layers=2, heads=4):
+        super().__init__()
+        self.context = context
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0,
+                                           batch_first=True, norm_first=True,
+                                           activation="gelu")
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx):  # (B, T) -> (B, T, vocab)
+        T = idx.shape[1]
+        h = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))  # (B, T, C)
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
+        return self.head(self.norm(self.blocks(h, mask=mask, is_causal=True)))
+
+
+_CORPUS: dict[str, Any] = {}
+
+
+def corpus(name="shakespeare"):
+    if name not in _CORPUS:
+        from .data import load_corpus, sha256
+
+        used, data = load_corpus(name)
+        text = data.decode("utf-8", errors="replace")
+        chars = sorted(set(text))
+        ids = torch.tensor([chars.index(c) for c in text[:2_000_000]], dtype=torch.long) \
+            if len(chars) < 256 else None
+        _CORPUS[name] = {"name": used, "sha256": sha256(data), "ids": ids,
+                         "vocab": len(chars)}
+    return _CORPUS[name]
+
+
+def _lm(spec, lr, seed, quick, corpus_name="shakespeare"):
+    data = corpus(corpus_name)
+    ids, split = data["ids"], int(0.9 * len(data["ids"]))
+    torch.manual_seed(seed)
+    model = CharGPT(data["vocab"])
+    opt = spec.build(model, lr)
+    g = torch.Generator().manual_seed(seed)
+    steps, batch, T = (150, 16, 64) if quick else (600, 32, 64)
+    losses, t0 = [], time.perf_counter()
+    for _ in range(steps):
+        start = torch.randint(split - T - 1, (batch,), generator=g)
+        window = ids[start[:, None] + torch.arange(T + 1)]
+        loss = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        gv = torch.Generator().manual_seed(1234)
+        start = split + torch.randint(len(ids) - split - T - 1, (64,), generator=gv)
+        window = ids[start[:, None] + torch.arange(T + 1)]
+        val = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+    val_bpc = val.item() / math.log(2)
+    return Run(losses, seconds, None, {"val_bits_per_char": val_bpc, "final_metric": val_bpc,
+                                       "corpus": data["name"], "corpus_sha256": data["sha256"]})
+
+
+def _throughput(spec, lr, seed, quick):
+    """Step time on 8.4M (quick: 1M) fp32 parameters in 64 matrices."""
+    rows = 128 if quick else 1024
+    model = nn.ParameterList([nn.Parameter(torch.randn(rows, 128, generator=torch.Generator()
+                                                       .manual_seed(i))) for i in range(64)])
+    opt = spec.build(model, lr)
+    for p in model:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    times = []
+    for _ in range(3 if quick else 10):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    return Run([ms], sum(times), None, {"ms_per_step": ms, "final_metric": ms,
+                                        "params": 64 * rows * 128})
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    run: Callable
+    description: str
+    metric: str = "final loss"
+    lr_scale: float = 1.0  # every optimizer's grid is multiplied by it (same for all)
+
+
+TASKS = {t.name: t for t in (
+    Task("rosenbrock", _toy(_rosenbrock, [-1.5, 2.0], 2000, 1e-2),
+         "Rosenbrock from (−1.5, 2); target 1e-2", lr_scale=0.1),
+    Task("quadratic", _toy(_quadratic, [3.0] * 32, 1000, 1e-2, noise=0.1),
+         "noisy quadratic, 32 dims, curvatures 0.1–2, gradient noise 0.1; target 1e-2"),
+    Task("psi", _toy(_psi, [-3.5, 2.0], 3000, 0.05, noise=0.1),
+         "NL's ψ(r,θ) = r² + 10(r − θ + sin 3r)² from (−3.5, 2); target 0.05", lr_scale=0.1),
+    Task("digits", _digits, "Permuted-Digits continual learning (ACC, BWT, matrix R)",
+         "1 − ACC"),
+    Task("lm", _lm, "char-level GPT (2 layers, width 64, context 64) on Shakespeare",
+         "val bits/char"),
+    Task("throughput", _throughput, "optimizer step time on 64 fp32 matrices", "ms/step"),
+)}
+
+
+def task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"Unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name]
+
+
+# --- the runner ------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {"git_sha": sha, "torch": torch.__version__, "triton": triton_version,
+            "deepmomentum": dm.__version__, "device": device, "dtype": "float32",
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def run_task(task_name, spec, seeds, quick, progress=None):
+    """Every lr × seed; returns the record of the best lr (by the task's final metric)."""
+    t = task(task_name)
+    by_lr = []
+    for lr in [lr * t.lr_scale for lr in spec.lrs]:
+        runs = []
+        for seed in range(seeds):
+            runs.append(t.run(spec, lr, seed, quick))
+            if progress:
+                progress()
+        finals = [r.extra.get("final_metric", r.losses[-1] if r.losses else math.inf)
+                  for r in runs]
+        diverged = any(not math.isfinite(f) for f in finals)
+        mean, std = _stats(finals) if not diverged else (math.inf, None)
+        steps = [r.steps_to_target() for r in runs]
+        reached = all(s is not None for s in steps)
+        # seconds to target: the run's time per step × the steps it took
+        seconds = [r.seconds * s / len(r.losses) for r, s in zip(runs, steps)] if reached \
+            else None
+        by_lr.append({
+            "lr": lr, "final_mean": mean, "final_std": std, "diverged": diverged,
+            "steps_to_target": _stats(steps) if reached else None,
+            "seconds_to_target": _stats(seconds) if seconds else None,
+            "curve": runs[0].losses[:: max(1, len(runs[0].losses) // 200)],
+            "extra": {k: v for k, v in runs[0].extra.items() if k != "final_metric"},
+            "extra_mean": {k: _stats([r.extra[k] for r in runs])[0] for k in runs[0].extra
+                           if isinstance(runs[0].extra[k], (int, float))},
+        })
+    best = min(by_lr, key=lambda r: r["final_mean"])
+    return {"task": task_name, "optimizer": spec.name, "metric": t.metric, "seeds": seeds,
+            "lrs": [lr * t.lr_scale for lr in spec.lrs], "best": best, "by_lr": [
+                {k: v for k, v in r.items() if k not in ("curve", "extra")} for r in by_lr]}
