@@ -19,11 +19,10 @@ import subprocess
 import time
 
 import torch
-import torch.nn.functional as F
 
 import deepmomentum as dm
 
-from .dmgd import digits_tasks, summarize
+from .dmgd import digits_tasks, summarize, train_sequentially
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 OPTIMIZERS = {
@@ -41,25 +40,7 @@ def run(make, lr, seed, tasks, slow_period, accumulate, epochs=3, batch=32):
     groups = dm.continuum_groups([(fast_in, 1), (slow, slow_period), (head, 1)],
                                  accumulate=accumulate)
     opt = make(groups, lr)
-    g = torch.Generator().manual_seed(seed)
-    T = len(tasks)
-    R = [[0.0] * T for _ in range(T)]
-    for i, ((xs, ys), _) in enumerate(tasks):
-        for _ in range(epochs):
-            order = torch.randperm(len(xs), generator=g)
-            for k in range(0, len(xs), batch):
-                idx = order[k:k + batch]
-                loss = F.cross_entropy(model(xs[idx]), ys[idx])
-                if not torch.isfinite(loss):
-                    return None
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            for j, (_, (xt, yt)) in enumerate(tasks):
-                R[i][j] = (model(xt).argmax(1) == yt).float().mean().item()
-    return {"R": R, "ACC": sum(R[-1]) / T,
-            "BWT": sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1)}
+    return train_sequentially(model, opt, tasks, seed, epochs, batch)
 
 
 def main(argv=None):

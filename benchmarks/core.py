@@ -175,33 +175,19 @@ def _psi(x, k=10.0, a=1.0, omega=3.0):
 
 
 def _digits(spec, lr, seed, quick):
-    from .dmgd import digits_tasks
+    from .dmgd import digits_tasks, train_sequentially
 
     tasks = digits_tasks(tasks=3 if quick else 5)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     opt = spec.build(model, lr)
-    g = torch.Generator().manual_seed(seed)
-    T = len(tasks)
-    R = [[0.0] * T for _ in range(T)]
-    losses, t0 = [], time.perf_counter()
-    for i, ((xs, ys), _) in enumerate(tasks):
-        for _ in range(1 if quick else 3):
-            order = torch.randperm(len(xs), generator=g)
-            for k in range(0, len(xs), 32):
-                idx = order[k:k + 32]
-                loss = F.cross_entropy(model(xs[idx]), ys[idx])
-                losses.append(loss.item())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            for j, (_, (xt, yt)) in enumerate(tasks):
-                R[i][j] = (model(xt).argmax(1) == yt).float().mean().item()
-    acc = sum(R[-1]) / T
-    bwt = sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
-    return Run(losses, time.perf_counter() - t0, None, {"R": R, "ACC": acc, "BWT": bwt,
-                                                        "final_metric": 1 - acc})
+    t0 = time.perf_counter()
+    out = train_sequentially(model, opt, tasks, seed, epochs=1 if quick else 3)
+    if out is None:
+        return Run([math.inf], time.perf_counter() - t0, None, {"final_metric": math.inf})
+    return Run([1 - out["ACC"]], time.perf_counter() - t0, None,
+               {"R": out["R"], "ACC": out["ACC"], "BWT": out["BWT"],
+                "final_metric": 1 - out["ACC"]})
 
 
 class CharGPT(nn.Module):

@@ -71,14 +71,13 @@ def digits_tasks(tasks=5, seed=0):
     return [((x[train][:, p], y[train]), (x[test][:, p], y[test])) for p in perms]
 
 
-def run_digits(make, lr, seed, tasks, epochs=3, batch=32):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                                torch.nn.Linear(128, 10))
-    opt = make(model.parameters(), lr)
+def train_sequentially(model, opt, tasks, seed, epochs=3, batch=32):
+    """Train on each task in turn; return the accuracy matrix R (R[i][j]: accuracy on task j
+    after training task i), ACC, BWT and the number of steps — or None if the loss diverged."""
     g = torch.Generator().manual_seed(seed)
-    R = [[0.0] * len(tasks) for _ in tasks]
-    steps, start = 0, time.perf_counter()
+    T = len(tasks)
+    R = [[0.0] * T for _ in range(T)]
+    steps = 0
     for i, ((xs, ys), _) in enumerate(tasks):
         for _ in range(epochs):
             order = torch.randperm(len(xs), generator=g)
@@ -94,10 +93,20 @@ def run_digits(make, lr, seed, tasks, epochs=3, batch=32):
         with torch.no_grad():
             for j, (_, (xt, yt)) in enumerate(tasks):
                 R[i][j] = (model(xt).argmax(1) == yt).float().mean().item()
-    T = len(tasks)
-    acc = sum(R[-1]) / T
-    bwt = sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
-    return {"R": R, "ACC": acc, "BWT": bwt, "steps_per_s": steps / (time.perf_counter() - start),
+    return {"R": R, "ACC": sum(R[-1]) / T,
+            "BWT": sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1), "steps": steps}
+
+
+def run_digits(make, lr, seed, tasks, epochs=3, batch=32):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 10))
+    opt = make(model.parameters(), lr)
+    start = time.perf_counter()
+    out = train_sequentially(model, opt, tasks, seed, epochs, batch)
+    if out is None:
+        return None
+    return {**out, "steps_per_s": out["steps"] / (time.perf_counter() - start),
             "state_numel": state_numel(opt),
             "params": sum(p.numel() for p in model.parameters())}
 

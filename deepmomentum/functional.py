@@ -71,6 +71,20 @@ def _signed_grad(g: Tensor, maximize: bool) -> Tensor:
     return torch.neg(g) if maximize else g
 
 
+def _decayed(param: Tensor, grad: Tensor, lr: float, weight_decay: float, decoupled: bool,
+             maximize: bool) -> tuple[Tensor, Tensor]:
+    """(working copy of W, gradient) after weight decay: decoupled decay scales W in place by
+    (1 − γλ); coupled decay adds λW to the gradient out of place."""
+    w = _working_copy(param)
+    g = _signed_grad(grad, maximize)
+    if weight_decay != 0:
+        if decoupled:
+            w.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(w, alpha=weight_decay)
+    return w, g
+
+
 def _group_indices(params: list[Tensor]) -> dict[tuple, list[int]]:
     """Indices of ``params`` grouped by (device, dtype): one foreach call per group."""
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -143,13 +157,7 @@ def _single_tensor_associative_momentum(
     decoupled_weight_decay, maximize,
 ):
     for i, (param, grad) in enumerate(zip(params, grads)):
-        w = _working_copy(param)
-        g = _signed_grad(grad, maximize)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                w.mul_(1 - lr * weight_decay)
-            else:
-                g = g.add(w, alpha=weight_decay)
+        w, g = _decayed(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
         if momentum != 0:
             buf = momentum_buffers[i]
             if buf is None:
@@ -625,13 +633,7 @@ def delta_momentum(
     input_keys = input_keys if input_keys is not None else [None] * len(params)
     works, updates = [], []
     for i, (param, grad) in enumerate(zip(params, grads)):
-        w = _working_copy(param)
-        g = _signed_grad(grad, maximize)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                w.mul_(1 - lr * weight_decay)
-            else:
-                g = g.add(w, alpha=weight_decay)
+        w, g = _decayed(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
         buf = momentum_buffers[i]
         if buf is None:
             buf = momentum_buffers[i] = torch.clone(g).detach()
@@ -805,13 +807,7 @@ def deep_momentum(
     n = len(params)
     works, gs = [], []
     for i, (param, grad) in enumerate(zip(params, grads)):
-        w = _working_copy(param)
-        g = _signed_grad(grad, maximize)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                w.mul_(1 - lr * weight_decay)
-            else:
-                g = g.add(w, alpha=weight_decay)
+        w, g = _decayed(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
         works.append(w)
         gs.append(g)
 
