@@ -597,7 +597,15 @@ def erase_along_keys(b: Tensor, keys: Tensor, denominator: Tensor) -> Tensor:
     ``denominator`` (no keys, a zero gradient) gives zero.
     """
     n, c = keys.shape
-    product = (b @ keys.mT) @ keys if n <= c else b @ (keys.mT @ keys)
+    if n <= c:
+        product = (b @ keys.mT) @ keys
+    elif keys.is_cuda and keys.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            and c >= 64:
+        from .kernels.newton_schulz import gram  # kᵀk by its upper-triangle tiles
+
+        product = b @ gram(keys.mT.contiguous())
+    else:
+        product = b @ (keys.mT @ keys)
     safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
     return torch.where(denominator > 0, product / safe, torch.zeros_like(product))
 

@@ -12,7 +12,7 @@ matrix), in bfloat16 by default, over any leading batch dimensions.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -91,8 +91,30 @@ def _is_triple(value) -> bool:
         return False
 
 
+#: Smallest min(r, c) for which ``backend=None`` picks the Triton kernels on CUDA. Provisional:
+#: the crossover against torch's batched matmul is to be measured on a GPU
+#: (benchmarks/ns_gpu.py prints it); tiny matrices are launch-bound either way.
+TRITON_MIN_SIDE = 256
+BACKENDS = (None, "torch", "triton")
+
+
+def _use_triton(X: Tensor, backend) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; backend must be one of {BACKENDS}")
+    if backend == "torch":
+        return False
+    from . import kernels
+
+    if backend == "triton":
+        if not kernels.triton_available():
+            raise ValueError("backend='triton' needs the triton package")
+        return True
+    return X.is_cuda and kernels.triton_available() and min(X.shape[-2:]) >= TRITON_MIN_SIDE
+
+
 def newton_schulz(X: Tensor, steps: int = 5, coefficients: Coefficients = "keller",
-                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
+                  backend: Optional[str] = None) -> Tensor:
     """Orthogonalize ``X`` of shape ``(..., r, c)`` by Newton–Schulz; same shape and dtype out.
 
     Args:
@@ -105,12 +127,20 @@ def newton_schulz(X: Tensor, steps: int = 5, coefficients: Coefficients = "kelle
         eps: added to the normaliser ‖X‖_F · s₀, so a zero matrix maps to zero.
         dtype: the arithmetic dtype (bfloat16 by default; float32 or float64 for accuracy).
 
+        backend: "torch" (batched matmul), "triton" (the symmetric Gram and fused NS-line
+            kernels of :mod:`deepmomentum.kernels.newton_schulz`), or None: Triton for CUDA
+            matrices with min(r, c) ≥ ``TRITON_MIN_SIDE``, else torch.
+
     The input is never modified and never aliased by the output.
     """
     if X.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape "
                          f"{tuple(X.shape)}")
     schedule, scale = ns_coefficients(coefficients, steps)
+    if X.numel() and _use_triton(X, backend):
+        from .kernels.newton_schulz import newton_schulz_triton
+
+        return newton_schulz_triton(X, steps, coefficients, eps, dtype)
     Y = X.to(dtype)
     transposed = Y.size(-2) > Y.size(-1)
     if transposed:
