@@ -115,6 +115,24 @@ def _ptr(table, t, DTYPE: tl.constexpr):
     return tl.load(table + t).to(tl.pointer_type(DTYPE))
 
 
+@triton.jit
+def _weight_and_grad(p_ptr, g_ptr, offsets, mask, inv_scale_ptr, lr, weight_decay,
+                     HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr):
+    """(W, g) in fp32 after unscaling, maximize and weight decay (decoupled scales W, coupled
+    adds λW to g) — the preamble every update kernel shares."""
+    w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_SCALE:
+        g = g * tl.load(inv_scale_ptr)
+    if MAXIMIZE:
+        g = -g
+    if DECOUPLED:
+        w = w * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * w
+    return w, g
+
+
 # --- SGD-momentum (AssociativeMomentum, §1) --------------------------------------------------
 
 
@@ -127,16 +145,8 @@ def _sgd_kernel(p_table, g_table, b_table, sizes, tensor_of_block, block_start, 
     t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
                                 BLOCK)
     p_ptr = _ptr(p_table, t, P_DTYPE)
-    w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(_ptr(g_table, t, G_DTYPE) + offsets, mask=mask).to(tl.float32)
-    if HAS_SCALE:
-        g = g * tl.load(inv_scale_ptr)
-    if MAXIMIZE:
-        g = -g
-    if DECOUPLED:
-        w = w * (1.0 - lr * weight_decay)
-    else:
-        g = g + weight_decay * w
+    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, inv_scale_ptr, lr,
+                            weight_decay, HAS_SCALE, MAXIMIZE, DECOUPLED)
     u = g
     if HAS_MOMENTUM:
         b_ptr = _ptr(b_table, t, tl.float32)
@@ -212,16 +222,8 @@ def _adam_kernel(p_table, g_table, m_table, v_table, sizes, tensor_of_block, blo
                                 BLOCK)
     p_ptr = _ptr(p_table, t, P_DTYPE)
     m_ptr = _ptr(m_table, t, tl.float32)
-    w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(_ptr(g_table, t, G_DTYPE) + offsets, mask=mask).to(tl.float32)
-    if HAS_SCALE:
-        g = g * tl.load(inv_scale_ptr)
-    if MAXIMIZE:
-        g = -g
-    if DECOUPLED:
-        w = w * (1.0 - lr * weight_decay)
-    else:
-        g = g + weight_decay * w
+    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, inv_scale_ptr, lr,
+                            weight_decay, HAS_SCALE, MAXIMIZE, DECOUPLED)
     step_size = tl.load(step_size_ptr + t)  # lr / (1 − β₁ᵗ)
     m = tl.load(m_ptr + offsets, mask=mask)
     if ADAM:
@@ -442,14 +444,8 @@ def _memory_kernel(p_table, g_table, b_table, e_table, r_table, sizes, tensor_of
     t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
                                 BLOCK)
     p_ptr = _ptr(p_table, t, P_DTYPE)
-    w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
-    g = tl.load(_ptr(g_table, t, G_DTYPE) + offsets, mask=mask).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    if DECOUPLED:
-        w = w * (1.0 - lr * weight_decay)
-    else:
-        g = g + weight_decay * w
+    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, found_inf_ptr, lr,
+                            weight_decay, False, MAXIMIZE, DECOUPLED)
     memory = g
     if HAS_MOMENTUM:
         b_ptr = _ptr(b_table, t, tl.float32)
