@@ -172,12 +172,7 @@ class DeepMomentum(MemoryOptimizer):
             key_decay=group["key_decay"], objective=group["objective"], values=group["values"],
             activation=group["activation"], beta2=group["beta2"], eps=group["eps"])
         momentum = group["momentum"]
-        first = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]] \
-            if momentum != 0 else []
-        for i in first:
-            self.state[params[i]]["momentum_buffer"] = self._new_state_tensor(params[i])
-        for is_first in (True, False):
-            idx = [i for i in range(len(params)) if (i in first) == is_first]
+        for is_first, idx in self._first_step_split(params, momentum):
             with_read = [i for i in idx if reads[i] is not None]
             without = [i for i in idx if reads[i] is None]
             for part, part_reads in ((with_read, [reads[i] for i in with_read]),

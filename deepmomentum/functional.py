@@ -631,7 +631,8 @@ def delta_momentum(
     .. math::
         b_1 = g_1,\qquad b_t = b_{t-1}(\mu I - \beta K_t) + (1-\tau)\, g_t
 
-    then read-out and update as :func:`associative_momentum`. ``K_t`` is a normalized key Gram
+    then read-out and update as :func:`associative_momentum` (with ``μ = 0`` there is no memory
+    and ``U = g``, as torch's SGD). ``K_t`` is a normalized key Gram
     (c × c, PSD, trace ≤ 1) on each tensor's matrix view (:func:`as_matrix`): the gradient's
     ``GᵀG/‖G‖²`` by default, or ``X̂ᵀX̂/n`` from ``input_keys[i]`` (rows already unit-normalized)
     where given. Since its eigenvalues lie in [0, 1] and β ∈ [0, μ], the memory never grows
@@ -642,6 +643,10 @@ def delta_momentum(
     works, updates = [], []
     for i, (param, grad) in enumerate(zip(params, grads)):
         w, g = _decayed(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
+        if momentum == 0:  # no memory (β ≤ μ = 0 erases nothing): U = g, as in §1
+            works.append(w)
+            updates.append(g)
+            continue
         buf = momentum_buffers[i]
         if buf is None:
             buf = momentum_buffers[i] = torch.clone(g).detach()

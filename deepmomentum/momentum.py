@@ -108,13 +108,7 @@ class AssociativeMomentum(MemoryOptimizer):
         from .kernels import elementwise
 
         momentum = group["momentum"]
-        first = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
-        if momentum != 0:
-            for i in first:
-                self.state[params[i]]["momentum_buffer"] = self._new_state_tensor(params[i])
-        first_set = set(first) if momentum != 0 else set()
-        for is_first in (True, False):
-            idx = [i for i in range(len(params)) if (i in first_set) == is_first]
+        for is_first, idx in self._first_step_split(params, momentum):
             elementwise.sgd_step(
                 [params[i] for i in idx], [grads[i] for i in idx],
                 [self.state[params[i]].get("momentum_buffer") for i in idx], lr=group["lr"],
@@ -301,11 +295,7 @@ class DeltaMomentum(MemoryOptimizer):
         gs = F.effective_grads(params, grads, maximize=group["maximize"],
                                weight_decay=group["weight_decay"],
                                decoupled_weight_decay=group["decoupled_weight_decay"])
-        first = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
-        for i in first:
-            self.state[params[i]]["momentum_buffer"] = self._new_state_tensor(params[i])
-        for is_first in (True, False):
-            idx = [i for i in range(len(params)) if (i in first) == is_first]
+        for is_first, idx in self._first_step_split(params, group["momentum"]):
             erase_terms = None
             if not is_first and group["erase"] != 0:
                 erase_terms = []
@@ -318,7 +308,7 @@ class DeltaMomentum(MemoryOptimizer):
                                        .view_as(buf))
             elementwise.memory_step(
                 [params[i] for i in idx], [grads[i] for i in idx],
-                [self.state[params[i]]["momentum_buffer"] for i in idx], erase_terms,
+                [self.state[params[i]].get("momentum_buffer") for i in idx], erase_terms,
                 lr=float(group["lr"]), momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"],
                 weight_decay=group["weight_decay"], erase=group["erase"],
@@ -346,7 +336,8 @@ class DeltaMomentum(MemoryOptimizer):
             decoupled_weight_decay=group["decoupled_weight_decay"],
             maximize=group["maximize"], foreach=implementation == "foreach")
         for p, b in zip(params, bufs):
-            self.state[p]["momentum_buffer"] = b
+            if b is not None:
+                self.state[p]["momentum_buffer"] = b
             captured.pop(p, None)  # keys serve one step and are not kept alive
 
 

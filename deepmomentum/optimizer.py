@@ -283,8 +283,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 self._check_param(index, p)
             grads = [p.grad for p in params]
             if grad_scale is not None and grads:
-                inverse = 1.0 / grad_scale.double().item()
-                grads = [g * inverse for g in grads]
+                inverse = grad_scale.double().reciprocal().float()  # on its device: no sync
+                grads = [g * inverse.to(g.device) for g in grads]
             if group["update_period"] > 1:
                 params, grads = self._accumulate(group, params, grads)
             if params:
@@ -337,6 +337,21 @@ class MemoryOptimizer(torch.optim.Optimizer):
             steps.append(state["step"])
         torch._foreach_add_(steps, 1.0)
         return steps
+
+    def _first_step_split(self, params: list[Tensor], momentum: float):
+        """Allocate the missing momentum buffers and yield ``(is_first, indices)``: the Triton
+        kernels take ``b₁ = g₁`` as one flag per launch. With ``momentum == 0`` there are no
+        buffers and every index is a later step."""
+        first = set()
+        if momentum != 0:
+            for i, p in enumerate(params):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = self._new_state_tensor(p)
+                    first.add(i)
+        for is_first in (True, False):
+            indices = [i for i in range(len(params)) if (i in first) == is_first]
+            if indices:
+                yield is_first, indices
 
     # --- checkpoints -------------------------------------------------------------------------
 

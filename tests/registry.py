@@ -108,6 +108,7 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
         variants=(
             {},
             {"erase": 0.0},
+            {"momentum": 0.0, "erase": 0.0, "dampening": 0.3},
             {"erase": 0.9, "nesterov": True, "weight_decay": 0.01},
             {"keys": "input", "key_samples": 4},  # no attach: falls back to gradient keys
             {"dampening": 0.3, "maximize": True, "decoupled_weight_decay": True,
