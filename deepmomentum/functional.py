@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -37,9 +37,12 @@ __all__ = [
     "delta_momentum",
     "deep_momentum",
     "deep_memory_gradients",
+    "deep_memory_gradient_factors",
     "deep_memory_reads",
     "muon",
     "m3",
+    "momentum_scan",
+    "scan_coefficients",
     "orthogonalize",
     "state_dtype",
     "LOW_PRECISION_DTYPES",
@@ -713,21 +716,36 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
+def deep_memory_gradient_factors(keys: Tensor, values: Tensor, A: Tensor, B: Tensor, *,
+                                 objective: str, activation: str
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The factors ``(H, dZ, D)`` of each row's gradient for ``f_θ(X) = φ(X A) B``.
+
+    Row ``i``'s loss — ``−⟨F_i, V_i⟩`` for ``"dot"``, ``½‖F_i − V_i‖²`` for ``"l2"`` — has
+    ``∇_B = H_iᵀ D_i`` and ``∇_A = X_iᵀ dZ_i``, outer products of ``H = φ(XA)``,
+    ``D = ∂ℓ/∂F`` (``−V`` or ``F − V``) and ``dZ = (D Bᵀ) ⊙ φ'(XA)``. Kept factored, a
+    sequence of per-row gradients never has to be materialized (the HOPE example's memories).
+    Shapes: ``keys``/``values`` (…, r, c), ``A`` (…, c, h), ``B`` (…, h, c).
+    """
+    Z = keys @ A  # (…, r, h)
+    H, dH = _activation(activation, Z)
+    D = -values if objective == "dot" else H @ B - values  # (…, r, c)
+    return H, (D @ B.mT) * dH, D
+
+
 def deep_memory_gradients(keys: Tensor, values: Tensor, A: Tensor, B: Tensor, *,
                           objective: str, activation: str) -> tuple[Tensor, Tensor]:
     r"""Closed-form ``(∇_A L, ∇_B L)`` of the inner objective for ``f_θ(X) = φ(X A) B``.
 
     Batched over a leading dim: ``keys``/``values`` (n, r, c), ``A`` (n, c, h), ``B`` (n, h, c).
     With ``D = ∂L/∂F`` — ``−V/r`` for ``"dot"``, ``(F − V)/r`` for ``"l2"`` —
-    ``∇_B = φ(XA)ᵀ D`` and ``∇_A = Xᵀ((D Bᵀ) ⊙ φ'(XA))``.
+    ``∇_B = φ(XA)ᵀ D`` and ``∇_A = Xᵀ((D Bᵀ) ⊙ φ'(XA))`` (the mean of the rows' gradients,
+    :func:`deep_memory_gradient_factors`).
     """
-    Z = keys @ A  # (n, r, h)
-    H, dH = _activation(activation, Z)
+    H, dZ, D = deep_memory_gradient_factors(keys, values, A, B, objective=objective,
+                                            activation=activation)
     rows = keys.shape[-2]
-    D = -values / rows if objective == "dot" else (H @ B - values) / rows  # (n, r, c)
-    grad_B = H.mT @ D  # (n, h, c)
-    grad_A = keys.mT @ ((D @ B.mT) * dH)  # (n, c, h)
-    return grad_A, grad_B
+    return keys.mT @ dZ / rows, H.mT @ D / rows
 
 
 def deep_memory_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, *, momentum,
@@ -858,3 +876,85 @@ def deep_momentum(
         w.add_(u.view_as(w), alpha=-lr * scale)
         if w is not param:
             param.copy_(w)
+
+
+def _segment_log_products(log_x: Tensor) -> Tensor:
+    r"""``out[..., t, j] = Σ_{j<s≤t} log x_s`` for ``j ≤ t`` and ``−∞`` above the diagonal, so
+    that ``exp(out)`` is the lower-triangular matrix of products ``∏_{j<s≤t} x_s``. Sums are
+    taken directly (never as differences of cumulative sums), so a zero gate gives exact zeros
+    and no ``∞ − ∞``."""
+    n = log_x.shape[-1]
+    ones = torch.ones(n, n, dtype=torch.bool, device=log_x.device)
+    repeated = log_x.unsqueeze(-1).expand(*log_x.shape, n)  # [..., s, j] = log x_s
+    sums = repeated.masked_fill(~ones.tril(-1), 0).cumsum(dim=-2)  # [..., t, j] = Σ_{j<s≤t}
+    return sums.masked_fill(~ones.tril(0), float("-inf"))
+
+
+class ScanCoefficients(NamedTuple):
+    r"""The linear maps of :func:`momentum_scan`, for a block of C steps (each (*batch, C[, C])):
+
+    ``S_t = momentum_from_start[t]·S_0 − Σ_j momentum_from_grads[t, j]·g_j`` and
+    ``W_t = param_from_start[t]·W_0 + param_from_momentum[t]·S_0 − Σ_j param_from_grads[t, j]·g_j``.
+    """
+
+    momentum_from_start: Tensor
+    momentum_from_grads: Tensor
+    param_from_start: Tensor
+    param_from_momentum: Tensor
+    param_from_grads: Tensor
+
+
+def scan_coefficients(momentum: Tensor, lr: Tensor, decay: Tensor) -> ScanCoefficients:
+    r"""The coefficients that map ``(S_0, W_0, g_1..g_C)`` to every ``S_t`` and ``W_t`` of
+    :func:`momentum_scan`. With ``P^x_{t,j} = ∏_{j<s≤t} x_s`` (lower-triangular):
+    ``S_t = P^η_{t,0} S_0 − Σ_j P^η_{t,j} θ_j g_j`` and, since
+    ``W_t = P^{1−α}_{t,0} W_0 + Σ_i P^{1−α}_{t,i} S_i``, the ``W`` maps are ``P^{1−α}``
+    composed with the ``S`` maps. Gates: (*batch, C)."""
+    log_keep = torch.log(1 - decay)
+    keep_within = torch.exp(_segment_log_products(log_keep))  # (*batch, C, C)
+    log_eta = torch.log(momentum)
+    eta_within = torch.exp(_segment_log_products(log_eta))
+    eta_from_start = torch.exp(torch.cumsum(log_eta, dim=-1))  # ∏_{s≤t} η_s
+    momentum_from_grads = eta_within * lr.unsqueeze(-2)  # [t, j]: P^η_{t,j} θ_j
+    return ScanCoefficients(
+        momentum_from_start=eta_from_start,
+        momentum_from_grads=momentum_from_grads,
+        param_from_start=torch.exp(torch.cumsum(log_keep, dim=-1)),
+        param_from_momentum=(keep_within @ eta_from_start.unsqueeze(-1)).squeeze(-1),
+        param_from_grads=keep_within @ momentum_from_grads,
+    )
+
+
+def momentum_scan(grads: Tensor, momentum: Tensor, lr: Tensor, decay: Tensor,
+                  momentum_buffer: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
+    r"""A block of steps of momentum with data-dependent gates, all at once (Titans Eq 13–14).
+
+    .. math::
+        S_t = \eta_t S_{t-1} - \theta_t g_t,\qquad W_t = (1-\alpha_t) W_{t-1} + S_t
+
+    for ``t = 1..C`` from ``S_0 = momentum_buffer`` and ``W_0 = param``: §1's associative
+    momentum (``S = −θ b``) with a per-step momentum ``η_t``, learning rate ``θ_t`` and a
+    forgetting gate ``α_t``. With constant η, θ and ``α = 0`` it is ``torch.optim.SGD`` with
+    ``momentum=η, lr=θ`` (dampening 0) step for step. The whole block is computed in parallel
+    from :func:`scan_coefficients`; the HOPE example's in-context memories use the same
+    coefficients on factored gradients (:func:`deep_memory_gradient_factors`).
+
+    Shapes: ``grads`` ``(*batch, C, *event)``; ``momentum``, ``lr``, ``decay`` ``(*batch, C)``;
+    ``momentum_buffer`` and ``param`` ``(*batch, *event)``. Returns ``(S, W)``, each
+    ``(*batch, C, *event)``: the state after every step of the block. Differentiable in every
+    input. Gates must lie in [0, 1] (η, 1 − α; η > 0 for gradients); they are not checked, so
+    that the function stays traceable.
+    """
+    batch, steps = momentum.shape[:-1], momentum.shape[-1]
+    if grads.shape[:momentum.dim()] != momentum.shape:
+        raise ValueError(f"grads {tuple(grads.shape)} must start with the gates' shape "
+                         f"{tuple(momentum.shape)} (*batch, C)")
+    event = grads.shape[momentum.dim():]
+    g = grads.reshape(*batch, steps, -1)
+    s0 = momentum_buffer.reshape(*batch, 1, -1)
+    w0 = param.reshape(*batch, 1, -1)
+    c = scan_coefficients(momentum, lr, decay)
+    S = c.momentum_from_start.unsqueeze(-1) * s0 - c.momentum_from_grads @ g
+    W = c.param_from_start.unsqueeze(-1) * w0 + c.param_from_momentum.unsqueeze(-1) * s0 \
+        - c.param_from_grads @ g
+    return S.reshape(*batch, steps, *event), W.reshape(*batch, steps, *event)

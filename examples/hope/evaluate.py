@@ -1,0 +1,257 @@
+"""Evaluations of trained runs: test-time learning on a new stream, and associative recall.
+
+    python -m examples.hope.evaluate ttt runs/tiny/hope-0          # writes RUN/ttt.json
+    python -m examples.hope.evaluate recall --arch hope --seed 0 --out runs/tiny/recall-hope-0
+    python -m examples.hope.evaluate table runs/tiny                # Markdown table + summary
+
+**Test-time learning.** After training on Shakespeare, the model reads Python source (the
+interpreter's standard library) one window of the training length at a time. Each window is
+scored *before* the model learns from it (prequential bits per byte), then, with CMS updates
+on, the CMS levels take a gradient step on it — level ℓ once per ``C^(ℓ)`` windows, with the
+windows' mean gradient (the training schedule, counted in windows). Everything else stays
+frozen; the in-context memories start afresh in each window in every condition. Reported:
+the stream's bits per byte (all, first and last quarter) with updates off, with the CMS
+schedule, and with every level at period 1; and Shakespeare's validation bits per byte before
+and after the stream (forgetting). The baselines' single MLP counts as one level of period 1.
+
+**Multi-query associative recall.** A fresh model of the same size learns MQAR: 8 key–value
+pairs, a gap of filler tokens, then the 8 keys again in a new order, each to be followed by
+its value. It trains at length 64 and is tested at 1×, 4× and 16× that length (the gap
+grows); the metric is the accuracy of the predicted values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+import deepmomentum as dm
+from examples.hope.model import ARCHITECTURES, HopeConfig, LanguageModel, build, \
+    count_parameters
+from examples.hope.train import SIZES, bits_per_byte, byte_tokens, environment, load, \
+    make_optimizer, schedule, split, validation_windows
+
+# --- test-time learning -----------------------------------------------------------------------
+
+
+def stream_windows(length: int, count: int) -> torch.Tensor:
+    """``count`` consecutive windows (with their next byte) of Python standard-library source."""
+    from benchmarks.data import stdlib_text
+
+    data = torch.frombuffer(bytearray(stdlib_text((length + 1) * count + 1)),
+                            dtype=torch.uint8).long()
+    starts = torch.arange(count) * length
+    return data[starts[:, None] + torch.arange(length + 1)]
+
+
+def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Optional[tuple],
+                       lr: float) -> list[float]:
+    """Prequential bits per byte of each window; with ``periods``, CMS level ℓ learns every
+    ``periods[ℓ]`` windows (``None``: no updates)."""
+    model.eval()  # no dropout anywhere; eval only marks that the outer loop is not training
+    levels = model.cms_levels()
+    optimizer = None
+    if periods is not None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for level in levels:
+            for p in level:
+                p.requires_grad_(True)
+        groups = dm.continuum_groups([(level, period) for level, period in zip(levels, periods)],
+                                     accumulate="mean")
+        optimizer = dm.PreconditionedMomentum(groups, lr=lr, weight_decay=0.0)
+    scores = []
+    for window in stream:
+        window = window[None].to(next(model.parameters()).device)
+        with torch.set_grad_enabled(optimizer is not None):
+            loss = F.cross_entropy(model(window[:, :-1]).flatten(0, 1).float(),
+                                   window[0, 1:])
+        scores.append(loss.item() / math.log(2))
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return scores
+
+
+def ttt(run_dir: str, windows: int = 256, lr: float = 1e-3) -> dict[str, Any]:
+    saved = json.load(open(os.path.join(run_dir, "metrics.json")))
+    size = SIZES[saved["size"]]
+    _, shakespeare = byte_tokens("shakespeare")
+    val = validation_windows(split(shakespeare)[1], 64, size["seq_len"])
+    stream = stream_windows(size["seq_len"], windows)
+    result: dict[str, Any] = {"run": run_dir, "arch": saved["arch"], "seed": saved["seed"],
+                              "windows": windows, "window": size["seq_len"], "lr": lr}
+    base = load(run_dir)
+    result["shakespeare_before"] = bits_per_byte(base, val)
+    n_levels = len(base.cms_levels())
+    conditions = {"off": None, "cms": tuple(base.config.cms_periods[:n_levels])
+                  if base.config.arch == "hope" else (1,), "every_step": (1,) * n_levels}
+    for name, periods in conditions.items():
+        model = load(run_dir)
+        scores = test_time_learning(model, stream, periods, lr)
+        quarter = len(scores) // 4
+        result[name] = {"periods": periods, "stream": statistics.mean(scores),
+                        "first_quarter": statistics.mean(scores[:quarter]),
+                        "last_quarter": statistics.mean(scores[-quarter:]),
+                        "shakespeare_after": bits_per_byte(model, val), "curve": scores}
+    with open(os.path.join(run_dir, "ttt.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+# --- associative recall -----------------------------------------------------------------------
+
+KEYS, VALUES, FILLER = (0, 64), (64, 128), (128, 192)
+
+
+def mqar(batch: int, length: int, pairs: int = 8, generator: Optional[torch.Generator] = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (batch, length + 1), mask (batch, length) of the positions that predict a
+    recalled value). Layout: k₁ v₁ … k_n v_n, filler, then the keys in a new order, each
+    followed by its value."""
+    gap = length + 1 - 4 * pairs
+    if gap < 0:
+        raise ValueError(f"length {length} is too short for {pairs} pairs")
+    keys = torch.argsort(torch.rand(batch, KEYS[1] - KEYS[0], generator=generator))[:, :pairs]
+    values = torch.randint(*VALUES, (batch, pairs), generator=generator)
+    order = torch.argsort(torch.rand(batch, pairs, generator=generator))
+    filler = torch.randint(*FILLER, (batch, gap), generator=generator)
+    context = torch.stack([keys, values], dim=-1).flatten(1)
+    queries = torch.stack([keys.gather(1, order), values.gather(1, order)], dim=-1).flatten(1)
+    tokens = torch.cat([context, filler, queries], dim=1)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[:, length + 1 - 2 * pairs::2] = True  # where the query keys are: they predict values
+    return tokens, mask
+
+
+def recall_accuracy(model: LanguageModel, length: int, batches: int = 4, batch: int = 32,
+                    seed: int = 1234) -> float:
+    g = torch.Generator().manual_seed(seed)
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for _ in range(batches):
+            tokens, mask = mqar(batch, length, generator=g)
+            predicted = model(tokens[:, :-1]).argmax(-1)
+            correct += (predicted == tokens[:, 1:])[mask].sum().item()
+            total += mask.sum().item()
+    model.train()
+    return correct / total
+
+
+def recall(arch: str, seed: int, out: str, size: str = "tiny", steps: int = 1500,
+           length: int = 64, optim: str = "PreconditionedMomentum", lr: float = 3e-3
+           ) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    model = build(HopeConfig(arch=arch, **SIZES[size]["model"]))
+    optimizer = make_optimizer(model, optim, lr, 0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(50, steps))
+    g = torch.Generator().manual_seed(seed)
+    t0, losses = time.perf_counter(), []
+    for _ in range(steps):
+        tokens, mask = mqar(32, length, generator=g)
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits[mask], tokens[:, 1:][mask])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(round(loss.item(), 4))
+    result = {"arch": arch, "seed": seed, "steps": steps, "train_length": length,
+              "parameters": count_parameters(model), "seconds": time.perf_counter() - t0,
+              "loss": losses, "environment": environment(torch.device("cpu")),
+              "accuracy": {f"{m}x": recall_accuracy(model, m * length) for m in (1, 4, 16)}}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "recall.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+# --- the table --------------------------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(root: str) -> str:
+    """Markdown tables over ``root/<arch>-<seed>/`` runs and ``root/recall-<arch>-<seed>/``."""
+    lines = ["| model | params | val bits/byte | Python stream, off | CMS on | every level "
+             "each window | Shakespeare after (CMS on) | MQAR 1× | 4× | 16× |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    summary: dict[str, Any] = {}
+    for arch in ARCHITECTURES:
+        runs = sorted(glob.glob(os.path.join(root, f"{arch}-*", "metrics.json")))
+        if not runs:
+            continue
+        metrics = [json.load(open(r)) for r in runs]
+        ttts = [json.load(open(os.path.join(os.path.dirname(r), "ttt.json"))) for r in runs
+                if os.path.exists(os.path.join(os.path.dirname(r), "ttt.json"))]
+        recalls = [json.load(open(r)) for r in
+                   sorted(glob.glob(os.path.join(root, f"recall-{arch}-*", "recall.json")))]
+        val = [m["final_val_bits_per_byte"] for m in metrics]
+        row = [arch, f"{metrics[0]['parameters']:,}", _mean_std(val)]
+        entry: dict[str, Any] = {"val_bits_per_byte": val, "seeds": [m["seed"] for m in metrics]}
+        for key in ("off", "cms", "every_step"):
+            row.append(_mean_std([t[key]["stream"] for t in ttts]) if ttts else "—")
+            entry[f"stream_{key}"] = [t[key]["stream"] for t in ttts]
+        if ttts:
+            before = [t["shakespeare_before"] for t in ttts]
+            after = [t["cms"]["shakespeare_after"] for t in ttts]
+            row.append(f"{_mean_std(after)} (was {_mean_std(before)})")
+            entry["shakespeare_before"], entry["shakespeare_after_cms"] = before, after
+        else:
+            row.append("—")
+        for m in ("1x", "4x", "16x"):
+            row.append(_mean_std([r["accuracy"][m] for r in recalls]) if recalls else "—")
+            entry[f"mqar_{m}"] = [r["accuracy"][m] for r in recalls]
+        summary[arch] = entry
+        lines.append("| " + " | ".join(row) + " |")
+    with open(os.path.join(root, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ttt")
+    p.add_argument("run")
+    p.add_argument("--windows", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p = sub.add_parser("recall")
+    p.add_argument("--arch", choices=ARCHITECTURES, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("table")
+    p.add_argument("root")
+    args = parser.parse_args(argv)
+    if args.command == "ttt":
+        r = ttt(args.run, args.windows, args.lr)
+        print(json.dumps({k: (v if not isinstance(v, dict) else
+                              {a: b for a, b in v.items() if a != "curve"})
+                          for k, v in r.items()}))
+    elif args.command == "recall":
+        r = recall(args.arch, args.seed, args.out, steps=args.steps)
+        print(json.dumps({k: r[k] for k in ("arch", "seed", "seconds", "accuracy")}))
+    else:
+        print(table(args.root))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""HOPE — a self-modifying Titans layer followed by a continuum memory system (NL §8).
+
+Three language models in one framework, for comparisons at equal parameter count:
+
+* ``hope``: each block is ``x → self-modifying Titans → CMS chain``. In the Titans layer the
+  query is a static projection; the keys, values, the momentum gate η and the forgetting gate α
+  are produced by *memories* — residual 2-layer MLPs ``M(z) = z + φ(z A) B`` — and so is the
+  output, read ``o_t = M_mem,t(q_t)``. All five memories learn in context, by the delta rule
+  with momentum and decay (Titans Eq 9–14, NL Eq 88–93):
+
+      S_t = η_t S_{t−1} − θ_t ∇ℓ(M_{t−1}; k_t, v̂_t),   M_t = (1 − α_t) M_{t−1} + S_t,
+      ℓ(M; k, v̂) = ½‖M(k) − v̂‖²,   v̂_□,t = M_□,t−1(v_t)   (self-generated values)
+
+  trained in parallel within chunks: every token of a chunk takes its gradient at the
+  chunk-start state (``deepmomentum.functional.deep_memory_gradients``) and the momentum and
+  decay recursions of the chunk are one parallel scan (``deepmomentum.functional.momentum_scan``).
+  The CMS chain is a stack of MLP levels; level ℓ's weights are updated every ``C^(ℓ)`` outer
+  steps (``cms_periods``; see ``train.py``).
+* ``titans``: the same memory layer without self-modification: k, v, η, α are static
+  projections of the input and only the output memory learns in context; one MLP follows.
+* ``transformer``: Transformer++ (RoPE causal attention, SwiGLU, RMSNorm).
+
+q, k — and, unlike SPEC §8, v — are ℓ2-normalized per head; a width-4 causal depthwise
+convolution follows q, k and v. Normalizing v breaks a feedback loop of self-modification: the
+values v̂ = M_□(v) feed the memory that makes v, so a growing v grew its own targets (measured in
+the tiny run: v went from 3 to 1e20 in five chunks of a line of capitals, then NaN). The Titans
+baseline normalizes v too, so self-modification is the only difference between the two.
+The baselines' MLP width is chosen so that all three have the parameter count of the HOPE
+model of the same config (:func:`build`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepmomentum import functional as rules
+
+ARCHITECTURES = ("hope", "titans", "transformer")
+K, V, ETA, ALPHA, MEM = range(5)  # the self-modifying layer's memories, in this order
+
+
+@dataclass
+class HopeConfig:
+    arch: str = "hope"
+    vocab_size: int = 256  # bytes: Shakespeare and Python source share one vocabulary
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    memory_expansion: int = 2  # hidden width of each in-context memory = this × head dim
+    memory_activation: str = "silu"
+    chunk_size: int = 16  # tokens per parallel in-context update
+    inner_lr_scale: Optional[float] = None  # bound s on θ_t/(1 − η_t); None: 1/chunk_size
+    conv_width: int = 4
+    cms_periods: tuple[int, ...] = (1, 4, 16)  # HOPE: one MLP level per update period
+    cms_hidden: int = 128  # hidden width of each CMS level
+    mlp_hidden: Optional[int] = None  # baselines' MLP; None: matched to HOPE's parameter count
+    sequential: bool = False  # token-by-token in-context updates (the reference; slow)
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"Invalid arch: {self.arch!r}; arch must be one of {ARCHITECTURES}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"d_model ({self.d_model}) must be n_heads ({self.n_heads}) times "
+                             "an even head dimension")
+        for name in ("chunk_size", "conv_width", "n_layers", "memory_expansion", "cms_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)}; must be ≥ 1")
+        if not self.cms_periods or any(int(p) != p or p < 1 for p in self.cms_periods):
+            raise ValueError(f"Invalid cms_periods: {self.cms_periods}; a non-empty tuple of "
+                             "integers ≥ 1")
+        self.cms_periods = tuple(int(p) for p in self.cms_periods)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- pieces -----------------------------------------------------------------------------------
+
+def heads(x: Tensor, n: int) -> Tensor:
+    """(B, T, d) → (B, n, T, d/n)."""
+    return x.unflatten(-1, (n, -1)).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, n, T, e) → (B, T, n·e)."""
+    return x.transpose(1, 2).flatten(-2)
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal convolution over time on (B, H, T, e), identity at initialization.
+
+    ``forward(x, tail)`` takes the last ``width − 1`` inputs before ``x`` (zeros at the start),
+    so a sequence may be fed chunk by chunk; it returns the output and the new tail."""
+
+    def __init__(self, n_heads: int, head_dim: int, width: int):
+        super().__init__()
+        weight = torch.zeros(n_heads, 1, head_dim, width)
+        weight[..., -1] = 1.0
+        self.weight = nn.Parameter(weight)
+        self.width = width
+
+    def forward(self, x: Tensor, tail: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        if tail is None:
+            tail = x.new_zeros(*x.shape[:2], self.width - 1, x.shape[-1])
+        padded = torch.cat([tail, x], dim=2)
+        T = x.shape[2]
+        y = sum(padded[:, :, w:w + T] * self.weight[..., w] for w in range(self.width))
+        return y, padded[:, :, padded.shape[2] - (self.width - 1):]
+
+
+class InContextMemories(nn.Module):
+    """``m`` residual MLP memories ``M(z) = z + φ(z A) B`` per head, learned in context.
+
+    ``A0`` (m, H, e, h) and ``B0`` (m, H, h, e) are the memories' initial state, learned by the
+    outer optimizer; in context each sequence gets its own copy, updated by :meth:`learn`."""
+
+    def __init__(self, m: int, n_heads: int, head_dim: int, hidden: int, activation: str):
+        super().__init__()
+        self.A0 = nn.Parameter(torch.randn(m, n_heads, head_dim, hidden) / math.sqrt(head_dim))
+        self.B0 = nn.Parameter(torch.randn(m, n_heads, hidden, head_dim) * 0.02)
+        self.activation = activation
+
+    def phi(self, z: Tensor) -> Tensor:
+        return rules._activation(self.activation, z)[0]
+
+    def read(self, z: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """``M(z)`` with one state for all tokens: z (…, T, e), A (…, e, h), B (…, h, e)."""
+        return z + self.phi(z @ A) @ B
+
+    def read_per_token(self, z: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """``M_t(z_t)`` with a state per token: z (…, T, e), A (…, T, e, h), B (…, T, h, e)."""
+        hidden = self.phi(torch.einsum("...te,...teh->...th", z, A))
+        return z + torch.einsum("...th,...the->...te", hidden, B)
+
+    def learn(self, state: tuple[Tensor, ...], keys: Tensor, values: Tensor, eta: Tensor,
+              theta: Tensor, alpha: Tensor, queries: Tensor, sequential: bool = False):
+        """One chunk of in-context learning from ``state = (A, B, S_A, S_B)`` (each (m, …)),
+        and the read of the last memory at every token's updated state, ``M_t(q_t)``.
+
+        keys (…, C, e) are shared by the memories, values are (m, …, C, e), the gates (…, C),
+        queries (…, C, e). Every gradient is taken at the chunk-start state. Returns the reads
+        (…, C, e) and the chunk-end state. The parallel form never materializes a per-token
+        state: each gradient is an outer product ``xᵀδ`` (``deep_memory_gradient_factors``), so
+        with the scan's coefficients ``a, c, G`` (``scan_coefficients``)
+
+            z_t W_t = a_t z_t W_0 + c_t z_t S_0 − Σ_j G_tj (z_t·x_j) δ_j,
+
+        an attention-like product. ``sequential`` materializes every per-token gradient and
+        state and steps through the tokens one by one: the reference the parallel form is
+        tested against."""
+        A, B, SA, SB = state
+        X = keys.expand(A.shape[0], *keys.shape)
+        if sequential:
+            return self._learn_sequential(state, X, values, (eta, theta, alpha), queries)
+        # ½‖M(k) − v̂‖² is ½‖φ(kA)B − y‖² with y = v̂ − k: the factors of every token's gradient
+        hidden, dZ, D = rules.deep_memory_gradient_factors(X, values - X, A, B, objective="l2",
+                                                           activation=self.activation)
+        c = rules.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
+
+        def end_of_chunk(W0, S0, x, delta):
+            last_row = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731
+            S = c.momentum_from_start[..., -1, None, None] * S0 \
+                - x.mT @ (last_row(c.momentum_from_grads) * delta)
+            W = c.param_from_start[..., -1, None, None] * W0 \
+                + c.param_from_momentum[..., -1, None, None] * S0 \
+                - x.mT @ (last_row(c.param_from_grads) * delta)
+            return W, S
+
+        def read_through(z, W0, S0, x, delta, n):  # z_t W_t of memory n, for every token t
+            return c.param_from_start[..., None] * (z @ W0[n]) \
+                + c.param_from_momentum[..., None] * (z @ S0[n]) \
+                - (c.param_from_grads * (z @ x[n].mT)) @ delta[n]
+
+        hidden_q = self.phi(read_through(queries, A, SA, X, dZ, -1))
+        reads = queries + read_through(hidden_q, B, SB, hidden, D, -1)
+        (A, SA), (B, SB) = end_of_chunk(A, SA, X, dZ), end_of_chunk(B, SB, hidden, D)
+        return reads, (A, B, SA, SB)
+
+    def _learn_sequential(self, state, X, values, gates, queries):
+        A, B, SA, SB = state
+        C = X.shape[-2]
+        At = A.unsqueeze(-3).expand(*A.shape[:-2], C, *A.shape[-2:])
+        Bt = B.unsqueeze(-3).expand(*B.shape[:-2], C, *B.shape[-2:])
+        e, h = A.shape[-2:]
+        gA, gB = rules.deep_memory_gradients(  # one row per token: its own gradient
+            X.reshape(-1, 1, e), (values - X).reshape(-1, 1, e), At.reshape(-1, e, h),
+            Bt.reshape(-1, h, e), objective="l2", activation=self.activation)
+        SA_t, A_t = _sequential_scan(gA.view(*At.shape), *gates, SA, A)
+        SB_t, B_t = _sequential_scan(gB.view(*Bt.shape), *gates, SB, B)
+        reads = self.read_per_token(queries, A_t[-1], B_t[-1])
+        return reads, tuple(t.select(-3, -1) for t in (A_t, B_t, SA_t, SB_t))
+
+
+def _sequential_scan(g, eta, theta, alpha, S, W):
+    """``S_t = η_t S_{t−1} − θ_t g_t``, ``W_t = (1 − α_t) W_{t−1} + S_t``, one step at a time."""
+    Ss, Ws = [], []
+    for t in range(g.shape[-3]):
+        gate = lambda x: x[..., t, None, None]  # noqa: E731 — broadcast over the weight dims
+        S = gate(eta) * S - gate(theta) * g[..., t, :, :]
+        W = (1 - gate(alpha)) * W + S
+        Ss.append(S)
+        Ws.append(W)
+    return torch.stack(Ss, dim=-3), torch.stack(Ws, dim=-3)
+
+
+class TitansLayer(nn.Module):
+    """The memory layer; ``self_modifying`` makes it HOPE's (k, v, η, α from memories)."""
+
+    def __init__(self, config: HopeConfig, self_modifying: bool):
+        super().__init__()
+        d, H = config.d_model, config.n_heads
+        e = d // H
+        self.config, self.self_modifying, self.n_heads = config, self_modifying, H
+        self.q = nn.Linear(d, d, bias=False)
+        # The inner learning rate is a static projection in both, θ_t = s (1 − η_t) σ(x w_θ):
+        # the momentum's steady-state step θ/(1 − η) is then ≤ s on unit keys. A chunk's C
+        # gradients are all taken at its start and add up, so s = 1/C (``inner_lr_scale``)
+        # keeps their sum within the delta rule's stable range (< 2); free θ and η diverge
+        # within a few chunks of repetitive text.
+        self.theta = nn.Linear(d, H)
+        self.conv_q, self.conv_k, self.conv_v = (CausalConv(H, e, config.conv_width)
+                                                 for _ in range(3))
+        self.memories = InContextMemories(5 if self_modifying else 1, H, e,
+                                          config.memory_expansion * e, config.memory_activation)
+        if self_modifying:  # η and α are read out of their memories' outputs
+            self.gate_readout = nn.Parameter(torch.zeros(2, H, e))
+            self.gate_bias = nn.Parameter(torch.tensor([2.0, -4.0])[:, None].repeat(1, H))
+        else:
+            self.k, self.v = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+            self.gates = nn.Linear(d, 2 * H)
+            with torch.no_grad():
+                self.gates.weight.zero_()
+                self.gates.bias.copy_(torch.tensor([2.0, -4.0]).repeat_interleave(H))
+        self.out = nn.Linear(d, d, bias=False)
+        self.inner_lr_scale = config.inner_lr_scale or 1.0 / config.chunk_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        Bsz, T, _ = x.shape
+        H, C = self.n_heads, self.config.chunk_size
+        q = l2_normalize(self.conv_q(heads(self.q(x), H))[0])
+        theta = torch.sigmoid(self.theta(x)).transpose(1, 2)  # (B, H, T), before × (1 − η)
+        xh = l2_normalize(heads(x, H))  # memories read unit inputs, the scale they learn at
+        if not self.self_modifying:
+            k = l2_normalize(self.conv_k(heads(self.k(x), H))[0])
+            v = l2_normalize(self.conv_v(heads(self.v(x), H))[0])
+            eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).unflatten(1, (2, H))\
+                .unbind(1)
+        mem = self.memories
+        m = mem.A0.shape[0]
+        batch = lambda p: p.unsqueeze(1).expand(m, Bsz, *p.shape[1:])  # noqa: E731
+        zeros = lambda p: torch.zeros_like(batch(p))  # noqa: E731
+        state = (batch(mem.A0), batch(mem.B0), zeros(mem.A0), zeros(mem.B0))
+        tails = (None, None)
+        outputs = []
+        for start in range(0, T, C):
+            part = slice(start, min(start + C, T))
+            A, B = state[0], state[1]
+            if self.self_modifying:  # k, v, η, α are read from memories at the chunk start
+                z = mem.read(xh[:, :, part], A[:MEM], B[:MEM])  # (4, B, H, C, e)
+                k_c, tail_k = self.conv_k(z[K], tails[0])
+                v_c, tail_v = self.conv_v(z[V], tails[1])
+                tails = (tail_k, tail_v)
+                k_c, v_c = l2_normalize(k_c), l2_normalize(v_c)
+                gate = (z[ETA:MEM] * self.gate_readout[:, None, :, None]).sum(-1) \
+                    + self.gate_bias[:, None, :, None]
+                eta_c, alpha_c = torch.sigmoid(gate).unbind(0)
+                values = mem.read(v_c.expand(m, *v_c.shape), A, B)  # v̂_□ = M_□(v)
+            else:
+                k_c, v_c = k[:, :, part], v[:, :, part]
+                eta_c, alpha_c = eta[..., part], alpha[..., part]
+                values = v_c.unsqueeze(0)
+            theta_c = self.inner_lr_scale * (1 - eta_c) * theta[..., part]
+            read, state = mem.learn(state, k_c, values, eta_c, theta_c, alpha_c,
+                                    q[:, :, part], sequential=self.config.sequential)
+            outputs.append(read)
+        return self.out(merge_heads(torch.cat(outputs, dim=2)))
+
+
+def rotary(x: Tensor) -> Tensor:
+    """RoPE on (B, H, T, e), base 10000, rotating the two halves of each head."""
+    T, e = x.shape[-2], x.shape[-1]
+    freqs = 10000.0 ** (-torch.arange(0, e, 2, device=x.device, dtype=torch.float64) / e)
+    angles = torch.arange(T, device=x.device, dtype=torch.float64)[:, None] * freqs
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : e // 2], x[..., e // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: HopeConfig):
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = (heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(rotary(q), rotary(k), v, is_causal=True)
+        return self.out(merge_heads(y))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: a sequence mixer, then one MLP (baselines) or the CMS chain."""
+
+    def __init__(self, config: HopeConfig):
+        super().__init__()
+        d = config.d_model
+        self.norm = nn.RMSNorm(d)
+        if config.arch == "transformer":
+            self.mixer = Attention(config)
+        else:
+            self.mixer = TitansLayer(config, self_modifying=config.arch == "hope")
+        if config.arch == "hope":
+            self.cms = nn.ModuleList(SwiGLU(d, config.cms_hidden) for _ in config.cms_periods)
+        else:
+            self.cms = nn.ModuleList([SwiGLU(d, config.mlp_hidden)])
+        self.cms_norms = nn.ModuleList(nn.RMSNorm(d) for _ in self.cms)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.mixer(self.norm(x))
+        for norm, level in zip(self.cms_norms, self.cms):
+            x = x + level(norm(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: HopeConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def forward(self, idx: Tensor) -> Tensor:  # (B, T) → logits (B, T, vocab)
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def cms_levels(self) -> list[list[nn.Parameter]]:
+        """Level ℓ's parameters across blocks, for the HOPE CMS periods (one level otherwise)."""
+        return [[p for block in self.blocks for p in block.cms[level].parameters()]
+                for level in range(len(self.blocks[0].cms))]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_mlp_hidden(config: HopeConfig) -> int:
+    """The baseline MLP width that gives ``config.arch`` the HOPE model's parameter count."""
+    target = count_parameters(LanguageModel(replace(config, arch="hope", mlp_hidden=None)))
+    sizes = [count_parameters(LanguageModel(replace(config, mlp_hidden=h))) for h in (1, 2)]
+    return max(1, round(1 + (target - sizes[0]) / (sizes[1] - sizes[0])))
+
+
+def build(config: HopeConfig) -> LanguageModel:
+    """The model of ``config``; a baseline's unset ``mlp_hidden`` is matched to HOPE's size."""
+    if config.arch != "hope" and config.mlp_hidden is None:
+        config = replace(config, mlp_hidden=matched_mlp_hidden(config))
+    return LanguageModel(config)

@@ -1,0 +1,308 @@
+"""Train HOPE or a baseline as a byte-level LM on Shakespeare, with a deepmomentum optimizer.
+
+    python -m examples.hope.train --arch hope --size tiny --seed 0 --out runs/hope-0
+    python -m examples.hope.train --arch transformer --optim torch.AdamW --lr 3e-3 ...
+    python -m examples.hope.train --out runs/hope-0 --resume      # continue from its checkpoint
+
+The outer optimizer is any deepmomentum or ``torch.optim`` class, by name (``Muon``/``M3``
+get deepmomentum's matrix/AdamW split). HOPE's CMS levels are param groups with
+``update_period = C^(ℓ)`` (mean-accumulated); a ``torch.optim`` class gets the schedule from
+``deepmomentum.MultiFrequency``. Every ``--ckpt-every`` steps and at the end, ``OUT/checkpoint.pt``
+holds the model, optimizer, scheduler and data-sampler state, so a resumed run follows the same
+trajectory; ``OUT/metrics.json`` holds the config, the loss curve, validation bits per byte
+(= bits per char: the texts are ASCII) and the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+import deepmomentum as dm
+from examples.hope.model import ARCHITECTURES, HopeConfig, LanguageModel, build, \
+    count_parameters
+
+# Sizes: the tiny one trains on 2 CPU cores in ≤ 10 minutes (HOPE, the slowest of the three).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(model=dict(d_model=64, n_layers=2, n_heads=4, chunk_size=16,
+                            cms_periods=(1, 4, 16), cms_hidden=128),
+                 batch=16, seq_len=128, steps=800, lr=3e-3, warmup=50, eval_every=200,
+                 eval_windows=128),
+    "gpu": dict(model=dict(d_model=384, n_layers=6, n_heads=6, chunk_size=64,
+                           cms_periods=(1, 8, 64), cms_hidden=768),
+                batch=64, seq_len=512, steps=5000, lr=2e-3, warmup=200, eval_every=500,
+                eval_windows=512),
+    "micro": dict(model=dict(d_model=16, n_layers=1, n_heads=2, chunk_size=4,  # for the tests
+                             cms_periods=(1, 2), cms_hidden=8),
+                  batch=2, seq_len=16, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_windows=4),
+}
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def byte_tokens(name: str = "shakespeare") -> tuple[str, torch.Tensor]:
+    """(corpus used, its bytes as int64 tokens), from the benchmarks' checksummed loader."""
+    from benchmarks.data import load_corpus
+
+    used, data = load_corpus(name)
+    return used, torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def split(tokens: torch.Tensor, fraction: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    cut = int(fraction * len(tokens))
+    return tokens[:cut], tokens[cut:]
+
+
+def windows(tokens: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    return tokens[starts[:, None] + torch.arange(length + 1)]
+
+
+def validation_windows(tokens: torch.Tensor, count: int, length: int) -> torch.Tensor:
+    """Evenly spaced windows over the held-out text: the same for every model and seed."""
+    starts = torch.linspace(0, len(tokens) - length - 2, count).long()
+    return windows(tokens, starts, length)
+
+
+@torch.no_grad()
+def bits_per_byte(model: LanguageModel, batches: torch.Tensor, batch_size: int = 16) -> float:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for chunk in batches.split(batch_size):
+        chunk = chunk.to(device)
+        logits = model(chunk[:, :-1])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(),
+                                 reduction="sum").item()
+        count += chunk[:, 1:].numel()
+    model.train(was_training)
+    return total / count / math.log(2)
+
+
+# --- optimizer --------------------------------------------------------------------------------
+
+def optimizer_class(name: str) -> type:
+    """``torch.AdamW`` / ``torch.optim.AdamW`` → torch's; ``AdamW`` → deepmomentum's if it has
+    one, else torch's; ``dm.X`` → deepmomentum's."""
+    for prefix, modules in (("torch.optim.", (torch.optim,)), ("torch.", (torch.optim,)),
+                            ("dm.", (dm,)), ("deepmomentum.", (dm,)), ("", (dm, torch.optim))):
+        if name.startswith(prefix):
+            for module in modules:
+                cls = getattr(module, name[len(prefix):], None)
+                if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+                    return cls
+            break
+    raise ValueError(f"Invalid optim: {name!r}; name a deepmomentum or torch.optim optimizer "
+                     "class, e.g. PreconditionedMomentum, DeltaMomentum, torch.AdamW")
+
+
+def param_groups(model: LanguageModel, cms_periods: tuple[int, ...], matrix_split: bool,
+                 ) -> list[dict[str, Any]]:
+    """Everything but the CMS levels at period 1; HOPE's level ℓ at ``cms_periods[ℓ]``."""
+    levels = model.cms_levels() if model.config.arch == "hope" else []
+    in_levels = {id(p) for level in levels for p in level}
+    named = dict(model.named_parameters())
+    names = {id(p): n for n, p in named.items()}
+    rest = [p for p in model.parameters() if id(p) not in in_levels]
+    schedule = [(rest, 1)] + list(zip(levels, cms_periods))
+    groups = []
+    for params, period in schedule:
+        if matrix_split:  # Muon-type: matrices to the NS group, the rest to its AdamW part
+            parts = [([p for p in params if p.ndim >= 2 and "embed" not in names[id(p)]
+                       and "head" not in names[id(p)]], True),
+                     ([p for p in params if p.ndim < 2 or "embed" in names[id(p)]
+                       or "head" in names[id(p)]], False)]
+        else:
+            parts = [(params, None)]
+        for part, use_muon in parts:
+            if part:
+                group = {"params": [(names[id(p)], p) for p in part], "update_period": period,
+                         "accumulate": "mean"}
+                if use_muon is not None:
+                    group["use_muon"] = use_muon
+                groups.append(group)
+    return groups
+
+
+def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: float
+                   ) -> torch.optim.Optimizer:
+    cls = optimizer_class(name)
+    matrix_split = cls in (dm.Muon, dm.M3)
+    groups = param_groups(model, model.config.cms_periods, matrix_split)
+    if issubclass(cls, dm.MemoryOptimizer):
+        return cls(groups, lr=lr, weight_decay=weight_decay)
+    plain = [{k: v for k, v in g.items()} for g in groups]
+    for g in plain:  # torch.optim takes the names only as a list of pairs of its own
+        g["params"] = [p for _, p in g["params"]]
+    return dm.MultiFrequency(cls(plain, lr=lr, weight_decay=weight_decay))
+
+
+def schedule(warmup: int, steps: int):
+    """Linear warm-up, then cosine decay to 10%."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def environment(device: torch.device) -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        sha = ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {"torch": torch.__version__, "device": name, "git": sha, "python": platform.python_version()}
+
+
+class Progress:
+    """A one-line progress bar on stderr (a plain log line per update when not a terminal)."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, text: str, every: int = 50) -> None:
+        if not self.enabled or (not self.tty and step % every and step != self.total):
+            return
+        done = step / self.total
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+        line = f"[{bar}] {step}/{self.total} {text} {elapsed:5.0f}s eta {eta:4.0f}s"
+        print("\r" + line if self.tty else line, end="" if self.tty else "\n", file=sys.stderr,
+              flush=True)
+        if self.tty and step == self.total:
+            print(file=sys.stderr)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="hope")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--optim", default="PreconditionedMomentum")
+    parser.add_argument("--lr", type=float, default=None, help="default: the size's")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--steps", type=int, default=None, help="default: the size's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "stdlib"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop (with a checkpoint) after this many steps of this call")
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    size = SIZES[args.size]
+    steps = args.steps or size["steps"]
+    lr = args.lr or size["lr"]
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+
+    torch.manual_seed(args.seed)
+    config = HopeConfig(arch=args.arch, **size["model"])
+    model = build(config).to(device)
+    config = model.config
+    optimizer = make_optimizer(model, args.optim, lr, args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(size["warmup"], steps))
+    sampler = torch.Generator().manual_seed(args.seed)
+    corpus, tokens = byte_tokens(args.corpus)
+    train_tokens, val_tokens = split(tokens)
+    val = validation_windows(val_tokens, size["eval_windows"], size["seq_len"])
+    metrics: dict[str, Any] = {
+        "arch": args.arch, "size": args.size, "optim": args.optim, "lr": lr,
+        "weight_decay": args.weight_decay, "seed": args.seed, "steps": steps,
+        "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
+        "parameters": count_parameters(model), "corpus": corpus,
+        "environment": environment(device), "train_loss": [], "val": [], "seconds": 0.0}
+    step = 0
+    if args.resume and os.path.exists(checkpoint_path):
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        sampler.set_state(saved["sampler"])
+        torch.set_rng_state(saved["torch_rng"])
+        metrics, step = saved["metrics"], saved["step"]
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(),
+                    "torch_rng": torch.get_rng_state(), "metrics": metrics, "step": step,
+                    "config": config.to_dict()}, checkpoint_path + ".tmp")
+        os.replace(checkpoint_path + ".tmp", checkpoint_path)  # never a torn checkpoint
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+
+    stop = steps if args.stop_after is None else min(steps, step + args.stop_after)
+    progress = Progress(steps, step, enabled=not args.quiet)
+    model.train()
+    t0 = time.perf_counter() - metrics["seconds"]
+    while step < stop:
+        starts = torch.randint(len(train_tokens) - size["seq_len"] - 1, (size["batch"],),
+                               generator=sampler)
+        batch = windows(train_tokens, starts, size["seq_len"]).to(device)
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        metrics["train_loss"].append(round(loss.item(), 5))
+        text = f"loss {loss.item():.3f}"
+        if step % size["eval_every"] == 0 or step == steps:
+            metrics["val"].append({"step": step, "bits_per_byte": bits_per_byte(model, val)})
+            text += f" val {metrics['val'][-1]['bits_per_byte']:.3f} bpb"
+        metrics["seconds"] = time.perf_counter() - t0
+        progress.update(step, text)
+        if step % args.ckpt_every == 0 or step == stop:
+            if step == steps:
+                metrics["final_val_bits_per_byte"] = metrics["val"][-1]["bits_per_byte"]
+                metrics["tokens"] = steps * size["batch"] * size["seq_len"]
+            save()
+    return metrics
+
+
+def load(run_dir: str, device: str = "cpu") -> LanguageModel:
+    """The trained model of a run directory."""
+    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location=device,
+                       weights_only=False)
+    model = LanguageModel(HopeConfig(**saved["config"])).to(device)
+    model.load_state_dict(saved["model"])
+    return model
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    metrics = train(parse_args(argv))
+    print(json.dumps({k: metrics.get(k) for k in ("arch", "parameters", "tokens", "seconds",
+                                                  "final_val_bits_per_byte")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""The HOPE example (examples/hope): its in-context memory rule, the model, training, evaluation.
+
+The acceptance properties of the example: the chunked (parallel) memory update equals the
+token-by-token loop; with chunk size 1 the memory follows the delta-rule recursion exactly;
+a CMS level of period C changes only every C steps; the model overfits a tiny batch; no output
+depends on a later token. Plus the scan rule the memories share with the optimizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+import deepmomentum as dm
+from deepmomentum import functional as rules
+from examples.hope import evaluate, train
+from examples.hope.model import ARCHITECTURES, HopeConfig, InContextMemories, build, \
+    count_parameters
+
+TINY = dict(d_model=16, n_heads=2, n_layers=1, memory_expansion=2, cms_hidden=8,
+            cms_periods=(1, 2))
+
+
+def _gates(shape, generator, dtype=torch.float64):
+    eta = torch.rand(shape, generator=generator, dtype=dtype)
+    theta = torch.rand(shape, generator=generator, dtype=dtype)
+    alpha = 0.5 * torch.rand(shape, generator=generator, dtype=dtype)
+    return eta, theta, alpha
+
+
+# --- the scan rule ----------------------------------------------------------------------------
+
+@given(batch=st.lists(st.integers(1, 3), max_size=2), steps=st.integers(1, 9),
+       event=st.lists(st.integers(1, 4), min_size=1, max_size=2), seed=st.integers(0, 2**16),
+       zero_gate=st.booleans())
+def test_momentum_scan_equals_step_by_step_recursion(batch, steps, event, seed, zero_gate):
+    g = torch.Generator().manual_seed(seed)
+    grads = torch.randn(*batch, steps, *event, generator=g, dtype=torch.float64)
+    eta, theta, alpha = _gates((*batch, steps), g)
+    if zero_gate:  # η = 0 and α = 1 somewhere: exact zeros in the products, no NaN
+        eta[..., steps // 2] = 0.0
+        alpha[..., -1] = 1.0
+    S0 = torch.randn(*batch, *event, generator=g, dtype=torch.float64)
+    W0 = torch.randn(*batch, *event, generator=g, dtype=torch.float64)
+    S, W = rules.momentum_scan(grads, eta, theta, alpha, S0, W0)
+    expand = lambda x: x.reshape(*x.shape, *([1] * len(event)))  # noqa: E731
+    at = lambda x, t: x.select(len(batch), t)  # noqa: E731 — step t of a (*batch, C, *event)
+    s, w = S0, W0
+    for t in range(steps):
+        s = expand(eta[..., t]) * s - expand(theta[..., t]) * at(grads, t)
+        w = (1 - expand(alpha[..., t])) * w + s
+        torch.testing.assert_close(at(S, t), s, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(at(W, t), w, rtol=1e-12, atol=1e-12)
+
+
+@given(momentum=st.floats(0.0, 0.99), lr=st.floats(1e-3, 1.0), steps=st.integers(1, 12),
+       shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_momentum_scan_reduces_to_torch_sgd(momentum, lr, steps, shape, seed):
+    """Constant η, θ and α = 0: ``W_t`` is torch's SGD with momentum η (dampening 0), lr θ."""
+    g = torch.Generator().manual_seed(seed)
+    grads = torch.randn(steps, *shape, generator=g, dtype=torch.float64)
+    W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    full = lambda v: torch.full((steps,), v, dtype=torch.float64)  # noqa: E731
+    _, W = rules.momentum_scan(grads, full(momentum), full(lr), full(0.0),
+                               torch.zeros_like(W0), W0)
+    p = W0.clone().requires_grad_(True)
+    sgd = torch.optim.SGD([p], lr=lr, momentum=momentum, foreach=False)
+    for t in range(steps):
+        p.grad = grads[t].clone()
+        sgd.step()
+        torch.testing.assert_close(W[t], p.detach(), rtol=1e-11, atol=1e-12)
+
+
+def test_momentum_scan_rejects_mismatched_gates():
+    with pytest.raises(ValueError, match="gates' shape"):
+        rules.momentum_scan(torch.zeros(3, 4), torch.ones(2), torch.ones(2), torch.zeros(2),
+                            torch.zeros(4), torch.zeros(4))
+
+
+@given(rows=st.integers(1, 5), c=st.integers(1, 4), h=st.integers(1, 4),
+       activation=st.sampled_from(rules.DMGD_ACTIVATIONS), objective=st.sampled_from(["dot", "l2"]),
+       seed=st.integers(0, 2**16))
+def test_gradient_factors_are_each_rows_autograd_gradient(rows, c, h, activation, objective, seed):
+    g = torch.Generator().manual_seed(seed)
+    X, V = (torch.randn(rows, c, generator=g, dtype=torch.float64) for _ in range(2))
+    A = torch.randn(c, h, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(h, c, generator=g, dtype=torch.float64, requires_grad=True)
+    hidden, dZ, D = rules.deep_memory_gradient_factors(X, V, A.detach(), B.detach(),
+                                                       objective=objective, activation=activation)
+    for i in range(rows):
+        F_i = rules._activation(activation, X[i] @ A)[0] @ B
+        loss = -(F_i * V[i]).sum() if objective == "dot" else 0.5 * ((F_i - V[i]) ** 2).sum()
+        gA, gB = torch.autograd.grad(loss, (A, B))
+        torch.testing.assert_close(torch.outer(X[i], dZ[i]), gA, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.outer(hidden[i], D[i]), gB, rtol=1e-10, atol=1e-12)
+
+
+# --- the in-context memory --------------------------------------------------------------------
+
+@given(T=st.integers(1, 12), heads=st.integers(1, 2), e=st.sampled_from([2, 4]),
+       m=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_chunk_size_one_follows_the_delta_rule_recursion(T, heads, e, m, seed):
+    """Token by token, from an autograd gradient of ½‖M_{t−1}(k_t) − v_t‖²:
+    S_t = η_t S_{t−1} − θ_t ∇, M_t = (1 − α_t) M_{t−1} + S_t, and the read is M_t(q_t)."""
+    torch.manual_seed(seed)
+    memories = InContextMemories(m, heads, e, 3, "silu").double()
+    g = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(2, heads, T, e, generator=g, dtype=torch.float64), dim=-1)
+    values = torch.randn(m, 2, heads, T, e, generator=g, dtype=torch.float64)
+    queries = torch.randn(2, heads, T, e, generator=g, dtype=torch.float64)
+    eta, theta, alpha = _gates((2, heads, T), g)
+    batch = lambda p: p.detach().unsqueeze(1).expand(m, 2, *p.shape[1:]).clone()  # noqa: E731
+    state = (batch(memories.A0), batch(memories.B0), torch.zeros_like(batch(memories.A0)),
+             torch.zeros_like(batch(memories.B0)))
+    A, B, SA, SB = (t.clone() for t in state)
+    for t in range(T):
+        step = slice(t, t + 1)
+        read, state = memories.learn(state, keys[..., step, :], values[..., step, :],
+                                     eta[..., step], theta[..., step], alpha[..., step],
+                                     queries[..., step, :])
+        A_, B_ = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+        k = keys[..., t, None, :]
+        M_k = k + memories.phi(k @ A_) @ B_
+        loss = 0.5 * ((M_k - values[..., t, None, :]) ** 2).sum()
+        gA, gB = torch.autograd.grad(loss, (A_, B_))
+        gate = lambda x: x[..., t, None, None]  # noqa: E731
+        SA, SB = gate(eta) * SA - gate(theta) * gA, gate(eta) * SB - gate(theta) * gB
+        A, B = (1 - gate(alpha)) * A + SA, (1 - gate(alpha)) * B + SB
+        q = queries[..., t, None, :]
+        expected = q + memories.phi(q @ A[-1]) @ B[-1]
+        torch.testing.assert_close(read, expected, rtol=1e-10, atol=1e-12)
+        for got, want in zip(state, (A, B, SA, SB)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=10)
+@given(arch=st.sampled_from(["hope", "titans"]), T=st.integers(1, 13), chunk=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, seed):
+    """The parallel chunk form (factored gradients, scan coefficients) and the reference that
+    materializes every per-token gradient and state and loops over tokens: same logits and
+    same outer gradients, in float64."""
+    torch.manual_seed(seed)
+    config = HopeConfig(arch=arch, chunk_size=chunk, **TINY)
+    model = build(config).double()
+    reference = build(replace(model.config, sequential=True)).double()
+    reference.load_state_dict(model.state_dict())
+    idx = torch.randint(256, (2, T), generator=torch.Generator().manual_seed(seed))
+    out, ref = model(idx), reference(idx)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_causal_no_output_depends_on_a_later_token(arch):
+    torch.manual_seed(0)
+    model = build(HopeConfig(arch=arch, chunk_size=4, **TINY)).double()
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(256, (2, 19), generator=g)
+    base = model(idx)
+    for position in (0, 3, 4, 9, 18):
+        changed = idx.clone()
+        changed[:, position] = (changed[:, position] + 1 + torch.randint(254, (2,), generator=g)) % 256
+        out = model(changed)
+        torch.testing.assert_close(out[:, :position], base[:, :position], rtol=0, atol=1e-12)
+        assert (out[:, position] - base[:, position]).abs().max() > 1e-6  # the test can fail
+
+
+def test_models_have_equal_parameter_counts():
+    counts = {arch: count_parameters(build(HopeConfig(arch=arch))) for arch in ARCHITECTURES}
+    assert max(counts.values()) / min(counts.values()) < 1.005, counts
+    tiny = {arch: count_parameters(build(HopeConfig(arch=arch, **TINY))) for arch in ARCHITECTURES}
+    assert max(tiny.values()) / min(tiny.values()) < 1.03, tiny
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(arch="mamba"), "arch"), (dict(chunk_size=0), "chunk_size"),
+    (dict(cms_periods=()), "cms_periods"), (dict(cms_periods=(1, 0)), "cms_periods"),
+    (dict(d_model=30, n_heads=4), "d_model")])
+def test_config_rejects_bad_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        HopeConfig(**kwargs)
+
+
+def test_hope_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = build(HopeConfig(arch="hope", chunk_size=8, **TINY))
+    idx = torch.randint(256, (2, 33), generator=torch.Generator().manual_seed(0))
+    optimizer = dm.PreconditionedMomentum(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(150):
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 5.0 and losses[-1] < 0.1, (losses[0], losses[-1])
+
+
+# --- training: CMS schedule, optimizers by name, checkpoints ---------------------------------
+
+@pytest.mark.parametrize("optim", ["PreconditionedMomentum", "torch.AdamW", "Muon"])
+def test_cms_level_changes_only_every_period_steps(optim):
+    torch.manual_seed(0)
+    model = build(HopeConfig(arch="hope", chunk_size=4, **{**TINY, "cms_periods": (1, 2, 3)}))
+    optimizer = train.make_optimizer(model, optim, 1e-2, 0.0)
+    levels = model.cms_levels()
+    changed_at = [[] for _ in levels]
+    idx = torch.randint(256, (2, 9), generator=torch.Generator().manual_seed(0))
+    for step in range(1, 13):
+        before = [[p.detach().clone() for p in level] for level in levels]
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for i, level in enumerate(levels):
+            if any(not torch.equal(a, p) for a, p in zip(before[i], level)):
+                changed_at[i].append(step)
+    assert changed_at == [list(range(1, 13)), [2, 4, 6, 8, 10, 12], [3, 6, 9, 12]]
+
+
+def test_optimizer_by_name():
+    assert train.optimizer_class("DeltaMomentum") is dm.DeltaMomentum
+    assert train.optimizer_class("torch.AdamW") is torch.optim.AdamW
+    assert train.optimizer_class("torch.optim.SGD") is torch.optim.SGD
+    assert train.optimizer_class("Adam") is torch.optim.Adam  # not in deepmomentum: torch's
+    with pytest.raises(ValueError, match="optim"):
+        train.optimizer_class("Adamm")
+
+
+def _args(tmp_path, *extra):
+    return train.parse_args(["--arch", "hope", "--size", "micro", "--corpus", "stdlib",
+                             "--out", str(tmp_path), "--quiet", "--device", "cpu", *extra])
+
+
+def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path):
+    straight = train.train(_args(tmp_path / "straight", "--steps", "6"))
+    assert len(straight["train_loss"]) == 6 and math.isfinite(straight["final_val_bits_per_byte"])
+    saved = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert saved["parameters"] == straight["parameters"] and saved["config"]["arch"] == "hope"
+    # The same run, stopped after 3 steps (with its checkpoint), then resumed to the end.
+    first = train.train(_args(tmp_path / "cut", "--steps", "6", "--ckpt-every", "3",
+                              "--stop-after", "3"))
+    assert len(first["train_loss"]) == 3
+    resumed = train.train(_args(tmp_path / "cut", "--steps", "6", "--resume"))
+    assert resumed["train_loss"] == straight["train_loss"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+def test_mqar_layout():
+    tokens, mask = evaluate.mqar(3, 40, pairs=4, generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (3, 41) and mask.shape == (3, 40) and mask.sum() == 12
+    for row, m in zip(tokens, mask):
+        pairs = dict(zip(row[:8:2].tolist(), row[1:8:2].tolist()))
+        asked, answers = row[:-1][m].tolist(), row[1:][m].tolist()
+        assert sorted(asked) == sorted(pairs) and [pairs[k] for k in asked] == answers
+        assert ((row[8:33] >= 128) & (row[8:33] < 192)).all()  # filler between
+
+
+def test_test_time_learning_updates_only_cms_levels_on_their_schedule():
+    torch.manual_seed(0)
+    model = build(HopeConfig(arch="hope", chunk_size=4, **TINY))
+    stream = torch.randint(256, (4, 9), generator=torch.Generator().manual_seed(0))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    off = evaluate.test_time_learning(model, stream, None, 1e-2)
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters())
+    on = evaluate.test_time_learning(model, stream, (1, 4), 1e-2)
+    assert on[0] == pytest.approx(off[0])  # prequential: scored before learning from it
+    changed = {n for n, p in model.named_parameters() if not torch.equal(frozen[n], p)}
+    assert changed and all(n.startswith("blocks.0.cms.") for n in changed)
+    # level 1 (period 4) stepped once, after the 4th window: it changed too
+    assert any(n.startswith("blocks.0.cms.1.") for n in changed)
+    assert all(p.requires_grad for p in model.parameters())
