@@ -105,12 +105,12 @@ def test_gradient_factors_are_each_rows_autograd_gradient(rows, c, h, activation
 # --- the in-context memory --------------------------------------------------------------------
 
 @given(T=st.integers(1, 12), heads=st.integers(1, 2), e=st.sampled_from([2, 4]),
-       m=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_chunk_size_one_follows_the_delta_rule_recursion(T, heads, e, m, seed):
-    """Token by token, from an autograd gradient of ½‖M_{t−1}(k_t) − v_t‖²:
-    S_t = η_t S_{t−1} − θ_t ∇, M_t = (1 − α_t) M_{t−1} + S_t, and the read is M_t(q_t)."""
+       m=st.integers(1, 3), clip=st.sampled_from([0.05, 1.0, 1e6]), seed=st.integers(0, 2**16))
+def test_chunk_size_one_follows_the_delta_rule_recursion(T, heads, e, m, clip, seed):
+    """Token by token, from an autograd gradient ∇ of ½‖M_{t−1}(k_t) − v_t‖², clipped to
+    ‖∇‖_F ≤ c: S_t = η_t S_{t−1} − θ_t ∇, M_t = (1 − α_t) M_{t−1} + S_t; the read is M_t(q_t)."""
     torch.manual_seed(seed)
-    memories = InContextMemories(m, heads, e, 3, "silu").double()
+    memories = InContextMemories(m, heads, e, 3, "silu", grad_clip=clip).double()
     g = torch.Generator().manual_seed(seed)
     keys = F.normalize(torch.randn(2, heads, T, e, generator=g, dtype=torch.float64), dim=-1)
     values = torch.randn(m, 2, heads, T, e, generator=g, dtype=torch.float64)
@@ -130,6 +130,8 @@ def test_chunk_size_one_follows_the_delta_rule_recursion(T, heads, e, m, seed):
         M_k = k + memories.phi(k @ A_) @ B_
         loss = 0.5 * ((M_k - values[..., t, None, :]) ** 2).sum()
         gA, gB = torch.autograd.grad(loss, (A_, B_))
+        norms = [g.flatten(-2).norm(dim=-1)[..., None, None] for g in (gA, gB)]
+        gA, gB = (torch.where(n > clip, g * clip / n, g) for g, n in zip((gA, gB), norms))
         gate = lambda x: x[..., t, None, None]  # noqa: E731
         SA, SB = gate(eta) * SA - gate(theta) * gA, gate(eta) * SB - gate(theta) * gB
         A, B = (1 - gate(alpha)) * A + SA, (1 - gate(alpha)) * B + SB
@@ -142,13 +144,13 @@ def test_chunk_size_one_follows_the_delta_rule_recursion(T, heads, e, m, seed):
 
 @settings(max_examples=10)
 @given(arch=st.sampled_from(["hope", "titans"]), T=st.integers(1, 13), chunk=st.integers(1, 6),
-       seed=st.integers(0, 2**16))
-def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, seed):
+       clip=st.sampled_from([0.01, 1.0]), seed=st.integers(0, 2**16))
+def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, clip, seed):
     """The parallel chunk form (factored gradients, scan coefficients) and the reference that
     materializes every per-token gradient and state and loops over tokens: same logits and
     same outer gradients, in float64."""
     torch.manual_seed(seed)
-    config = HopeConfig(arch=arch, chunk_size=chunk, **TINY)
+    config = HopeConfig(arch=arch, chunk_size=chunk, inner_grad_clip=clip, **TINY)
     model = build(config).double()
     reference = build(replace(model.config, sequential=True)).double()
     reference.load_state_dict(model.state_dict())
@@ -186,7 +188,7 @@ def test_models_have_equal_parameter_counts():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(arch="mamba"), "arch"), (dict(chunk_size=0), "chunk_size"),
     (dict(cms_periods=()), "cms_periods"), (dict(cms_periods=(1, 0)), "cms_periods"),
-    (dict(d_model=30, n_heads=4), "d_model")])
+    (dict(d_model=30, n_heads=4), "d_model"), (dict(inner_grad_clip=0.0), "inner_grad_clip")])
 def test_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         HopeConfig(**kwargs)
@@ -286,3 +288,20 @@ def test_test_time_learning_updates_only_cms_levels_on_their_schedule():
     # level 1 (period 4) stepped once, after the 4th window: it changed too
     assert any(n.startswith("blocks.0.cms.1.") for n in changed)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_table_aggregates_runs_over_seeds(tmp_path):
+    for arch, seed, val in (("hope", 0, 2.0), ("hope", 1, 2.2), ("transformer", 0, 1.9)):
+        run = tmp_path / f"{arch}-{seed}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps(
+            {"final_val_bits_per_byte": val, "seed": seed, "parameters": 1234}))
+        (run / "ttt.json").write_text(json.dumps({"shakespeare_before": val, **{
+            key: {"stream": val + 1, "shakespeare_after": val + 0.1}
+            for key in ("off", "cms", "every_step")}}))
+    text = evaluate.table(str(tmp_path))
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert set(rows) == {"hope", "transformer"}
+    assert "2.100 ± 0.141" in rows["hope"] and "| 1.900 |" in rows["transformer"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["hope"]["val_bits_per_byte"] == [2.0, 2.2]

@@ -12,8 +12,10 @@ Three language models in one framework, for comparisons at equal parameter count
       ℓ(M; k, v̂) = ½‖M(k) − v̂‖²,   v̂_□,t = M_□,t−1(v_t)   (self-generated values)
 
   trained in parallel within chunks: every token of a chunk takes its gradient at the
-  chunk-start state (``deepmomentum.functional.deep_memory_gradients``) and the momentum and
-  decay recursions of the chunk are one parallel scan (``deepmomentum.functional.momentum_scan``).
+  chunk-start state (``deepmomentum.functional.deep_memory_gradient_factors``), clipped to
+  Frobenius norm ``inner_grad_clip``, and the momentum and decay recursions of the chunk are
+  one parallel scan (``deepmomentum.functional.scan_coefficients``, as in ``momentum_scan``).
+  The inner learning rate is ``θ_t = (1 − η_t) σ(x w_θ) / C``; see :class:`TitansLayer`.
   The CMS chain is a stack of MLP levels; level ℓ's weights are updated every ``C^(ℓ)`` outer
   steps (``cms_periods``; see ``train.py``).
 * ``titans``: the same memory layer without self-modification: k, v, η, α are static
@@ -56,6 +58,7 @@ class HopeConfig:
     memory_activation: str = "silu"
     chunk_size: int = 16  # tokens per parallel in-context update
     inner_lr_scale: Optional[float] = None  # bound s on θ_t/(1 − η_t); None: 1/chunk_size
+    inner_grad_clip: float = 1.0  # each token's gradient of each memory matrix: ‖∇‖_F ≤ this
     conv_width: int = 4
     cms_periods: tuple[int, ...] = (1, 4, 16)  # HOPE: one MLP level per update period
     cms_hidden: int = 128  # hidden width of each CMS level
@@ -71,6 +74,8 @@ class HopeConfig:
         for name in ("chunk_size", "conv_width", "n_layers", "memory_expansion", "cms_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)}; must be ≥ 1")
+        if not self.inner_grad_clip > 0:
+            raise ValueError(f"Invalid inner_grad_clip: {self.inner_grad_clip}; must be > 0")
         if not self.cms_periods or any(int(p) != p or p < 1 for p in self.cms_periods):
             raise ValueError(f"Invalid cms_periods: {self.cms_periods}; a non-empty tuple of "
                              "integers ≥ 1")
@@ -135,14 +140,23 @@ class InContextMemories(nn.Module):
     ``A0`` (m, H, e, h) and ``B0`` (m, H, h, e) are the memories' initial state, learned by the
     outer optimizer; in context each sequence gets its own copy, updated by :meth:`learn`."""
 
-    def __init__(self, m: int, n_heads: int, head_dim: int, hidden: int, activation: str):
+    def __init__(self, m: int, n_heads: int, head_dim: int, hidden: int, activation: str,
+                 grad_clip: float = 1.0):
         super().__init__()
+        self.grad_clip = grad_clip
         self.A0 = nn.Parameter(torch.randn(m, n_heads, head_dim, hidden) / math.sqrt(head_dim))
         self.B0 = nn.Parameter(torch.randn(m, n_heads, hidden, head_dim) * 0.02)
         self.activation = activation
 
     def phi(self, z: Tensor) -> Tensor:
         return rules._activation(self.activation, z)[0]
+
+    def clip_scale(self, norm: Tensor) -> Tensor:
+        """``min(1, c/‖∇‖)``: with the momentum step bounded (``inner_lr_scale``) this bounds
+        every in-context update, so the memories cannot run away — without it the two layers'
+        steps feed each other (the curvature for A grows with ‖B‖² and vice versa) and the
+        tiny run diverged after a few hundred outer steps."""
+        return self.grad_clip / norm.clamp_min(self.grad_clip)
 
     def read(self, z: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """``M(z)`` with one state for all tokens: z (…, T, e), A (…, e, h), B (…, h, e)."""
@@ -176,6 +190,9 @@ class InContextMemories(nn.Module):
         # ½‖M(k) − v̂‖² is ½‖φ(kA)B − y‖² with y = v̂ − k: the factors of every token's gradient
         hidden, dZ, D = rules.deep_memory_gradient_factors(X, values - X, A, B, objective="l2",
                                                            activation=self.activation)
+        # ‖x ⊗ δ‖_F = ‖x‖ ‖δ‖: each token's gradient is clipped on its factors
+        dZ = dZ * self.clip_scale(X.norm(dim=-1, keepdim=True) * dZ.norm(dim=-1, keepdim=True))
+        D = D * self.clip_scale(hidden.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
         c = rules.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
 
         def end_of_chunk(W0, S0, x, delta):
@@ -206,6 +223,7 @@ class InContextMemories(nn.Module):
         gA, gB = rules.deep_memory_gradients(  # one row per token: its own gradient
             X.reshape(-1, 1, e), (values - X).reshape(-1, 1, e), At.reshape(-1, e, h),
             Bt.reshape(-1, h, e), objective="l2", activation=self.activation)
+        gA, gB = (g * self.clip_scale(g.norm(dim=(-2, -1), keepdim=True)) for g in (gA, gB))
         SA_t, A_t = _sequential_scan(gA.view(*At.shape), *gates, SA, A)
         SB_t, B_t = _sequential_scan(gB.view(*Bt.shape), *gates, SB, B)
         reads = self.read_per_token(queries, A_t[-1], B_t[-1])
@@ -242,7 +260,8 @@ class TitansLayer(nn.Module):
         self.conv_q, self.conv_k, self.conv_v = (CausalConv(H, e, config.conv_width)
                                                  for _ in range(3))
         self.memories = InContextMemories(5 if self_modifying else 1, H, e,
-                                          config.memory_expansion * e, config.memory_activation)
+                                          config.memory_expansion * e, config.memory_activation,
+                                          config.inner_grad_clip)
         if self_modifying:  # η and α are read out of their memories' outputs
             self.gate_readout = nn.Parameter(torch.zeros(2, H, e))
             self.gate_bias = nn.Parameter(torch.tensor([2.0, -4.0])[:, None].repeat(1, H))
