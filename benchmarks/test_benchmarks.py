@@ -22,9 +22,10 @@ def tiny(monkeypatch):
     monkeypatch.setitem(core.TASKS, "psi", core.Task(
         "psi", core._toy(core._psi, [-3.5, 2.0], 40, 1e9, noise=0.1), "tiny", lr_scale=0.1))
     text = ("to be or not to be that is the question " * 400).encode()
+    chars = sorted(set(text.decode()))  # once: per character it cost seconds per test
     monkeypatch.setitem(core._CORPUS, "shakespeare", {
-        "name": "generated", "sha256": data.sha256(text), "vocab": len(set(text.decode())),
-        "ids": core.torch.tensor([sorted(set(text.decode())).index(c) for c in text.decode()])})
+        "name": "generated", "sha256": data.sha256(text), "vocab": len(chars),
+        "ids": core.torch.tensor([chars.index(c) for c in text.decode()])})
 
 
 def _run(tmp_path, tasks, optims, extra=()):

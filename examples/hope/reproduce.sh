@@ -18,6 +18,8 @@ for seed in $SEEDS; do
   done
 done
 for arch in hope titans transformer; do
-  python -m examples.hope.evaluate recall --arch "$arch" --seed 0 --out "$OUT/recall-$arch-0"
+  for seed in $SEEDS; do
+    python -m examples.hope.evaluate recall --arch "$arch" --seed "$seed" --out "$OUT/recall-$arch-$seed"
+  done
 done
 python -m examples.hope.evaluate table "$OUT"
