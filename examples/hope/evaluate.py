@@ -99,6 +99,11 @@ def ttt(run_dir: str, windows: int = 256, lr: float = 1e-3) -> dict[str, Any]:
     conditions = {"off": None, "cms": tuple(base.config.cms_periods[:n_levels])
                   if base.config.arch == "hope" else (1,), "every_step": (1,) * n_levels}
     for name, periods in conditions.items():
+        same = next((key for key in result if key in conditions
+                     and result[key]["periods"] == periods), None)
+        if same is not None:  # a baseline's one level: "every step" is its CMS schedule
+            result[name] = result[same]
+            continue
         model = load(run_dir)
         scores = test_time_learning(model, stream, periods, lr)
         quarter = len(scores) // 4
@@ -172,7 +177,7 @@ def recall(arch: str, seed: int, out: str, size: str = "tiny", steps: int = 1500
         losses.append(round(loss.item(), 4))
     result = {"arch": arch, "seed": seed, "steps": steps, "train_length": length,
               "parameters": count_parameters(model), "seconds": time.perf_counter() - t0,
-              "loss": losses, "environment": environment(torch.device("cpu")),
+              "loss": losses, "environment": environment(),
               "accuracy": {f"{m}x": recall_accuracy(model, m * length) for m in (1, 4, 16)}}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "recall.json"), "w") as f:

@@ -34,7 +34,7 @@ model of the same config (:func:`build`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch

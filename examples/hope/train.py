@@ -19,8 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Any, Optional
@@ -49,6 +47,13 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 # --- data -------------------------------------------------------------------------------------
+
+def environment() -> dict[str, Any]:
+    """The benchmarks' record of git sha, versions and device."""
+    from benchmarks.core import environment as record
+
+    return record()
+
 
 def byte_tokens(name: str = "shakespeare") -> tuple[str, torch.Tensor]:
     """(corpus used, its bytes as int64 tokens), from the benchmarks' checksummed loader."""
@@ -106,31 +111,22 @@ def optimizer_class(name: str) -> type:
                      "class, e.g. PreconditionedMomentum, DeltaMomentum, torch.AdamW")
 
 
-def param_groups(model: LanguageModel, cms_periods: tuple[int, ...], matrix_split: bool,
-                 ) -> list[dict[str, Any]]:
-    """Everything but the CMS levels at period 1; HOPE's level ℓ at ``cms_periods[ℓ]``."""
+def param_groups(model: LanguageModel, matrix_split: bool) -> list[dict[str, Any]]:
+    """Everything but the CMS levels at period 1, HOPE's level ℓ at ``cms_periods[ℓ]``; for a
+    Muon-type optimizer each is split further by :func:`deepmomentum.muon_param_groups`."""
     levels = model.cms_levels() if model.config.arch == "hope" else []
     in_levels = {id(p) for level in levels for p in level}
-    named = dict(model.named_parameters())
-    names = {id(p): n for n, p in named.items()}
+    names = {id(p): n for n, p in model.named_parameters()}
     rest = [p for p in model.parameters() if id(p) not in in_levels]
-    schedule = [(rest, 1)] + list(zip(levels, cms_periods))
+    matrices = {id(p) for group in dm.muon_param_groups(model) if group["use_muon"]
+                for _, p in group["params"]}
     groups = []
-    for params, period in schedule:
-        if matrix_split:  # Muon-type: matrices to the NS group, the rest to its AdamW part
-            parts = [([p for p in params if p.ndim >= 2 and "embed" not in names[id(p)]
-                       and "head" not in names[id(p)]], True),
-                     ([p for p in params if p.ndim < 2 or "embed" in names[id(p)]
-                       or "head" in names[id(p)]], False)]
-        else:
-            parts = [(params, None)]
-        for part, use_muon in parts:
-            if part:
-                group = {"params": [(names[id(p)], p) for p in part], "update_period": period,
-                         "accumulate": "mean"}
-                if use_muon is not None:
-                    group["use_muon"] = use_muon
-                groups.append(group)
+    for params, period in [(rest, 1), *zip(levels, model.config.cms_periods)]:
+        parts = [(params, {})] if not matrix_split else [
+            ([p for p in params if id(p) in matrices], {"use_muon": True}),
+            ([p for p in params if id(p) not in matrices], {"use_muon": False})]
+        groups += [{"params": [(names[id(p)], p) for p in part], "update_period": period,
+                    "accumulate": "mean", **options} for part, options in parts if part]
     return groups
 
 
@@ -138,12 +134,10 @@ def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: flo
                    ) -> torch.optim.Optimizer:
     cls = optimizer_class(name)
     matrix_split = cls in (dm.Muon, dm.M3)
-    groups = param_groups(model, model.config.cms_periods, matrix_split)
+    groups = param_groups(model, matrix_split)
     if issubclass(cls, dm.MemoryOptimizer):
         return cls(groups, lr=lr, weight_decay=weight_decay)
-    plain = [{k: v for k, v in g.items()} for g in groups]
-    for g in plain:  # torch.optim takes the names only as a list of pairs of its own
-        g["params"] = [p for _, p in g["params"]]
+    plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # torch: tensors
     return dm.MultiFrequency(cls(plain, lr=lr, weight_decay=weight_decay))
 
 
@@ -158,17 +152,6 @@ def schedule(warmup: int, steps: int):
 
 
 # --- the run ----------------------------------------------------------------------------------
-
-def environment(device: torch.device) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        sha = ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return {"torch": torch.__version__, "device": name, "git": sha, "python": platform.python_version()}
-
 
 class Progress:
     """A one-line progress bar on stderr (a plain log line per update when not a terminal)."""
@@ -236,7 +219,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "weight_decay": args.weight_decay, "seed": args.seed, "steps": steps,
         "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
         "parameters": count_parameters(model), "corpus": corpus,
-        "environment": environment(device), "train_loss": [], "val": [], "seconds": 0.0}
+        "environment": environment(), "train_loss": [], "val": [], "seconds": 0.0}
     step = 0
     if args.resume and os.path.exists(checkpoint_path):
         saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -266,16 +249,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         batch = windows(train_tokens, starts, size["seq_len"]).to(device)
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        value = loss.item()  # one host sync a step, for the log and the NaN check
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
-        metrics["train_loss"].append(round(loss.item(), 5))
-        text = f"loss {loss.item():.3f}"
+        metrics["train_loss"].append(round(value, 5))
+        text = f"loss {value:.3f}"
         if step % size["eval_every"] == 0 or step == steps:
             metrics["val"].append({"step": step, "bits_per_byte": bits_per_byte(model, val)})
             text += f" val {metrics['val'][-1]['bits_per_byte']:.3f} bpb"
