@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["newton_schulz", "NS_PRESETS", "ns_coefficients", "matrix_view", "adjusted_lr_scale",
-           "ADJUST_LR_FNS"]
+           "ADJUST_LR_FNS", "stable_norm"]
 
 Coefficients = Union[str, Sequence[Sequence[float]]]
 
@@ -91,6 +91,27 @@ def _is_triple(value) -> bool:
         return False
 
 
+def stable_norm(x: Tensor, dim=None, keepdim: bool = False) -> Tensor:
+    """``‖x‖₂`` over ``dim`` (all dims by default) with neither overflow nor underflow.
+
+    ``vector_norm`` squares its input, so in float32/bfloat16 entries above ~1e19 give ``inf``
+    and entries below ~1e-19 lose their squares to underflow. Where the plain norm is finite
+    and far enough above the underflow range it is returned as is (bit-identical to
+    ``torch.linalg.vector_norm``); elsewhere the norm is taken of ``x / max|x|`` and scaled
+    back. No host sync: both are computed and one is selected per entry.
+    """
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    info = torch.finfo(x.dtype)
+    representable = torch.isfinite(norm) & (norm >= math.sqrt(info.tiny) / info.eps)
+    scale = torch.amax(x.abs(), dim=dim, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    rescaled = torch.linalg.vector_norm(x / scale, dim=dim, keepdim=True) * scale
+    out = torch.where(representable, norm, rescaled)
+    if not keepdim:
+        out = out.squeeze(dim) if dim is not None else out.reshape(())
+    return out
+
+
 #: Smallest min(r, c) for which ``backend=None`` picks the Triton kernels on CUDA. Provisional:
 #: the crossover against torch's batched matmul is to be measured on a GPU
 #: (benchmarks/ns_gpu.py prints it); tiny matrices are launch-bound either way.
@@ -145,8 +166,9 @@ def newton_schulz(X: Tensor, steps: int = 5, coefficients: Coefficients = "kelle
     transposed = Y.size(-2) > Y.size(-1)
     if transposed:
         Y = Y.mT
-    # Out of place: Y may still be X itself when X already has the arithmetic dtype.
-    Y = Y / (torch.linalg.vector_norm(Y, dim=(-2, -1), keepdim=True) * scale + eps)
+    # Out of place: Y may still be X itself when X already has the arithmetic dtype. The norm
+    # is overflow-safe, so a matrix of huge entries is orthogonalized, not zeroed.
+    Y = Y / (stable_norm(Y, dim=(-2, -1), keepdim=True) * scale + eps)
     batch_shape = Y.shape[:-2]
     if Y.ndim > 3:
         Y = Y.reshape(-1, *Y.shape[-2:])

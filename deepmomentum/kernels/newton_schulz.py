@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..newton_schulz import ns_coefficients
+from ..newton_schulz import ns_coefficients, stable_norm
 
 __all__ = ["gram", "gram_torch", "ns_poly", "ns_poly_torch", "ns_update", "ns_update_torch",
            "newton_schulz_triton"]
@@ -168,7 +168,7 @@ def newton_schulz_triton(X: Tensor, steps: int = 5, coefficients="keller", eps: 
     transposed = Y.size(-2) > Y.size(-1)
     if transposed:
         Y = Y.mT
-    Y = (Y / (torch.linalg.vector_norm(Y, dim=(-2, -1), keepdim=True) * scale + eps))
+    Y = (Y / (stable_norm(Y, dim=(-2, -1), keepdim=True) * scale + eps))
     Y = Y.contiguous()
     for a, b, c in schedule:
         A = gram(Y)
