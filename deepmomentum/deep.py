@@ -77,6 +77,16 @@ class DeepMomentum(MemoryOptimizer):
             runs, groupings and implementations repeat exactly.
         foreach (bool or None): default batched; False is the one-tensor reference.
         fused: not available.
+        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
+            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
+
+    Non-finite gradients and scale: the MLP memory couples a matrix's entries, so one NaN or
+    inf entry poisons the whole matrix and its memory weights; a group with
+    ``skip_nonfinite=True`` skips such calls (parameters and state untouched, counted in the
+    group's ``nonfinite_skips``). The keys are unit rows (overflow-safe norm), but the inner
+    gradient for A grows like |G|²: with ``"l2"`` or an unbounded activation the inner step
+    diverges once |G| reaches ~1e2–1e3 at the default ``memory_lr`` (README, measured); scale
+    ``memory_lr`` with the gradients or use ``values="preconditioned"``.
 
     Reductions (tested as properties): ``hidden=0`` or ``memory_lr=0`` equals
     ``torch.optim.SGD`` (R4a); ``hidden=0, output="newton_schulz"`` equals the Muon-style loop
@@ -121,6 +131,7 @@ class DeepMomentum(MemoryOptimizer):
         ns_steps: int = 5,
         ns_dtype: torch.dtype = torch.bfloat16,
         seed: int = 0,
+        skip_nonfinite: bool = False,
     ):
         defaults = dict(lr=lr, momentum=momentum, hidden=hidden, memory_lr=memory_lr,
                         key_decay=key_decay,
@@ -131,7 +142,7 @@ class DeepMomentum(MemoryOptimizer):
                         decoupled_weight_decay=decoupled_weight_decay, beta2=beta2, eps=eps,
                         ns_coefficients=ns_coefficients, ns_steps=ns_steps,
                         ns_dtype=ns_dtype, seed=seed)
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_momentum(group)
@@ -152,6 +163,16 @@ class DeepMomentum(MemoryOptimizer):
         check_choice("ns_dtype", group["ns_dtype"], _NS_DTYPES)
         if group["output"] == "newton_schulz":
             ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+
+    def _state_shapes(self, group, param):
+        shape = tuple(param.shape)
+        shapes = {**super()._state_shapes(group, param), "step": (), "momentum_buffer": shape}
+        if group["hidden"] > 0:
+            cols = F.as_matrix(param).shape[1]
+            shapes.update(memory_A=(cols, group["hidden"]), memory_B=(group["hidden"], cols))
+        if group["values"] == "preconditioned":
+            shapes["exp_avg_sq"] = shape
+        return shapes
 
     def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
         if group["output"] == "newton_schulz":

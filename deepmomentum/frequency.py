@@ -154,6 +154,18 @@ class MultiFrequency(torch.optim.Optimizer):
                 "multi_frequency": super().state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`; an accumulator whose shape is not its
+        parameter's is refused (``ValueError``) before anything is loaded."""
+        own = state_dict["multi_frequency"]
+        saved_ids = [i for g in own["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            accumulator = own["state"].get(saved_id, {}).get("grad_accumulator")
+            if accumulator is not None and tuple(accumulator.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"state_dict entry 'grad_accumulator' of parameter {index} has shape "
+                    f"{tuple(accumulator.shape)}; its parameter has shape {tuple(p.shape)}: the "
+                    "checkpoint belongs to other parameters")
         self.optimizer.load_state_dict(state_dict["optimizer"])
         # The wrapped optimizer's loader replaced its group dicts: share the new ones.
         self.param_groups = self.optimizer.param_groups

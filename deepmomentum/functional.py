@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .newton_schulz import adjusted_lr_scale, matrix_view, newton_schulz
+from .newton_schulz import adjusted_lr_scale, matrix_view, newton_schulz, stable_norm
 
 __all__ = [
     "associative_momentum",
@@ -592,25 +592,43 @@ def as_matrix(t: Tensor) -> Tensor:
     return t.reshape(1, -1) if t.ndim < 2 else t.reshape(t.shape[0], -1)
 
 
-def erase_along_keys(b: Tensor, keys: Tensor, denominator: Tensor) -> Tensor:
-    """``b K`` for the key Gram ``K = kᵀk / denominator`` (c × c) without forming K when the key
-    count is the smaller side: ``(b kᵀ) k / d`` if ``n ≤ c`` else ``b (kᵀ k) / d``.
+def gradient_keys(g: Tensor) -> Tensor:
+    """The key matrix ``k = G / ‖G‖_F`` of ``keys="gradient"`` on ``g``'s matrix view, so that
+    ``kᵀk = GᵀG / ‖G‖²`` (trace 1; zero for a zero gradient). Normalized before any product,
+    with an overflow-safe norm: gradients of any finite scale give the same keys."""
+    g = as_matrix(g)
+    norm = stable_norm(g)
+    return g / torch.where(norm > 0, norm, torch.ones_like(norm))
 
-    ``b`` is ``r × c`` and ``keys`` is ``n × c``; cost ``4·r·c·min(n, c)`` flops. A zero
-    ``denominator`` (no keys, a zero gradient) gives zero.
+
+def input_keys_matrix(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """The key matrix ``k = X̂ / √n`` of ``keys="input"`` from ``n`` unit-norm input rows, so
+    that ``kᵀk = X̂ᵀX̂ / n`` (trace 1)."""
+    return rows.to(dtype) / math.sqrt(rows.shape[0])
+
+
+def erase_along_keys(b: Tensor, keys: Tensor) -> Tensor:
+    """``b K`` for the key Gram ``K = kᵀk`` (c × c) of normalized keys (:func:`gradient_keys`,
+    :func:`input_keys_matrix`), without forming K when the key count is the smaller side:
+    ``(b kᵀ) k`` if ``n ≤ c`` else ``b (kᵀ k)``.
+
+    ``b`` is ``r × c`` and ``keys`` is ``n × c``; cost ``4·r·c·min(n, c)`` flops. Since ``K``
+    has spectral norm ≤ 1, ``‖b K‖ ≤ ‖b‖``: no intermediate grows beyond ``b``'s scale.
     """
     n, c = keys.shape
     if n <= c:
-        product = (b @ keys.mT) @ keys
-    elif keys.is_cuda and keys.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            and c >= 64:
+        return (b @ keys.mT) @ keys
+    if keys.is_cuda and keys.dtype in (torch.float32, torch.bfloat16, torch.float16) and c >= 64:
         from .kernels.newton_schulz import gram  # kᵀk by its upper-triangle tiles
 
-        product = b @ gram(keys.mT.contiguous())
-    else:
-        product = b @ (keys.mT @ keys)
-    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator > 0, product / safe, torch.zeros_like(product))
+        return b @ gram(keys.mT.contiguous())
+    return b @ (keys.mT @ keys)
+
+
+def delta_keys(g: Tensor, input_rows: Optional[Tensor]) -> Tensor:
+    """The normalized key matrix of one tensor: its captured input rows where given, else the
+    effective gradient's own rows."""
+    return gradient_keys(g) if input_rows is None else input_keys_matrix(input_rows, g.dtype)
 
 
 def delta_momentum(
@@ -656,15 +674,8 @@ def delta_momentum(
         else:
             erased = None
             if erase != 0:
-                keys = input_keys[i]
-                if keys is None:  # the gradient's own rows are the keys
-                    keys = as_matrix(g)
-                    denominator = keys.pow(2).sum()
-                else:
-                    keys = keys.to(g.dtype)
-                    denominator = torch.tensor(float(keys.shape[0]), dtype=g.dtype,
-                                               device=g.device)
-                erased = erase_along_keys(as_matrix(buf), keys, denominator).view_as(buf)
+                keys = delta_keys(g, input_keys[i])
+                erased = erase_along_keys(as_matrix(buf), keys).view_as(buf)
             buf.mul_(momentum)
             if erased is not None:
                 buf.sub_(erased, alpha=erase)
@@ -712,7 +723,7 @@ def _activation(name: str, z: Tensor) -> tuple[Tensor, Tensor]:
 
 def unit_rows(x: Tensor) -> Tensor:
     """Rows of ``x`` (…, r, c) scaled to unit norm; a zero row stays zero."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    norm = stable_norm(x, dim=-1, keepdim=True)  # huge or tiny rows give unit rows too
     return x / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 

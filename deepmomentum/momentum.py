@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -55,6 +56,8 @@ class AssociativeMomentum(MemoryOptimizer):
         foreach, fused (bool or None): torch's meaning. ``fused`` uses torch's fused SGD kernel
             (CPU; parameters that keep their state in their own dtype); by default it is picked
             where it applies, else the single-tensor loop on CPU and foreach elsewhere.
+        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
+            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
 
     Reductions (tested as properties): equals ``torch.optim.SGD(lr, momentum, dampening,
     nesterov, weight_decay, maximize)`` step for step (R1).
@@ -81,6 +84,7 @@ class AssociativeMomentum(MemoryOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
+        skip_nonfinite: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -93,10 +97,13 @@ class AssociativeMomentum(MemoryOptimizer):
             foreach=foreach,
             fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_momentum(group)
+
+    def _state_shapes(self, group, param):
+        return {**super()._state_shapes(group, param), "momentum_buffer": tuple(param.shape)}
 
     def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
         return None  # torch's fused SGD kernel covers every setting of §1
@@ -161,14 +168,42 @@ class DeltaMomentum(MemoryOptimizer):
     Keys:
 
     * ``keys="gradient"`` (default): ``K_t = GᵀG / ‖G‖_F²``, erasing along the gradient's row
-      space; ``b K`` is computed as ``(b Gᵀ) G / ‖G‖²`` or ``b (GᵀG) / ‖G‖²``, whichever side
-      is smaller (``4·r·c·min(r, c)`` flops, ``min(r, c)²`` memory).
+      space; with the keys normalized first, ``k = G / ‖G‖`` (an overflow-safe norm), ``b K``
+      is computed as ``(b kᵀ) k`` or ``b (kᵀ k)``, whichever side is smaller
+      (``4·r·c·min(r, c)`` flops, ``min(r, c)²`` memory). No product is formed before the
+      normalization, so the rule is homogeneous in the gradient's scale (``b(cG) = c·b(G)``)
+      for any finite scale.
     * ``keys="input"``: the unit-normalized rows of each layer's input, ``K_t = X̂ᵀX̂ / n``
-      (NL: keys are the layer inputs, values the local error). Call :meth:`attach` once with
-      the model: forward hooks on its ``nn.Linear`` modules (subclasses included) keep at most
-      ``key_samples`` rows a step (evenly spaced; micro-batches accumulate until ``step()``).
-      Captured keys are detached copies, dropped at every ``step()``. Parameters with no
-      captured keys — biases, other module types, a step with no forward — use ``"gradient"``.
+      (NL: keys are the layer inputs, values the local error). Call :meth:`attach` with the
+      model: forward hooks on its ``nn.Linear`` modules (subclasses included) keep at most
+      ``key_samples`` rows per update (evenly spaced, deterministic; micro-batches and, with
+      ``update_period = C > 1``, the C calls of a period accumulate). The rows are detached
+      copies in the weight's state dtype (fp32 for bf16/fp16), held in the optimizer state as
+      ``state[weight]["input_keys"]`` (``n × in_features``, n ≤ ``key_samples``) until the
+      update that uses them consumes them, so a mid-period checkpoint (``state_dict`` /
+      ``load_state_dict``, ``deepcopy``) resumes on the same trajectory. Parameters with no
+      captured keys — biases, other module types, an update with no forward — use
+      ``"gradient"``.
+
+    Input keys, lifecycle of the hooks:
+
+    * :meth:`attach` registers one forward hook per hooked ``nn.Linear``; attaching the same
+      module again is a no-op for the layers already hooked by this optimizer. Passes without
+      grad (``torch.no_grad()``, evaluation) record nothing. :meth:`detach` removes the hooks
+      and drops the keys not yet used.
+    * The hooks hold the optimizer and the weight only weakly: a model does not keep an
+      optimizer alive, and an optimizer dropped without :meth:`detach` removes its hooks when
+      it is collected (a hook whose optimizer is gone does nothing).
+    * A hook records only for the exact weight tensor it was registered for. A ``deepcopy`` or
+      a pickle of an attached model carries *inert* hooks (they forget their optimizer and
+      weight, so the copy never feeds the original optimizer); pickling an attached model
+      works. To train a copy, attach it: that first drops the inert hooks it carries.
+    * Distributed data parallel: a rank sees only its own inputs. Pass the
+      ``DistributedDataParallel`` wrapper to :meth:`attach` (or ``process_group=``): at each
+      update the keys of every rank are all-gathered, concatenated in rank order and evenly
+      subsampled to ``key_samples``, so every replica erases along the same keys.
+      :meth:`attach` refuses a bare module when ``torch.distributed`` runs with more than one
+      rank.
 
     Tensors use the matrix view: 2-D as is, ≥3-D as ``(shape[0], prod(rest))``, 1-D as one row,
     which is the closed form ``b_t = μb − β⟨b, ĝ⟩ĝ + (1 − τ)g`` (R2b).
@@ -187,6 +222,13 @@ class DeltaMomentum(MemoryOptimizer):
         dampening, nesterov, weight_decay, decoupled_weight_decay, maximize: as
             :class:`AssociativeMomentum`.
         foreach (bool or None): the final update as one foreach call; fused: not available.
+        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
+            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
+
+    Non-finite gradients: the erase couples a matrix's entries, so one NaN or inf entry spreads
+    over its whole row space and the memory never recovers; a group with
+    ``skip_nonfinite=True`` skips such calls (parameters and state untouched, counted in the
+    group's ``nonfinite_skips``).
 
     Reductions (tested as properties): ``erase=0`` equals :class:`AssociativeMomentum`, hence
     ``torch.optim.SGD`` (R2a); 1-D closed form (R2b); the norm bound (P2).
@@ -196,7 +238,7 @@ class DeltaMomentum(MemoryOptimizer):
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
         ...                             torch.nn.Linear(8, 1))
         >>> opt = dm.DeltaMomentum(model.parameters(), lr=0.05, keys="input")
-        >>> opt.attach(model)
+        >>> _ = opt.attach(model)  # returns the optimizer
         >>> model(torch.randn(16, 4)).pow(2).mean().backward()
         >>> opt.step(); opt.zero_grad()
         >>> opt.detach()
@@ -222,14 +264,14 @@ class DeltaMomentum(MemoryOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
+        skip_nonfinite: bool = False,
     ):
         defaults = dict(lr=lr, momentum=momentum, erase=erase, keys=keys,
                         key_samples=key_samples, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        self._captured: dict[Tensor, list[Tensor]] = {}
-        self._hooks: list[Any] = []
-        super().__init__(params, defaults)
+        self._init_hook_state()
+        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_momentum(group)
@@ -242,47 +284,153 @@ class DeltaMomentum(MemoryOptimizer):
 
     # --- input keys --------------------------------------------------------------------------
 
-    def attach(self, model: nn.Module) -> "DeltaMomentum":
+    def attach(self, model: nn.Module, process_group: Any = None) -> "DeltaMomentum":
         """Capture the inputs of ``model``'s ``nn.Linear`` layers as keys for the weights of
-        groups with ``keys="input"``. Returns self; :meth:`detach` removes the hooks."""
-        wanted = {id(p): g["key_samples"] for g in self.param_groups if g["keys"] == "input"
-                  for p in g["params"]}
+        groups with ``keys="input"``; returns self, and :meth:`detach` removes the hooks.
+
+        Idempotent: layers this optimizer already hooks are left as they are. Inert hooks that
+        a copied or unpickled model carries (see the class docstring) are dropped here.
+
+        Under data parallelism each rank captures its own inputs; the keys are all-gathered at
+        every update so the replicas stay identical. ``model`` may be the
+        ``torch.nn.parallel.DistributedDataParallel`` wrapper (keys are gathered over its
+        process group and the hooks go on ``model.module``), or pass ``process_group=``
+        explicitly (it takes precedence). With ``torch.distributed`` initialized over more than
+        one rank and neither given, this raises ``ValueError``: rank-local keys would make the
+        replicas drift apart. Every rank must then call ``step()`` (a collective).
+        """
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            if process_group is None:
+                process_group = model.process_group
+            model = model.module
+        if process_group is None and _distributed_world_size() > 1:
+            raise ValueError(
+                "DeltaMomentum.attach: torch.distributed is running with "
+                f"{_distributed_world_size()} ranks, and keys captured on one rank would make "
+                "the replicas drift apart. Pass the DistributedDataParallel wrapper "
+                "(opt.attach(ddp_model)) or the process group to gather the keys over "
+                "(opt.attach(model, process_group=group)).")
+        if process_group is not None:
+            if self._key_process_group is not None and \
+                    self._key_process_group is not process_group:
+                raise ValueError("DeltaMomentum.attach: keys are already gathered over another "
+                                 "process group; detach() first")
+            self._key_process_group = process_group
+        if self._hooks_finalizer is None:  # a dropped optimizer takes its hooks with it
+            self._hooks_finalizer = weakref.finalize(self, _remove_hooks, self._hooks)
+            self._hooks_finalizer.atexit = False
+        wanted = {id(p): (p, g["key_samples"]) for g in self.param_groups
+                  if g["keys"] == "input" for p in g["params"]}
         for module in model.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) in wanted:
-                hook = module.register_forward_hook(
-                    self._make_hook(module.weight, wanted[id(module.weight)]))
-                self._hooks.append(hook)
+            if not isinstance(module, nn.Linear) or id(module.weight) not in wanted:
+                continue
+            weight, samples = wanted[id(module.weight)]
+            _drop_inert_hooks(module)
+            if any(isinstance(h, _InputKeyHook) and h.feeds(self, weight)
+                   for h in module._forward_hooks.values()):
+                continue  # already hooked by this optimizer
+            self._hooks.append(module.register_forward_hook(
+                _InputKeyHook(self, weight, samples)))
         return self
 
     def detach(self) -> None:
-        """Remove the hooks added by :meth:`attach` and drop captured keys."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        self._captured.clear()
+        """Remove the hooks added by :meth:`attach` and drop the keys not yet used."""
+        _remove_hooks(self._hooks)
+        self._key_process_group = None
+        for state in self.state.values():
+            state.pop("input_keys", None)
 
-    def _make_hook(self, weight: Tensor, samples: int):
-        def hook(module, inputs, output):
-            if not torch.is_grad_enabled():
-                return  # evaluation passes leave no keys
-            x = inputs[0].detach().reshape(-1, weight.shape[1])
-            rows = self._captured.setdefault(weight, [])
-            rows.append(_unit_rows(_evenly_spaced(x, samples)))
-            if sum(r.shape[0] for r in rows) > samples:
-                self._captured[weight] = [_evenly_spaced(torch.cat(rows), samples)]
+    def _init_hook_state(self) -> None:
+        self._hooks: list[Any] = []  # RemovableHandles of attach()'s hooks
+        self._hooks_finalizer: Optional[weakref.finalize] = None
+        self._key_process_group: Any = None  # where attach() gathers keys (DDP)
 
-        return hook
+    @property
+    def _captured(self) -> dict[Tensor, list[Tensor]]:
+        """The keys waiting for the next update, by weight: a read-only view of
+        ``state[weight]["input_keys"]`` (for inspection and tests)."""
+        return {p: [s["input_keys"]] for p, s in self.state.items() if "input_keys" in s}
+
+    def _capture(self, weight: Tensor, inputs: Tensor, samples: int) -> None:
+        """Add the unit rows of a forward's input to ``weight``'s pending keys, keeping at most
+        ``samples`` rows, evenly spaced over everything held and new (deterministic)."""
+        x = inputs.detach().reshape(-1, weight.shape[1])
+        rows = F.unit_rows(_evenly_spaced(x, samples).to(F.state_dtype(weight.dtype)))
+        state = self.state[weight]
+        held = state.get("input_keys")
+        if held is not None:
+            rows = _evenly_spaced(torch.cat([held, rows.to(held)]), samples)
+        state["input_keys"] = rows
+
+    def _gather_input_keys(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Replace the pending keys of ``params`` by those of every rank of the process group
+        of :meth:`attach`, concatenated in rank order and evenly subsampled to
+        ``key_samples``: the same keys on every rank.
+
+        A collective: every rank issues the same calls in the same order, whether or not its
+        layers saw a forward — one all-gather of the row counts of every 2-D parameter of the
+        update, then, per key dtype, one all-gather of the rows padded to the largest count
+        (parameters with no rows on any rank take no part)."""
+        group_of_ranks = self._key_process_group
+        if group_of_ranks is None:
+            return
+        dist = torch.distributed
+        world = dist.get_world_size(group_of_ranks)
+        matrices = [p for p in params if p.ndim == 2]
+        if world == 1 or not matrices:
+            return
+        held = [self.state[p].get("input_keys") if p in self.state else None for p in matrices]
+        counts = torch.tensor([0 if k is None else k.shape[0] for k in held],
+                              dtype=torch.int64, device=matrices[0].device)
+        everyone = torch.empty(world * len(matrices), dtype=torch.int64, device=counts.device)
+        _all_gather_single(everyone, counts, group_of_ranks)
+        per_rank = everyone.view(world, len(matrices)).tolist()  # one host read per update
+        buckets: dict[torch.dtype, list[tuple[int, int]]] = {}  # dtype → (index, max count)
+        for j, p in enumerate(matrices):
+            most = max(row[j] for row in per_rank)
+            if most:
+                buckets.setdefault(F.state_dtype(p.dtype), []).append((j, most))
+        for dtype, entries in buckets.items():
+            device = matrices[entries[0][0]].device
+            padded = []
+            for j, most in entries:
+                rows = torch.zeros(most, matrices[j].shape[1], dtype=dtype, device=device)
+                if held[j] is not None:
+                    rows[: held[j].shape[0]] = held[j]
+                padded.append(rows.flatten())
+            mine = torch.cat(padded)
+            gathered = torch.empty(world * mine.numel(), dtype=dtype, device=device)
+            _all_gather_single(gathered, mine, group_of_ranks)
+            gathered = gathered.view(world, -1)
+            offset = 0
+            for j, most in entries:
+                p, size = matrices[j], most * matrices[j].shape[1]
+                rows = torch.cat([gathered[r, offset:offset + size].view(most, -1)[:per_rank[r][j]]
+                                  for r in range(world)])
+                offset += size
+                self.state[p]["input_keys"] = _evenly_spaced(rows, group["key_samples"]).to(
+                    p.device)
+
+    def _state_shapes(self, group, param):
+        shapes = super()._state_shapes(group, param)
+        shapes["momentum_buffer"] = tuple(param.shape)
+        if group["keys"] == "input" and param.ndim == 2:
+            shapes["input_keys"] = (-1, param.shape[1])
+        return shapes
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state = dict(state)
-        state["_captured"], state["_hooks"] = {}, []  # hooks belong to a live model
+        state = dict(super().__getstate__())
+        for name in ("_hooks", "_hooks_finalizer", "_key_process_group"):
+            state.pop(name, None)  # hooks belong to a live model; keys stay in "state"
         return state
 
     def __setstate__(self, state):
-        state.setdefault("_captured", {})
-        state.setdefault("_hooks", [])
+        # Also called by load_state_dict with only "state" and "param_groups": keep the hooks.
+        state = dict(state)
+        state.pop("_captured", None)  # pickles from before keys lived in the state
         super().__setstate__(state)
+        if "_hooks" not in self.__dict__:
+            self._init_hook_state()
 
     # --- step --------------------------------------------------------------------------------
 
@@ -300,11 +448,9 @@ class DeltaMomentum(MemoryOptimizer):
             if not is_first and group["erase"] != 0:
                 erase_terms = []
                 for i in idx:
-                    buf, g = self.state[params[i]]["momentum_buffer"], gs[i]
-                    k = F.as_matrix(g) if keys[i] is None else keys[i].to(g.dtype)
-                    d = k.pow(2).sum() if keys[i] is None else torch.tensor(
-                        float(k.shape[0]), dtype=g.dtype, device=g.device)
-                    erase_terms.append(F.erase_along_keys(F.as_matrix(buf), k, d)
+                    buf = self.state[params[i]]["momentum_buffer"]
+                    erase_terms.append(F.erase_along_keys(F.as_matrix(buf),
+                                                          F.delta_keys(gs[i], keys[i]))
                                        .view_as(buf))
             elementwise.memory_step(
                 [params[i] for i in idx], [grads[i] for i in idx],
@@ -316,17 +462,14 @@ class DeltaMomentum(MemoryOptimizer):
                 maximize=group["maximize"], first_step=is_first)
 
     def _update(self, group, params, grads, implementation):
-        captured = self._captured
         keys = [None] * len(params)
         if group["keys"] == "input":
-            for i, p in enumerate(params):
-                rows = captured.get(p)
-                if rows:
-                    keys[i] = torch.cat(rows) if len(rows) > 1 else rows[0]
+            self._gather_input_keys(group, params)  # a no-op unless attached under DDP
+            for i, p in enumerate(params):  # this update consumes the keys captured for it
+                if p in self.state:
+                    keys[i] = self.state[p].pop("input_keys", None)
         if implementation == "triton":
             self._update_triton(group, params, grads, keys)
-            for p in params:
-                captured.pop(p, None)
             return
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         F.delta_momentum(
@@ -338,17 +481,83 @@ class DeltaMomentum(MemoryOptimizer):
         for p, b in zip(params, bufs):
             if b is not None:
                 self.state[p]["momentum_buffer"] = b
-            captured.pop(p, None)  # keys serve one step and are not kept alive
 
 
 def _evenly_spaced(x: Tensor, samples: int) -> Tensor:
-    """At most ``samples`` rows of ``x``, evenly spaced (deterministic, so runs repeat)."""
+    """At most ``samples`` rows of ``x``, evenly spaced (deterministic, so runs repeat); ``x``
+    itself when it has no more rows than that."""
     if x.shape[0] <= samples:
-        return x.clone()
+        return x
     index = torch.linspace(0, x.shape[0] - 1, samples, device=x.device).round().long()
     return x.index_select(0, index)
 
 
-def _unit_rows(x: Tensor) -> Tensor:
-    x = x.float() if x.dtype in F.LOW_PRECISION_DTYPES else x
-    return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+class _InputKeyHook:
+    """The forward hook :meth:`DeltaMomentum.attach` puts on an ``nn.Linear``: it records the
+    layer's input rows as keys for one weight of one optimizer.
+
+    It holds both only through weak references, and records only while the module's weight is
+    that very tensor. Pickled or deep-copied (with its model), it keeps only ``samples`` and
+    comes back inert: a copy of a model never feeds the original optimizer.
+    """
+
+    def __init__(self, optimizer: "DeltaMomentum", weight: Tensor, samples: int):
+        self._optimizer: Optional[weakref.ref] = weakref.ref(optimizer)
+        self._weight: Optional[weakref.ref] = weakref.ref(weight)
+        self.samples = samples
+
+    def _target(self) -> Optional[tuple["DeltaMomentum", Tensor]]:
+        if self._optimizer is None or self._weight is None:
+            return None
+        optimizer, weight = self._optimizer(), self._weight()
+        return None if optimizer is None or weight is None else (optimizer, weight)
+
+    def feeds(self, optimizer: "DeltaMomentum", weight: Tensor) -> bool:
+        target = self._target()
+        return target is not None and target[0] is optimizer and target[1] is weight
+
+    def inert(self) -> bool:
+        return self._target() is None
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return  # evaluation passes leave no keys
+        target = self._target()
+        if target is None or getattr(module, "weight", None) is not target[1]:
+            return  # optimizer gone, or a module that is not the one hooked (a copy)
+        target[0]._capture(target[1], inputs[0], self.samples)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"samples": self.samples}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._optimizer = self._weight = None
+        self.samples = state["samples"]
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _drop_inert_hooks(module: nn.Module) -> None:
+    """Remove the inert input-key hooks (optimizer gone, or carried by a copy) of ``module``."""
+    for hook_id, hook in list(module._forward_hooks.items()):
+        if isinstance(hook, _InputKeyHook) and hook.inert():
+            del module._forward_hooks[hook_id]
+            module._forward_hooks_with_kwargs.pop(hook_id, None)
+            module._forward_hooks_always_called.pop(hook_id, None)
+
+
+def _distributed_world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather_single(output: Tensor, tensor: Tensor, group: Any) -> None:
+    """``torch.distributed.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13)."""
+    gather = getattr(torch.distributed, "all_gather_single", None)
+    if gather is None:
+        gather = torch.distributed.all_gather_into_tensor
+    gather(output, tensor, group=group)

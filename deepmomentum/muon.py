@@ -30,6 +30,7 @@ class _MatrixOptimizer(MemoryOptimizer):
     ``betas``, ``eps`` and ``weight_decay`` (defaults: the constructor's ``adamw_*``)."""
 
     supports_complex = False
+    GROUP_KEYS = _ADAMW_KEYS
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not param_group.get("use_muon", self.defaults["use_muon"]):
@@ -74,6 +75,18 @@ class _MatrixOptimizer(MemoryOptimizer):
 
     def _validate_matrix_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    #: State of the matrix groups (each of the parameter's shape); AdamW groups keep Adam's.
+    MATRIX_STATE: tuple[str, ...] = ()
+
+    def _state_shapes(self, group, param):
+        shape = tuple(param.shape)
+        shapes = super()._state_shapes(group, param)
+        if group["use_muon"]:
+            shapes.update({key: shape for key in self.MATRIX_STATE})
+        else:
+            shapes.update(step=(), exp_avg=shape, exp_avg_sq=shape)
+        return shapes
 
     def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
         if group["use_muon"]:
@@ -159,6 +172,8 @@ class Muon(_MatrixOptimizer):
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW-group defaults
             (3e-4, (0.9, 0.95), 1e-10, 0.0).
         maximize, foreach, fused: as in torch; no fused path exists for NS groups yet.
+        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
+            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
 
     Reductions (tested): with ``ns_coefficients="keller"`` and torch's defaults, equals
     ``torch.optim.Muon`` — identical momentum buffers, updates within bf16 rounding (R5).
@@ -196,6 +211,7 @@ class Muon(_MatrixOptimizer):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        skip_nonfinite: bool = False,
     ):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
@@ -203,7 +219,9 @@ class Muon(_MatrixOptimizer):
                         use_muon=use_muon, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
                         adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
                         maximize=maximize, foreach=foreach, fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+
+    MATRIX_STATE = ("momentum_buffer",)
 
     def _validate_matrix_group(self, group):
         check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
@@ -287,6 +305,8 @@ class M3(_MatrixOptimizer):
             Muon's ``eps``).
         use_muon, adamw_*: as :class:`Muon`.
         maximize, foreach, fused: as :class:`Muon`.
+        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
+            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
 
     References: Behrouz et al., Nested Learning (NeurIPS 2025; arXiv 2512.24695), §7.2.
     """
@@ -314,6 +334,7 @@ class M3(_MatrixOptimizer):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        skip_nonfinite: bool = False,
     ):
         defaults = dict(lr=lr, betas=betas, decays=decays, alpha=alpha, chunk=chunk, eps=eps,
                         weight_decay=weight_decay, ns_coefficients=ns_coefficients,
@@ -322,7 +343,15 @@ class M3(_MatrixOptimizer):
                         adamw_betas=adamw_betas, adamw_eps=adamw_eps,
                         adamw_weight_decay=adamw_weight_decay, maximize=maximize,
                         foreach=foreach, fused=fused)
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+
+    MATRIX_STATE = ("fast_buffer", "exp_avg_sq", "slow_buffer", "slow_update", "chunk_sum")
+
+    def _state_shapes(self, group, param):
+        shapes = super()._state_shapes(group, param)
+        if group["use_muon"]:
+            shapes["step"] = ()
+        return shapes
 
     def _validate_matrix_group(self, group):
         for name, low, high in (("betas", 0.0, float("inf")), ("decays", 0.0, 1.0)):
@@ -340,7 +369,7 @@ class M3(_MatrixOptimizer):
             raise ValueError(f"Invalid chunk: {chunk!r}; chunk must be an integer ≥ 1")
 
     def _update_matrices(self, group, params, grads, implementation):
-        keys = ("fast_buffer", "exp_avg_sq", "slow_buffer", "slow_update", "chunk_sum")
+        keys = self.MATRIX_STATE
         for p in params:
             state = self.state[p]
             if "fast_buffer" not in state:

@@ -14,6 +14,7 @@ hyperparameters, its state and a call into :mod:`deepmomentum.functional`:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, Iterable, Optional
@@ -84,6 +85,37 @@ def check_schedule(group: dict[str, Any]) -> None:
                          f"in [0, update_period) = [0, {period})")
 
 
+def _non_overlapping_and_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory exactly once (any dim order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _fused_layout_fits(param: Tensor, grad: Tensor, state: Optional[dict]) -> bool:
+    """Whether torch's fused kernel computes the right thing for this tensor: parameter dense
+    and non-overlapping; gradient and every state tensor of its shape and strides."""
+    tensors = [grad] + [v for k, v in (state or {}).items()
+                        if k != "step" and isinstance(v, Tensor)]
+    if param.is_contiguous():  # the common case, from cached flags
+        return all(t.shape == param.shape and t.is_contiguous() for t in tensors)
+    if not _non_overlapping_and_dense(param):
+        return False
+    strides = param.stride()
+    return all(t.shape == param.shape and t.stride() == strides for t in tensors)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one reduction per device, one read)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
 class MemoryOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose step calls a functional rule.
 
@@ -95,15 +127,21 @@ class MemoryOptimizer(torch.optim.Optimizer):
     #: Whether the rule is elementwise, so complex parameters can go through their real view.
     supports_complex: bool = True
 
-    #: Group options every optimizer takes (SPEC §7): a group with ``update_period = C``
+    #: Group options every optimizer takes. SPEC §7: a group with ``update_period = C``
     #: accumulates its gradients and applies its rule once every C ``step()`` calls.
-    SCHEDULE_DEFAULTS = {"update_period": 1, "accumulate": "sum", "update_offset": 0}
+    #: ``skip_nonfinite``: a call whose gradients hold a NaN or ±inf leaves the group's
+    #: parameters and state untouched and adds one to the group's ``nonfinite_skips`` (one
+    #: host read per step; off by default, as in torch).
+    GROUP_DEFAULTS = {"update_period": 1, "accumulate": "sum", "update_offset": 0,
+                      "skip_nonfinite": False}
+    #: Group keys a class sets beyond its constructor's arguments (Muon's AdamW groups).
+    GROUP_KEYS: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any]):
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts, got a Tensor; "
                             "pass [tensor] or model.parameters()")
-        super().__init__(params, {**self.SCHEDULE_DEFAULTS, **defaults})
+        super().__init__(params, {**self.GROUP_DEFAULTS, **defaults})
 
     # --- groups ------------------------------------------------------------------------------
 
@@ -121,6 +159,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         check_number("lr", group["lr"], 0.0)
         check_schedule(group)
         check_flag("maximize", group["maximize"])
+        check_flag("skip_nonfinite", group["skip_nonfinite"])
         check_flag("foreach", group["foreach"], allow_none=True)
         check_flag("fused", group["fused"], allow_none=True)
         if group["foreach"] and group["fused"]:
@@ -144,7 +183,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         fill groups unpickled from an older version (``__setstate__``)."""
         sig = inspect.signature(cls.__init__)
         return {
-            **cls.SCHEDULE_DEFAULTS,
+            **cls.GROUP_DEFAULTS,
             **{name: p.default for name, p in sig.parameters.items()
                if name not in ("self", "params") and p.default is not inspect.Parameter.empty},
         }
@@ -285,11 +324,32 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if grad_scale is not None and grads:
                 inverse = grad_scale.double().reciprocal().float()  # on its device: no sync
                 grads = [g * inverse.to(g.device) for g in grads]
+            if group["skip_nonfinite"] and params and not _all_finite(grads):
+                group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + 1
+                continue  # a poisoned gradient never reaches the memories
             if group["update_period"] > 1:
                 params, grads = self._accumulate(group, params, grads)
             if params:
-                self._update(group, params, grads, self._implementation(group, params))
+                implementation = self._implementation(group, params)
+                if implementation == "fused":
+                    self._update_fused(group, params, grads)
+                else:
+                    self._update(group, params, grads, implementation)
         return loss
+
+    def _update_fused(self, group, params, grads) -> None:
+        """torch's fused kernels walk raw memory and check neither shapes nor strides: they
+        get only the tensors that are dense and non-overlapping with gradient and state in the
+        parameter's exact layout; the others take the single-tensor reference."""
+        fits = [_fused_layout_fits(p, g, self.state.get(p)) for p, g in zip(params, grads)]
+        if all(fits):
+            self._update(group, params, grads, "fused")
+            return
+        for take, implementation in ((True, "fused"), (False, "single")):
+            idx = [i for i, fit in enumerate(fits) if fit == take]
+            if idx:
+                self._update(group, [params[i] for i in idx], [grads[i] for i in idx],
+                             implementation)
 
     #: GradScaler may pass grad_scale/found_inf instead of unscaling (see step()).
     _step_supports_amp_scaling = True
@@ -355,21 +415,128 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`, keeping each state tensor's saved dtype.
+    def _state_shapes(self, group: dict[str, Any], param: Tensor) -> dict[str, tuple]:
+        """The state entries this rule may keep for ``param`` under ``group``'s settings, each
+        with its expected shape (``-1``: any size in that dim). Subclasses add theirs."""
+        return {"grad_accumulator": tuple(param.shape)}
 
-        torch's loader casts floating state to the parameter's dtype, which would round the
-        fp32 state of bf16 parameters to bf16 and break bit-exact resumption; the tensors whose
-        dtype it changed are copied again from the saved state here.
+    def _state_dtype(self, key: str, value: Tensor, param: Tensor) -> torch.dtype:
+        """The dtype a loaded state tensor takes: step counters stay float32; floating state
+        takes the parameter's state dtype (fp32 for bf16/fp16 parameters)."""
+        if key == "step" or not (value.is_floating_point() or value.is_complex()):
+            return value.dtype
+        if param.is_complex():
+            return param.dtype if value.is_complex() else param.real.dtype
+        return state_dtype(param.dtype)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, after checking that it fits.
+
+        Refused with a ``ValueError`` naming the parameter (by name where the optimizer was
+        built from ``named_parameters()``) and the entry, before anything is changed: another
+        optimizer class's state (hyperparameters missing or foreign, unknown state keys), a
+        group or parameter count that differs, a state tensor whose shape is not the one this
+        rule keeps for its parameter. Loaded floating state takes the parameter's state dtype
+        (fp32 for bf16/fp16 parameters — torch's loader would round it to bf16 —, the
+        parameter's own dtype otherwise), device and memory layout, in tensors of its own.
+        ``step`` entries become float32 CPU tensors of their own (also from Python numbers).
         """
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as "
+                             "returned by Optimizer.state_dict()")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param group(s); this "
+                             f"{type(self).__name__} has {len(self.param_groups)}")
+        foreign = _foreign_hyperparameters(type(self))
+        pairs = []  # (saved id, group index, parameter, saved group)
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict param_groups[{index}] has {len(saved['params'])} "
+                                 f"parameter(s); this optimizer's has {len(group['params'])}")
+            # Options every class has gained since v0.1 may be absent: filled in below.
+            missing = sorted(set(self.defaults) - set(saved) - set(self.GROUP_DEFAULTS))
+            unknown = sorted(foreign & set(saved))
+            if missing or unknown:
+                raise ValueError(
+                    f"state_dict param_groups[{index}] was not saved by {type(self).__name__}: "
+                    + "; ".join(part for part in (
+                        f"it lacks the hyperparameters {missing}" if missing else "",
+                        f"it has the foreign hyperparameters {unknown}" if unknown else "")
+                        if part))
+            pairs += [(i, index, p, saved) for i, p in zip(saved["params"], group["params"])]
+        for saved_id, index, param, saved_group in pairs:
+            entries = state_dict["state"].get(saved_id)
+            if entries:
+                self._check_saved_state(index, param, {**self.param_groups[index],
+                                                       **saved_group}, entries)
+
         super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, param in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id)
-            if not saved or param not in self.state:
+        for group in self.param_groups:  # options added after the checkpoint was written
+            for key, value in self.GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+        for saved_id, _, param, _ in pairs:
+            entries = state_dict["state"].get(saved_id)
+            if not entries or param not in self.state:
                 continue
             state = self.state[param]
-            for key, value in saved.items():
-                if isinstance(value, Tensor) and state[key].dtype != value.dtype:
-                    state[key] = value.to(device=state[key].device, copy=True)
+            for key, value in entries.items():
+                if key == "step":  # a float32 CPU counter of its own (steps advance in place)
+                    state[key] = value.detach().to(dtype=torch.float32, device="cpu", copy=True) \
+                        if isinstance(value, Tensor) else torch.tensor(float(value),
+                                                                       dtype=torch.float32)
+                elif isinstance(value, Tensor):
+                    # From the saved tensor (not torch's cast copy): no double rounding.
+                    like = param if value.shape == param.shape else value
+                    state[key] = torch.empty_like(
+                        like, dtype=self._state_dtype(key, value, param), device=param.device,
+                        memory_format=torch.preserve_format).copy_(value)
+
+    def _check_saved_state(self, index: int, param: Tensor, group: dict[str, Any],
+                           entries: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless every saved state entry is one this rule keeps for
+        ``param``, with its shape."""
+        allowed = self._state_shapes(group, param)
+        unknown = sorted(set(entries) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"state_dict holds state {unknown} for {self._param_name(index, param)}, which "
+                f"{type(self).__name__} with these settings never keeps (it keeps "
+                f"{sorted(allowed)}): was it saved by another optimizer or configuration?")
+        for key, value in entries.items():
+            expected = allowed[key]
+            if key == "step" and not isinstance(value, Tensor):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"state_dict entry '{key}' of {self._param_name(index, param)}"
+                                 f" must be a tensor, got {type(value).__name__}")
+            shape = tuple(value.shape)
+            if len(shape) != len(expected) or any(e not in (-1, s)
+                                                  for e, s in zip(expected, shape)):
+                want = "×".join("n" if e == -1 else str(e) for e in expected) or "scalar"
+                raise ValueError(
+                    f"state_dict entry '{key}' of {self._param_name(index, param)} has shape "
+                    f"{shape}; {type(self).__name__} keeps it with shape ({want}) for this "
+                    "parameter: the checkpoint belongs to other parameters")
+
+
+def _optimizer_classes() -> list[type]:
+    import deepmomentum
+
+    found = [c for c in vars(torch.optim).values()
+             if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
+    return found + [c for c in vars(deepmomentum).values()
+                    if isinstance(c, type) and issubclass(c, MemoryOptimizer)]
+
+
+@functools.lru_cache(maxsize=None)
+def _foreign_hyperparameters(cls: type) -> frozenset:
+    """Hyperparameter names of the other optimizers of torch.optim and deepmomentum that
+    ``cls`` does not have: a saved group holding one was saved by another class."""
+    own = set(cls._signature_defaults()) | set(cls.GROUP_KEYS)
+    names = set()
+    for other in _optimizer_classes():
+        names |= {name for name, p in inspect.signature(other.__init__).parameters.items()
+                  if name not in ("self", "params") and p.kind is p.POSITIONAL_OR_KEYWORD}
+    return frozenset(names - own)

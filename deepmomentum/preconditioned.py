@@ -41,6 +41,8 @@ class PreconditionedMomentum(MemoryOptimizer):
             kernel and exists for ``precondition="readout"``, ``preconditioner="adam"``; by
             default it is picked where it applies, else the single-tensor loop on CPU and
             foreach elsewhere.
+        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
+            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
 
     Reductions (tested as properties): readout + decoupled decay equals
     ``torch.optim.AdamW(lr, betas, eps, weight_decay)``; λ = 0 equals ``torch.optim.Adam`` (R3a);
@@ -70,6 +72,7 @@ class PreconditionedMomentum(MemoryOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = True,
+        skip_nonfinite: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -83,7 +86,7 @@ class PreconditionedMomentum(MemoryOptimizer):
             foreach=foreach,
             fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         betas = group["betas"]
@@ -96,6 +99,13 @@ class PreconditionedMomentum(MemoryOptimizer):
         check_choice("precondition", group["precondition"], F.PRECONDITION_MODES)
         check_choice("preconditioner", group["preconditioner"], F.PRECONDITIONERS)
         check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
+
+    def _state_shapes(self, group, param):
+        shape = tuple(param.shape)
+        shapes = {**super()._state_shapes(group, param), "step": (), "exp_avg": shape}
+        if group["preconditioner"] == "adam":
+            shapes["exp_avg_sq"] = shape
+        return shapes
 
     def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
         if group["precondition"] != "readout" or group["preconditioner"] != "adam":

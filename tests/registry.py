@@ -57,6 +57,7 @@ COMMON_INVALID = (
     ({"lr": float("nan")}, "lr"),
     ({"maximize": "yes"}, "maximize"),
     ({"foreach": True, "fused": True}, "fused"),
+    ({"skip_nonfinite": "yes"}, "skip_nonfinite"),
 )
 
 REGISTRY: tuple[OptimizerInfo, ...] = (

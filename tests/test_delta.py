@@ -85,10 +85,19 @@ def test_erase_term_equals_the_explicit_key_gram(rows, cols, keys):
     g = torch.Generator().manual_seed(0)
     b = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     k = torch.randn(keys, cols, generator=g, dtype=torch.float64)
-    d = torch.tensor(2.5, dtype=torch.float64)
-    torch.testing.assert_close(F.erase_along_keys(b, k, d), b @ (k.T @ k) / d)
-    zero = torch.tensor(0.0, dtype=torch.float64)
-    assert torch.equal(F.erase_along_keys(b, k, zero), torch.zeros_like(b))
+    torch.testing.assert_close(F.erase_along_keys(b, k), b @ (k.T @ k))
+    assert torch.equal(F.erase_along_keys(b, torch.zeros_like(k)), torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("rows,cols", [(3, 7), (7, 3), (1, 6)])
+def test_key_matrices_have_the_normalized_key_gram(rows, cols):
+    g = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    k = F.gradient_keys(g)
+    torch.testing.assert_close(k.T @ k, g.T @ g / g.pow(2).sum())
+    x = F.unit_rows(g)
+    k = F.input_keys_matrix(x, torch.float64)
+    torch.testing.assert_close(k.T @ k, x.T @ x / rows)
+    assert torch.equal(F.gradient_keys(torch.zeros(rows, cols)), torch.zeros(rows, cols))
 
 
 def test_gradient_keys_erase_along_the_gradient_row_space():
@@ -116,7 +125,8 @@ def test_input_keys_are_the_layer_inputs():
     model = _model()
     opt = dm.DeltaMomentum(model.parameters(), lr=0.1, erase=0.5, keys="input").attach(model)
     x = torch.randn(5, 4)
-    hidden = torch.tanh(model[0](x)).detach()  # the second layer's input, recorded by hand
+    with torch.no_grad():  # the second layer's input, recorded by hand (and not as keys)
+        hidden = torch.tanh(model[0](x))
     model(x).sum().backward()
     unit = lambda t: t / t.norm(dim=1, keepdim=True)  # noqa: E731
     torch.testing.assert_close(opt._captured[model[0].weight][0], unit(x))
