@@ -915,15 +915,24 @@ class ScanCoefficients(NamedTuple):
     param_from_grads: Tensor
 
 
+def _log_gate(x: Tensor) -> Tensor:
+    """``log x`` for a gate in [0, 1], with ``log 0 = −∞`` exactly and a zero (not NaN)
+    gradient there: a gate that saturates to 0 (σ underflows in float32) must not poison the
+    backward pass, where ``torch.log``'s gradient ``1/x`` times the zero that follows is NaN."""
+    positive = x > 0
+    return torch.where(positive, torch.log(torch.where(positive, x, torch.ones_like(x))),
+                       torch.full_like(x, float("-inf")))
+
+
 def scan_coefficients(momentum: Tensor, lr: Tensor, decay: Tensor) -> ScanCoefficients:
     r"""The coefficients that map ``(S_0, W_0, g_1..g_C)`` to every ``S_t`` and ``W_t`` of
     :func:`momentum_scan`. With ``P^x_{t,j} = ∏_{j<s≤t} x_s`` (lower-triangular):
     ``S_t = P^η_{t,0} S_0 − Σ_j P^η_{t,j} θ_j g_j`` and, since
     ``W_t = P^{1−α}_{t,0} W_0 + Σ_i P^{1−α}_{t,i} S_i``, the ``W`` maps are ``P^{1−α}``
     composed with the ``S`` maps. Gates: (*batch, C)."""
-    log_keep = torch.log(1 - decay)
+    log_keep = _log_gate(1 - decay)
     keep_within = torch.exp(_segment_log_products(log_keep))  # (*batch, C, C)
-    log_eta = torch.log(momentum)
+    log_eta = _log_gate(momentum)
     eta_within = torch.exp(_segment_log_products(log_eta))
     eta_from_start = torch.exp(torch.cumsum(log_eta, dim=-1))  # ∏_{s≤t} η_s
     momentum_from_grads = eta_within * lr.unsqueeze(-2)  # [t, j]: P^η_{t,j} θ_j
@@ -953,8 +962,8 @@ def momentum_scan(grads: Tensor, momentum: Tensor, lr: Tensor, decay: Tensor,
     Shapes: ``grads`` ``(*batch, C, *event)``; ``momentum``, ``lr``, ``decay`` ``(*batch, C)``;
     ``momentum_buffer`` and ``param`` ``(*batch, *event)``. Returns ``(S, W)``, each
     ``(*batch, C, *event)``: the state after every step of the block. Differentiable in every
-    input. Gates must lie in [0, 1] (η, 1 − α; η > 0 for gradients); they are not checked, so
-    that the function stays traceable.
+    input. Gates must lie in [0, 1] (η, 1 − α; a gate of exactly 0 has a zero gradient); they
+    are not checked, so that the function stays traceable.
     """
     batch, steps = momentum.shape[:-1], momentum.shape[-1]
     if grads.shape[:momentum.dim()] != momentum.shape:

@@ -130,13 +130,33 @@ def param_groups(model: LanguageModel, matrix_split: bool) -> list[dict[str, Any
     return groups
 
 
+# M3 (issue 14). Its literal rule W ← W − γ (NS(M¹) + α O²)/(√V + ε) divides an orthogonalized
+# matrix (entries ~1/√n) by √V of the raw gradients, so an entry's step is ~γ/(|G| + ε). The
+# clipped gradients here span 0 to 1e-2, and with M3's ε = 1e-8 the first step, at the warm-up's
+# γ = 6e-5, moved HOPE's η-gate bias by 443: σ(η) underflowed to exactly 0, log η = −inf in the
+# memories' scan gave NaN gradients, and the loss was NaN at step 2 (--lr 1e-4: at step 3).
+# ε = 1e-2, at the top of that range, caps the multiplier 1/(√V + ε) at 100 (√V still damps the
+# largest-gradient entries: 22% by over 2× at step 100), so γ/ε is the largest step scale, in the
+# role of Muon's lr. γ = lr/30 (1e-4 at tiny, γ/ε = 1e-2: Muon's lr that trains here) ran the
+# 800 tiny steps; γ = 3e-4 drove σ(η) to 0 again at step 281, γ = 3e-3 diverged by step 31
+# (of a run at batch 8).
+M3_OPTIONS = dict(eps=1e-2)
+M3_LR_SCALE = 1 / 30
+
+
+def default_lr(name: str, size_lr: float) -> float:
+    """The lr of a run without ``--lr``: the size's, a 30th of it for M3 (``M3_OPTIONS``)."""
+    return size_lr * (M3_LR_SCALE if optimizer_class(name) is dm.M3 else 1.0)
+
+
 def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: float
                    ) -> torch.optim.Optimizer:
     cls = optimizer_class(name)
     matrix_split = cls in (dm.Muon, dm.M3)
     groups = param_groups(model, matrix_split)
     if issubclass(cls, dm.MemoryOptimizer):
-        return cls(groups, lr=lr, weight_decay=weight_decay)
+        options = M3_OPTIONS if cls is dm.M3 else {}  # recorded as metrics' optim_options
+        return cls(groups, lr=lr, weight_decay=weight_decay, **options)
     plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # torch: tensors
     return dm.MultiFrequency(cls(plain, lr=lr, weight_decay=weight_decay))
 
@@ -199,7 +219,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     size = SIZES[args.size]
     steps = args.steps or size["steps"]
-    lr = args.lr or size["lr"]
+    lr = args.lr or default_lr(args.optim, size["lr"])
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
@@ -216,6 +236,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     val = validation_windows(val_tokens, size["eval_windows"], size["seq_len"])
     metrics: dict[str, Any] = {
         "arch": args.arch, "size": args.size, "optim": args.optim, "lr": lr,
+        "optim_options": M3_OPTIONS if optimizer_class(args.optim) is dm.M3 else {},
         "weight_decay": args.weight_decay, "seed": args.seed, "steps": steps,
         "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
         "parameters": count_parameters(model), "corpus": corpus,
