@@ -98,16 +98,24 @@ def _non_overlapping_and_dense(t: Tensor) -> bool:
 
 
 def _fused_layout_fits(param: Tensor, grad: Tensor, state: Optional[dict]) -> bool:
-    """Whether torch's fused kernel computes the right thing for this tensor: parameter dense
-    and non-overlapping; gradient and every state tensor of its shape and strides."""
-    tensors = [grad] + [v for k, v in (state or {}).items()
-                        if k != "step" and isinstance(v, Tensor)]
-    if param.is_contiguous():  # the common case, from cached flags
-        return all(t.shape == param.shape and t.is_contiguous() for t in tensors)
-    if not _non_overlapping_and_dense(param):
-        return False
+    """Whether torch's fused kernel computes the right thing for this tensor: the parameter
+    dense and non-overlapping, the gradient and every state tensor laid out exactly as it.
+
+    Strides and element count are compared, not shapes (``Tensor.shape`` costs ~3× a
+    ``stride()`` call on this hot path): autograd already keeps ``.grad`` in the parameter's
+    shape, state is created in it and ``load_state_dict`` refuses any other, and two dense
+    tensors with the same strides and element count walk memory in the same index order.
+    """
     strides = param.stride()
-    return all(t.shape == param.shape and t.stride() == strides for t in tensors)
+    if grad.stride() != strides or not _non_overlapping_and_dense(param):
+        return False
+    if state:
+        numel = param.numel()
+        for key, value in state.items():
+            if key != "step" and isinstance(value, Tensor) and (
+                    value.stride() != strides or value.numel() != numel):
+                return False
+    return True
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -207,22 +215,25 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 return f"'{names[i]}' ({where}, {shape})" if names else f"{where} ({shape})"
         return f"a tensor of shape {tuple(param.shape)}"
 
-    def _check_param(self, group_index: int, param: Tensor) -> None:
-        """Reject what this rule cannot update, naming the tensor."""
-        if param.grad.layout != torch.strided:
-            raise UnsupportedTensorError(
-                f"{type(self).__name__} does not support sparse gradients; "
-                f"{self._param_name(group_index, param)} has one"
-            )
-        if param.is_complex() and not self.supports_complex:
-            raise UnsupportedTensorError(
-                f"{type(self).__name__} does not support complex parameters; "
-                f"{self._param_name(group_index, param)} is complex"
-            )
-        if not (param.is_floating_point() or param.is_complex()):
-            raise UnsupportedTensorError(
-                f"{self._param_name(group_index, param)} is not floating point"
-            )
+    def _check_params(self, group_index: int, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Reject what this rule cannot update, naming the first such tensor. The dtype checks
+        run once per dtype: this is on every step's path."""
+        for p, g in zip(params, grads):
+            if g.layout != torch.strided:
+                raise UnsupportedTensorError(
+                    f"{type(self).__name__} does not support sparse gradients; "
+                    f"{self._param_name(group_index, p)} has one")
+        first_of_dtype: dict[torch.dtype, Tensor] = {}
+        for p in params:
+            first_of_dtype.setdefault(p.dtype, p)
+        for dtype, p in first_of_dtype.items():
+            if dtype.is_complex and not self.supports_complex:
+                raise UnsupportedTensorError(
+                    f"{type(self).__name__} does not support complex parameters; "
+                    f"{self._param_name(group_index, p)} is complex")
+            if not (dtype.is_floating_point or dtype.is_complex):
+                raise UnsupportedTensorError(
+                    f"{self._param_name(group_index, p)} is not floating point")
 
     @staticmethod
     def _real(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -317,10 +328,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if found_inf is not None and found_inf.item() != 0:
             return loss
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                self._check_param(index, p)
-            grads = [p.grad for p in params]
+            params, grads = [], []
+            for p in group["params"]:
+                grad = p.grad
+                if grad is not None:
+                    params.append(p)
+                    grads.append(grad)
+            self._check_params(index, params, grads)
             if grad_scale is not None and grads:
                 inverse = grad_scale.double().reciprocal().float()  # on its device: no sync
                 grads = [g * inverse.to(g.device) for g in grads]
