@@ -1,7 +1,8 @@
 """deepmomentum: deep-memory optimizers for PyTorch (Nested Learning, Behrouz et al. 2025).
 
 Every optimizer here is a ``torch.optim.Optimizer`` whose momentum is read as an associative
-memory of the gradient stream; see SPEC.md for the rules and the reductions they satisfy.
+memory of the gradient stream; see docs/spec.md in the repository for the rules and the
+reductions they satisfy.
 """
 
 from . import functional

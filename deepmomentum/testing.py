@@ -13,7 +13,12 @@ Typical use, in a user's own test::
             shapes=shapes, steps=50, dtype=torch.float64, rtol=1e-12,
         )
 
-``hypothesis`` is imported lazily, so this module imports without it; the strategies need it.
+Requirements: the strategies (``parameter_shapes``, ``float_dtypes``, ``learning_rates``,
+``sgd_hyperparameters``, ``adam_hyperparameters``) need `hypothesis <https://hypothesis.works>`_,
+which is not a dependency of ``deepmomentum`` itself: ``pip install hypothesis`` (or
+``pip install "deepmomentum[test]"``). It is imported lazily, so this module imports without it,
+and ``assert_same_trajectory``, ``run_trajectory`` and ``noisy_quadratic_grads`` work without it;
+a strategy asked for without it raises an ``ImportError`` that says so.
 """
 
 from __future__ import annotations
@@ -164,7 +169,12 @@ def assert_same_trajectory(
 
 def _st():
     """hypothesis.strategies, imported only when a strategy is asked for."""
-    from hypothesis import strategies
+    try:
+        from hypothesis import strategies
+    except ImportError as error:
+        raise ImportError(
+            "deepmomentum.testing's strategies need hypothesis, which deepmomentum does not "
+            "install: pip install hypothesis (or pip install \"deepmomentum[test]\")") from error
 
     return strategies
 

@@ -8,12 +8,12 @@ import torch
 
 import deepmomentum as dm
 from deepmomentum import kernels
-from deepmomentum.kernels import elementwise as K
 from deepmomentum.testing import run_trajectory
 
 from registry import cases
 
-pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton")
+# The kernels need triton (the `triton` extra, part of `test`); without it the module skips.
+K = pytest.importorskip("deepmomentum.kernels.elementwise", reason="needs triton")
 
 # Ragged sizes: smaller than a block, a scalar, one past a block boundary, several blocks.
 SHAPES = [(5,), (), (3, 7), (K.BLOCK + 1,), (2, K.BLOCK + 3)]
