@@ -22,6 +22,10 @@ import torch.nn.functional as F
 
 import deepmomentum as dm
 
+# The AdamW part of Muon/M3 as deepmomentum 0.1.0 defaulted it (torch.optim.AdamW's defaults
+# now), kept so the README's numbers stay reproducible.
+ADAMW_0_1 = dict(adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_weight_decay=0.0)
+
 # name -> the one line that builds the optimizer. lr picked on a small grid per optimizer.
 OPTIMIZERS = {
     "torch.optim.AdamW": lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01),
@@ -33,10 +37,10 @@ OPTIMIZERS = {
         params, lr=0.1, momentum=0.9, nesterov=True),
     # Muon and M3 take the model, to route matrices to NS and the rest to AdamW.
     "Muon (+AdamW groups)": lambda model: dm.Muon(
-        dm.muon_param_groups(model, adamw_options={"lr": 3e-3}), lr=0.005),
+        dm.muon_param_groups(model, adamw_options={"lr": 3e-3}), lr=0.005, **ADAMW_0_1),
     # M3 divides an orthogonal update by √V, so its step scales like lr/|G|: a much smaller lr.
     "M3 (+AdamW groups)": lambda model: dm.M3(
-        dm.muon_param_groups(model, adamw_options={"lr": 3e-3}), lr=1e-4),
+        dm.muon_param_groups(model, adamw_options={"lr": 3e-3}), lr=1e-4, **ADAMW_0_1),
 }
 TAKES_MODEL = ("Muon (+AdamW groups)", "M3 (+AdamW groups)")
 

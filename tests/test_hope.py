@@ -238,6 +238,25 @@ def test_optimizer_by_name():
     assert train.optimizer_class("Adam") is torch.optim.Adam  # not in deepmomentum: torch's
     with pytest.raises(ValueError, match="optim"):
         train.optimizer_class("Adamm")
+    for not_one in ("MultiFrequency", "MemoryOptimizer", "torch.Optimizer"):  # not trainable
+        with pytest.raises(ValueError, match="choose from"):
+            train.optimizer_class(not_one)
+    names = train.optimizer_names()
+    assert {"PreconditionedMomentum", "M3", "torch.AdamW", "torch.SGD"} <= set(names)
+    assert all(train.optimizer_class(n) for n in names)
+
+
+def test_unknown_optim_is_a_usage_error_listing_the_names(tmp_path, capsys):
+    """``--optim Foo`` exits like argparse (status 2, usage, the valid names), before any work;
+    it was a ValueError traceback from inside the training."""
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--optim", "Foo", "--size", "micro", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "argument --optim: invalid optim: 'Foo'" in err
+    for name in ("PreconditionedMomentum", "DeltaMomentum", "Muon", "M3", "torch.AdamW"):
+        assert name in err
+    assert not (tmp_path / "run").exists()
 
 
 def _args(tmp_path, *extra):
@@ -260,6 +279,35 @@ def test_train_writes_metrics_and_resumes_bit_for_bit(tmp_path):
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_partial_run_says_where_it_stopped_and_records_it(tmp_path, capsys):
+    """A run cut short by --stop-after says "stopped at step N of M" (it printed only
+    ``"final_val_bits_per_byte": null``) and metrics.json records it as partial; resumed to
+    the end it is complete."""
+    argv = ["--arch", "hope", "--size", "micro", "--corpus", "stdlib", "--out", str(tmp_path),
+            "--quiet", "--device", "cpu", "--steps", "5"]
+    train.main(argv + ["--stop-after", "2"])
+    out, err = capsys.readouterr()
+    assert "stopped at step 2 of 5" in err and "--resume" in err
+    printed = json.loads(out)
+    assert printed["partial"] is True and printed["steps_done"] == 2 and printed["steps"] == 5
+    assert "final_val_bits_per_byte" not in printed
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["partial"] is True and saved["steps_done"] == 2 and saved["steps"] == 5
+    assert "final_val_bits_per_byte" not in saved and len(saved["train_loss"]) == 2
+    train.main(argv + ["--resume"])
+    out, err = capsys.readouterr()
+    assert "stopped" not in err and math.isfinite(json.loads(out)["final_val_bits_per_byte"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["partial"] is False and saved["steps_done"] == 5
+    assert saved["tokens"] == 5 * train.SIZES["micro"]["batch"] * train.SIZES["micro"]["seq_len"]
+    # extended (a larger --steps) and cut short again: partial, its old final no longer final
+    train.main(argv[:-1] + ["7", "--resume", "--stop-after", "1"])
+    assert "stopped at step 6 of 7" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["partial"] is True and (saved["steps_done"], saved["steps"]) == (6, 7)
+    assert "final_val_bits_per_byte" not in saved
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -305,3 +353,28 @@ def test_table_aggregates_runs_over_seeds(tmp_path):
     assert "2.100 ± 0.141" in rows["hope"] and "| 1.900 |" in rows["transformer"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["hope"]["val_bits_per_byte"] == [2.0, 2.2]
+
+
+def test_table_marks_a_partial_run_instead_of_crashing(tmp_path):
+    """`evaluate table` over a run cut short raised KeyError: 'final_val_bits_per_byte'; the
+    run is now left out of the mean and marked partial with the step it reached."""
+    done = tmp_path / "hope-0"
+    done.mkdir()
+    (done / "metrics.json").write_text(json.dumps(
+        {"final_val_bits_per_byte": 2.0, "seed": 0, "parameters": 1234}))
+    train.train(_args(tmp_path / "hope-1", "--seed", "1", "--steps", "6", "--stop-after", "3"))
+    old = tmp_path / "transformer-0"  # written before steps_done/partial were recorded
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps(
+        {"seed": 0, "parameters": 1234, "steps": 800, "train_loss": [3.0] * 200,
+         "val": [{"step": 200, "bits_per_byte": 2.9}]}))
+    text = evaluate.table(str(tmp_path))
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert "| 2.000 (partial: seed 1 at step 3/6) |" in rows["hope"]
+    assert "| — (partial: seed 0 at step 200/800) |" in rows["transformer"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["hope"]["val_bits_per_byte"] == [2.0] and summary["hope"]["seeds"] == [0]
+    (partial,) = summary["hope"]["partial"]
+    assert partial["seed"] == 1 and (partial["steps_done"], partial["steps"]) == (3, 6)
+    assert partial["last_val_step"] == 3 and math.isfinite(partial["last_val_bits_per_byte"])
+    assert summary["transformer"]["partial"][0]["last_val_bits_per_byte"] == 2.9

@@ -193,8 +193,20 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _partial(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A run without a final validation: its seed, how far it got, its last validation."""
+    steps_done = metrics.get("steps_done", len(metrics.get("train_loss", [])))
+    val = metrics.get("val") or [{}]
+    return {"seed": metrics.get("seed"), "steps_done": steps_done, "steps": metrics.get("steps"),
+            "last_val_bits_per_byte": val[-1].get("bits_per_byte"),
+            "last_val_step": val[-1].get("step")}
+
+
 def table(root: str) -> str:
-    """Markdown tables over ``root/<arch>-<seed>/`` runs and ``root/recall-<arch>-<seed>/``."""
+    """Markdown tables over ``root/<arch>-<seed>/`` runs and ``root/recall-<arch>-<seed>/``.
+
+    A run cut short (no ``final_val_bits_per_byte``) is left out of the mean and marked
+    "partial" with the step it reached; ``summary.json`` lists it under ``partial``."""
     lines = ["| model | params | val bits/byte | Python stream, off | CMS on | every level "
              "each window | Shakespeare after (CMS on) | MQAR 1× | 4× | 16× |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -208,9 +220,16 @@ def table(root: str) -> str:
                 if os.path.exists(os.path.join(os.path.dirname(r), "ttt.json"))]
         recalls = [json.load(open(r)) for r in
                    sorted(glob.glob(os.path.join(root, f"recall-{arch}-*", "recall.json")))]
-        val = [m["final_val_bits_per_byte"] for m in metrics]
-        row = [arch, f"{metrics[0]['parameters']:,}", _mean_std(val)]
-        entry: dict[str, Any] = {"val_bits_per_byte": val, "seeds": [m["seed"] for m in metrics]}
+        done = [m for m in metrics if m.get("final_val_bits_per_byte") is not None]
+        partial = [_partial(m) for m in metrics if m.get("final_val_bits_per_byte") is None]
+        val = [m["final_val_bits_per_byte"] for m in done]
+        cell = _mean_std(val) if val else "—"
+        if partial:  # cut short (--stop-after, or interrupted): not in the mean, marked
+            cell += " (partial: " + ", ".join(
+                f"seed {p['seed']} at step {p['steps_done']}/{p['steps']}" for p in partial) + ")"
+        row = [arch, f"{metrics[0]['parameters']:,}", cell]
+        entry: dict[str, Any] = {"val_bits_per_byte": val, "seeds": [m["seed"] for m in done],
+                                 "partial": partial}
         for key in ("off", "cms", "every_step"):
             row.append(_mean_std([t[key]["stream"] for t in ttts]) if ttts else "—")
             entry[f"stream_{key}"] = [t[key]["stream"] for t in ttts]

@@ -96,6 +96,25 @@ def bits_per_byte(model: LanguageModel, batches: torch.Tensor, batch_size: int =
 
 # --- optimizer --------------------------------------------------------------------------------
 
+# Optimizer subclasses that are not an optimizer to train with: base classes and the wrapper.
+_NOT_OPTIMIZERS = {"Optimizer", "MemoryOptimizer", "MultiFrequency"}
+
+
+def _optimizer(module, name: str) -> Optional[type]:
+    cls = getattr(module, name, None)
+    if (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+            and cls.__name__ not in _NOT_OPTIMIZERS and name not in _NOT_OPTIMIZERS):
+        return cls
+    return None
+
+
+def optimizer_names() -> list[str]:
+    """The names ``--optim`` takes: deepmomentum's classes, then torch's as ``torch.X``."""
+    ours = sorted(n for n in dm.__all__ if _optimizer(dm, n))
+    theirs = sorted(f"torch.{n}" for n in dir(torch.optim) if _optimizer(torch.optim, n))
+    return ours + theirs
+
+
 def optimizer_class(name: str) -> type:
     """``torch.AdamW`` / ``torch.optim.AdamW`` → torch's; ``AdamW`` → deepmomentum's if it has
     one, else torch's; ``dm.X`` → deepmomentum's."""
@@ -103,12 +122,12 @@ def optimizer_class(name: str) -> type:
                             ("dm.", (dm,)), ("deepmomentum.", (dm,)), ("", (dm, torch.optim))):
         if name.startswith(prefix):
             for module in modules:
-                cls = getattr(module, name[len(prefix):], None)
-                if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+                cls = _optimizer(module, name[len(prefix):])
+                if cls is not None:
                     return cls
             break
-    raise ValueError(f"Invalid optim: {name!r}; name a deepmomentum or torch.optim optimizer "
-                     "class, e.g. PreconditionedMomentum, DeltaMomentum, torch.AdamW")
+    raise ValueError(f"invalid optim: {name!r} (choose from {', '.join(optimizer_names())}; "
+                     "torch's also without 'torch.' where deepmomentum has no such name)")
 
 
 def param_groups(model: LanguageModel, matrix_split: bool) -> list[dict[str, Any]]:
@@ -141,6 +160,10 @@ def param_groups(model: LanguageModel, matrix_split: bool) -> list[dict[str, Any
 # 800 tiny steps; γ = 3e-4 drove σ(η) to 0 again at step 281, γ = 3e-3 diverged by step 31
 # (of a run at batch 8).
 M3_OPTIONS = dict(eps=1e-2)
+# Muon/M3's AdamW groups (embeddings, head, norms) as deepmomentum 0.1.0 defaulted them; the
+# defaults are torch.optim.AdamW's now (lr 1e-3, betas (0.9, 0.999), eps 1e-8, decay 0.01).
+MUON_ADAMW_0_1 = dict(adamw_lr=3e-4, adamw_betas=(0.9, 0.95), adamw_eps=1e-10,
+                      adamw_weight_decay=0.0)
 M3_LR_SCALE = 1 / 30
 
 
@@ -156,6 +179,8 @@ def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: flo
     groups = param_groups(model, matrix_split)
     if issubclass(cls, dm.MemoryOptimizer):
         options = M3_OPTIONS if cls is dm.M3 else {}  # recorded as metrics' optim_options
+        if matrix_split:  # the AdamW part as deepmomentum 0.1.0 defaulted it: results stay valid
+            options = {**MUON_ADAMW_0_1, **options}
         return cls(groups, lr=lr, weight_decay=weight_decay, **options)
     plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # torch: tensors
     return dm.MultiFrequency(cls(plain, lr=lr, weight_decay=weight_decay))
@@ -213,7 +238,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop (with a checkpoint) after this many steps of this call")
     parser.add_argument("--quiet", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        optimizer_class(args.optim)
+    except ValueError as e:  # argparse's way: usage, the names, exit status 2
+        parser.error(f"argument --optim: {e}")
+    return args
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,7 +281,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_rng_state(saved["torch_rng"])
         metrics, step = saved["metrics"], saved["step"]
 
+    def record_progress() -> None:
+        # a run cut short (--stop-after, or a checkpoint of an interrupted run) is partial:
+        # it has no final_val_bits_per_byte, and `evaluate table` marks it as such
+        metrics["steps"], metrics["steps_done"], metrics["partial"] = steps, step, step < steps
+        metrics["tokens"] = step * size["batch"] * size["seq_len"]
+        if step < steps:  # resumed with a larger --steps: the old final is no longer final
+            metrics.pop("final_val_bits_per_byte", None)
+
     def save() -> None:
+        record_progress()
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(),
                     "torch_rng": torch.get_rng_state(), "metrics": metrics, "step": step,
@@ -289,8 +328,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if step % args.ckpt_every == 0 or step == stop:
             if step == steps:
                 metrics["final_val_bits_per_byte"] = metrics["val"][-1]["bits_per_byte"]
-                metrics["tokens"] = steps * size["batch"] * size["seq_len"]
             save()
+    record_progress()
     return metrics
 
 
@@ -304,9 +343,20 @@ def load(run_dir: str, device: str = "cpu") -> LanguageModel:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    metrics = train(parse_args(argv))
-    print(json.dumps({k: metrics.get(k) for k in ("arch", "parameters", "tokens", "seconds",
-                                                  "final_val_bits_per_byte")}))
+    args = parse_args(argv)
+    metrics = train(args)
+    keys = ["arch", "parameters", "tokens", "seconds"]
+    if metrics["partial"]:
+        last = metrics["val"][-1] if metrics["val"] else None
+        print(f"stopped at step {metrics['steps_done']} of {metrics['steps']} "
+              f"(partial: no final validation; checkpoint in {args.out}, continue with "
+              "--resume)", file=sys.stderr)
+        keys += ["steps_done", "steps", "partial"]
+        extra = {"last_val": last}
+    else:
+        keys += ["final_val_bits_per_byte"]
+        extra = {}
+    print(json.dumps({**{k: metrics.get(k) for k in keys}, **extra}))
 
 
 if __name__ == "__main__":
