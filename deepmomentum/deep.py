@@ -79,6 +79,10 @@ class DeepMomentum(MemoryOptimizer):
         fused: not available.
         skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
             the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
+        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
+            schedule (SPEC §7) as group defaults: the rule is applied once every
+            ``update_period`` calls to the sum (or mean) of their gradients; see
+            :meth:`~deepmomentum.MemoryOptimizer.step`.
 
     Non-finite gradients and scale: the MLP memory couples a matrix's entries, so one NaN or
     inf entry poisons the whole matrix and its memory weights; a group with
@@ -132,17 +136,12 @@ class DeepMomentum(MemoryOptimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         seed: int = 0,
         skip_nonfinite: bool = False,
+        update_period: int = 1,
+        accumulate: str = "sum",
+        update_offset: int = 0,
     ):
-        defaults = dict(lr=lr, momentum=momentum, hidden=hidden, memory_lr=memory_lr,
-                        key_decay=key_decay,
-                        objective=objective, values=values, output=output,
-                        activation=activation, dampening=dampening, nesterov=nesterov,
-                        weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn,
-                        maximize=maximize, foreach=foreach, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay, beta2=beta2, eps=eps,
-                        ns_coefficients=ns_coefficients, ns_steps=ns_steps,
-                        ns_dtype=ns_dtype, seed=seed)
-        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+        defaults = self._group_defaults(locals())
+        super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_momentum(group)

@@ -8,7 +8,7 @@ the tests. Each rule has three implementations behind one switch, as ``torch.opt
 * ``_multi_tensor_*`` — the same arithmetic with ``torch._foreach_*`` ops over lists.
 * ``_fused_*`` — torch's own fused kernels, used only where a rule *is* torch's rule.
 
-Conventions shared by all rules (see SPEC.md):
+Conventions shared by all rules (see docs/spec.md, cited as "SPEC §n" below):
 
 * Tensors arrive as real tensors: complex parameters are passed through
   ``torch.view_as_real`` by the caller, so every rule here is elementwise over reals.

@@ -58,6 +58,13 @@ class AssociativeMomentum(MemoryOptimizer):
             where it applies, else the single-tensor loop on CPU and foreach elsewhere.
         skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
             the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
+        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
+            schedule (SPEC §7) as group defaults: the rule is applied once every
+            ``update_period`` calls to the sum (or mean) of their gradients; see
+            :meth:`~deepmomentum.MemoryOptimizer.step`.
+
+    Defaults are ``torch.optim.SGD``'s (lr 1e-3, dampening 0, no nesterov, weight_decay 0)
+    except ``momentum``: 0.9 where SGD's is 0 (at 0 there is no memory: plain SGD).
 
     Reductions (tested as properties): equals ``torch.optim.SGD(lr, momentum, dampening,
     nesterov, weight_decay, maximize)`` step for step (R1).
@@ -85,19 +92,12 @@ class AssociativeMomentum(MemoryOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         skip_nonfinite: bool = False,
+        update_period: int = 1,
+        accumulate: str = "sum",
+        update_offset: int = 0,
     ):
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-        )
-        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+        defaults = self._group_defaults(locals())
+        super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_momentum(group)
@@ -224,11 +224,17 @@ class DeltaMomentum(MemoryOptimizer):
         foreach (bool or None): the final update as one foreach call; fused: not available.
         skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
             the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
+        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
+            schedule (SPEC §7) as group defaults: the rule is applied once every
+            ``update_period`` calls to the sum (or mean) of their gradients; see
+            :meth:`~deepmomentum.MemoryOptimizer.step`.
 
     Non-finite gradients: the erase couples a matrix's entries, so one NaN or inf entry spreads
     over its whole row space and the memory never recovers; a group with
     ``skip_nonfinite=True`` skips such calls (parameters and state untouched, counted in the
     group's ``nonfinite_skips``).
+
+    Defaults as :class:`AssociativeMomentum` (``torch.optim.SGD``'s, but momentum 0.9).
 
     Reductions (tested as properties): ``erase=0`` equals :class:`AssociativeMomentum`, hence
     ``torch.optim.SGD`` (R2a); 1-D closed form (R2b); the norm bound (P2).
@@ -265,13 +271,13 @@ class DeltaMomentum(MemoryOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
         skip_nonfinite: bool = False,
+        update_period: int = 1,
+        accumulate: str = "sum",
+        update_offset: int = 0,
     ):
-        defaults = dict(lr=lr, momentum=momentum, erase=erase, keys=keys,
-                        key_samples=key_samples, dampening=dampening, nesterov=nesterov,
-                        weight_decay=weight_decay, maximize=maximize, foreach=foreach,
-                        fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        defaults = self._group_defaults(locals())
         self._init_hook_state()
-        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+        super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_momentum(group)

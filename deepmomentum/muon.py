@@ -7,6 +7,7 @@ builds both kinds of group from a model.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
@@ -18,10 +19,25 @@ from .newton_schulz import ADJUST_LR_FNS, ns_coefficients
 from .optimizer import MemoryOptimizer, UnsupportedTensorError, check_choice, check_flag, \
     check_number
 
-__all__ = ["Muon", "M3", "muon_param_groups"]
+__all__ = ["Muon", "M3", "muon_param_groups", "HEAD_NAMES", "EMBEDDING_NAMES"]
 
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 _NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+#: Names of output heads (their shape is the vocabulary's): :func:`muon_param_groups` sends a
+#: parameter with one of them as a part of its dotted name to AdamW, and Muon/M3 warn when a
+#: matrix group built from named parameters holds one.
+HEAD_NAMES = ("lm_head", "head", "output", "classifier", "fc_out")
+#: Common names of embedding modules. :func:`muon_param_groups` finds embeddings by module type;
+#: an optimizer sees only names, and warns on these (GPT-2's wte/wpe, HF and Llama's).
+EMBEDDING_NAMES = ("embedding", "embed", "embed_tokens", "tok_embeddings", "word_embeddings",
+                   "wte", "wpe", "tok_emb", "pos_emb")
+
+
+def _looks_like_embedding_or_head(name: str) -> bool:
+    """Whether a dotted parameter name has a part that names an output head
+    (:data:`HEAD_NAMES`, the exclusions of :func:`muon_param_groups`) or an embedding."""
+    return bool(set(name.split(".")) & (set(HEAD_NAMES) | set(EMBEDDING_NAMES)))
 
 
 class _MatrixOptimizer(MemoryOptimizer):
@@ -62,6 +78,15 @@ class _MatrixOptimizer(MemoryOptimizer):
                     f"{self._param_name(index, p)} has {p.ndim} dim(s), fewer than "
                     f"batch_dims + 2 = {batch_dims + 2}. Put it in a group with use_muon=False "
                     "(AdamW), e.g. with deepmomentum.muon_param_groups(model)")
+        flagged = [name for name in group.get("param_names") or ()
+                   if _looks_like_embedding_or_head(name)]
+        if flagged:
+            warnings.warn(
+                f"{type(self).__name__}: the Newton–Schulz group param_groups[{index}] holds "
+                f"{flagged}, named like an embedding or output head; Muon is meant for hidden "
+                "matrices (an embedding's rows are looked up, a head's shape is the "
+                "vocabulary). Put them in a use_muon=False (AdamW) group, e.g. with "
+                "deepmomentum.muon_param_groups(model).", UserWarning, stacklevel=2)
 
     @staticmethod
     def _validate_adamw(group: dict[str, Any], prefix: str) -> None:
@@ -155,11 +180,25 @@ class Muon(_MatrixOptimizer):
     Groups with ``use_muon=False`` (1-D tensors, embeddings, the output head) are updated by
     AdamW with their own ``lr``, ``betas``, ``eps`` and ``weight_decay`` — the ``adamw_*``
     arguments are their defaults. :func:`muon_param_groups` builds both groups from a model.
+    ``Muon(model.parameters())`` cannot tell an embedding or a head from a hidden matrix (it
+    sees tensors only) and puts them in the Newton–Schulz group: use
+    ``Muon(dm.muon_param_groups(model))``. Built from ``named_parameters()``, a matrix group
+    warns (``UserWarning`` naming them) on names like an embedding's or a head's
+    (:data:`HEAD_NAMES` — :func:`muon_param_groups`'s exclusions — and
+    :data:`EMBEDDING_NAMES`).
+
+    Defaults: the matrix part takes ``torch.optim.Muon``'s (lr 1e-3, weight_decay 0.1,
+    momentum 0.95, nesterov, Keller's coefficients, 5 steps, eps 1e-7), so it is a drop-in for
+    it; the AdamW part takes ``torch.optim.AdamW``'s (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+    weight_decay 0.01), so the non-matrix parameters train as they did under the AdamW this
+    replaces. (deepmomentum 0.1.0 used 3e-4, (0.9, 0.95), 1e-10, 0 — the modded-nanoGPT
+    speedrun's settings; pass them as ``adamw_*`` to repeat an old run.)
 
     Args:
         params: iterable of ≥2-D parameters, named parameters or group dicts.
         lr (float, default 1e-3): γ ≥ 0 for the matrices.
-        weight_decay (float, default 0.1): λ ≥ 0, decoupled (W ← W(1 − γλ), unadjusted γ).
+        weight_decay (float, default 0.1, as ``torch.optim.Muon``): λ ≥ 0, decoupled
+            (W ← W(1 − γλ), unadjusted γ).
         momentum (float, default 0.95): μ in [0, 1).
         nesterov (bool, default True).
         ns_coefficients (default "keller"): "keller", "you", "polar_express", one (a, b, c)
@@ -170,10 +209,14 @@ class Muon(_MatrixOptimizer):
         batch_dims (int, default 0): leading dims that index independent matrices.
         use_muon (bool, default True): False makes a group AdamW.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW-group defaults
-            (3e-4, (0.9, 0.95), 1e-10, 0.0).
+            (1e-3, (0.9, 0.999), 1e-8, 0.01: ``torch.optim.AdamW``'s).
         maximize, foreach, fused: as in torch; no fused path exists for NS groups yet.
         skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
             the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
+        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
+            schedule (SPEC §7) as group defaults: the rule is applied once every
+            ``update_period`` calls to the sum (or mean) of their gradients; see
+            :meth:`~deepmomentum.MemoryOptimizer.step`.
 
     Reductions (tested): with ``ns_coefficients="keller"`` and torch's defaults, equals
     ``torch.optim.Muon`` — identical momentum buffers, updates within bf16 rounding (R5).
@@ -204,22 +247,20 @@ class Muon(_MatrixOptimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         batch_dims: int = 0,
         use_muon: bool = True,
-        adamw_lr: float = 3e-4,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-10,
-        adamw_weight_decay: float = 0.0,
+        adamw_lr: float = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.01,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         skip_nonfinite: bool = False,
+        update_period: int = 1,
+        accumulate: str = "sum",
+        update_offset: int = 0,
     ):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
-                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, batch_dims=batch_dims,
-                        use_muon=use_muon, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-                        adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay,
-                        maximize=maximize, foreach=foreach, fused=fused)
-        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+        defaults = self._group_defaults(locals())
+        super().__init__(params, defaults)
 
     MATRIX_STATE = ("momentum_buffer",)
 
@@ -265,6 +306,37 @@ class Muon(_MatrixOptimizer):
                                  weight_decay=group["weight_decay"])
 
 
+_DEFAULT_WRITES = (1.0, 1.0, 1.0)
+
+
+def _check_triple(name: str, values: Any, low: float, high: float) -> None:
+    if not isinstance(values, (tuple, list)) or len(values) != 3:
+        raise ValueError(f"Invalid {name}: {values!r}; {name} must be a triple")
+    for i, v in enumerate(values):
+        check_number(f"{name}[{i}]", v, low, high)
+
+
+def _deprecated_betas(betas: Any, stacklevel: int) -> Any:
+    """M3's write strengths passed under their old name: checked under it, then warned."""
+    _check_triple("betas", betas, 0.0, float("inf"))
+    warnings.warn("M3: betas= is deprecated, the write strengths are writes= now (LR schedulers "
+                  "that cycle momentum rewrite betas[0] as Adam's β₁)", DeprecationWarning,
+                  stacklevel=stacklevel)
+    return betas
+
+
+def _writes_from_betas(group: dict[str, Any], matrix: bool, writes: Any = _DEFAULT_WRITES
+                       ) -> dict[str, Any]:
+    """A group (or defaults) of an M3 saved before ``betas`` became ``writes``: a Newton–Schulz
+    group's ``betas`` are its write strengths; an AdamW group's are Adam's and stay."""
+    group = dict(group)
+    if matrix and "betas" in group:
+        group["writes"] = tuple(group.pop("betas"))
+    else:
+        group["writes"] = writes
+    return group
+
+
 class M3(_MatrixOptimizer):
     r"""M3, multi-scale momentum Muon (NL arXiv §7.2, Algorithm 1).
 
@@ -272,10 +344,10 @@ class M3(_MatrixOptimizer):
     ``chunk`` (Ĉ) steps, both orthogonalized, share an AdaGrad-like second-moment memory:
 
     .. math::
-        M^1_t &= \mu_1 M^1_{t-1} + \beta_1 G_t, \qquad V_t = \mu_2 V_{t-1} + \beta_2 G_t^2\\
+        M^1_t &= \mu_1 M^1_{t-1} + \omega_1 G_t, \qquad V_t = \mu_2 V_{t-1} + \omega_2 G_t^2\\
         W_t &= W_{t-1}(1-\gamma\lambda) - \gamma\,\big(\mathrm{NS}(M^1_t) + \alpha\, O^2\big)
                / (\sqrt{V_t} + \epsilon)\\
-        \text{every Ĉ steps: }\ M^2 &\leftarrow \mu_3 M^2 + \beta_3 \textstyle\sum_{chunk} G,
+        \text{every Ĉ steps: }\ M^2 &\leftarrow \mu_3 M^2 + \omega_3 \textstyle\sum_{chunk} G,
         \qquad O^2 = \mathrm{NS}(M^2)
 
     :math:`O^2` is kept between chunks (zero during the first chunk), so the slow memory and its
@@ -285,8 +357,23 @@ class M3(_MatrixOptimizer):
     (``M ← M + β·…``); that is ``decays=(1, 1, 1)`` here, tested against a literal loop. Plain
     sums never forget, so the defaults add the decays the text omits: μ₁ = 0.95 (Muon's
     momentum), μ₂ = 0.999 (V then averages G² over ~1000 steps instead of growing without bound),
-    μ₃ = 0.9 (per chunk). The write strengths β₁ and β₃ only scale M¹ and M², which NS does not
-    see (it is scale-invariant), so they default to 1. These defaults are not tuned yet.
+    μ₃ = 0.9 (per chunk). The write strengths ω₁ and ω₃ (the paper's β₁, β₃) only scale M¹ and
+    M², which NS does not see (it is scale-invariant), so they default to 1. These defaults are
+    not tuned yet.
+
+    The write strengths are ``writes``, not ``betas``: LR schedulers that cycle momentum
+    (``OneCycleLR``, ``CyclicLR`` with ``cycle_momentum=True``) rewrite ``betas[0]`` of every
+    group as Adam's β₁, which here would silently change ω₁. M3 has neither ``betas`` nor
+    ``momentum`` among its defaults, so those schedulers raise torch's ``ValueError`` unless
+    given ``cycle_momentum=False``. ``betas=`` (and a group's ``"betas"`` in a Newton–Schulz
+    group) is still accepted for old code, with a ``DeprecationWarning``; checkpoints and
+    pickles of earlier versions load, their ``betas`` read as ``writes``.
+
+    Weight decay defaults to 0, unlike ``torch.optim.Muon`` (0.1) and ``torch.optim.AdamW``
+    (0.01): the decay is decoupled, ``W(1 − γλ)``, and M3's γ lives on another scale than theirs
+    (its step is ~γ/|G|, see below), so their λ would mean something else here; untuned, it is
+    left off. The AdamW part (``adamw_*``) takes ``torch.optim.AdamW``'s defaults, as
+    :class:`Muon`.
 
     Mind the scale: NS output has unit spectral scale while √V has the gradients' scale, so a
     step is about γ/|G| per entry — γ must be set relative to the gradients (1e-4 trained the
@@ -295,18 +382,23 @@ class M3(_MatrixOptimizer):
     Args:
         params: ≥2-D parameters (AdamW groups via ``use_muon=False`` as in :class:`Muon`).
         lr (float, default 1e-3): γ ≥ 0.
-        betas (tuple, default (1, 1, 1)): write strengths (β₁, β₂, β₃) ≥ 0.
+        writes (tuple, default (1, 1, 1)): write strengths (ω₁, ω₂, ω₃) ≥ 0 (the paper's
+            β₁, β₂, β₃; ``betas=`` is a deprecated alias).
         decays (tuple, default (0.95, 0.999, 0.9)): (μ₁, μ₂, μ₃), each in [0, 1].
         alpha (float, default 1.0): α ≥ 0, weight of the slow read-out.
         chunk (int, default 16): Ĉ ≥ 1, steps per slow update.
         eps (float, default 1e-8): ε ≥ 0 in the denominator.
-        weight_decay (float, default 0): decoupled λ ≥ 0.
+        weight_decay (float, default 0; see above): decoupled λ ≥ 0.
         ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims: as :class:`Muon` (``ns_eps`` is
             Muon's ``eps``).
         use_muon, adamw_*: as :class:`Muon`.
         maximize, foreach, fused: as :class:`Muon`.
         skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
             the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
+        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
+            schedule (SPEC §7) as group defaults: the rule is applied once every
+            ``update_period`` calls to the sum (or mean) of their gradients; see
+            :meth:`~deepmomentum.MemoryOptimizer.step`.
 
     References: Behrouz et al., Nested Learning (NeurIPS 2025; arXiv 2512.24695), §7.2.
     """
@@ -315,7 +407,7 @@ class M3(_MatrixOptimizer):
         self,
         params,
         lr: float = 1e-3,
-        betas: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        writes: tuple[float, float, float] = _DEFAULT_WRITES,
         decays: tuple[float, float, float] = (0.95, 0.999, 0.9),
         alpha: float = 1.0,
         chunk: int = 16,
@@ -327,23 +419,62 @@ class M3(_MatrixOptimizer):
         ns_dtype: torch.dtype = torch.bfloat16,
         batch_dims: int = 0,
         use_muon: bool = True,
-        adamw_lr: float = 3e-4,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-10,
-        adamw_weight_decay: float = 0.0,
+        adamw_lr: float = 1e-3,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.01,
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         skip_nonfinite: bool = False,
+        update_period: int = 1,
+        accumulate: str = "sum",
+        update_offset: int = 0,
+        **deprecated,
     ):
-        defaults = dict(lr=lr, betas=betas, decays=decays, alpha=alpha, chunk=chunk, eps=eps,
-                        weight_decay=weight_decay, ns_coefficients=ns_coefficients,
-                        ns_steps=ns_steps, ns_eps=ns_eps, ns_dtype=ns_dtype,
-                        batch_dims=batch_dims, use_muon=use_muon, adamw_lr=adamw_lr,
-                        adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                        adamw_weight_decay=adamw_weight_decay, maximize=maximize,
-                        foreach=foreach, fused=fused)
-        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+        defaults = self._group_defaults(locals())
+        deprecated = defaults.pop("deprecated")
+        unknown = sorted(set(deprecated) - {"betas"})
+        if unknown:
+            raise TypeError(f"M3.__init__() got an unexpected keyword argument {unknown[0]!r}")
+        if "betas" in deprecated:
+            if writes is not _DEFAULT_WRITES:
+                raise TypeError("M3: pass the write strengths as writes= only (betas= is its "
+                                "deprecated alias)")
+            defaults["writes"] = _deprecated_betas(deprecated["betas"], stacklevel=3)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "betas" in param_group and "writes" not in param_group and \
+                param_group.get("use_muon", self.defaults["use_muon"]):
+            param_group = dict(param_group)
+            param_group["writes"] = _deprecated_betas(param_group.pop("betas"), stacklevel=4)
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A pickle of an earlier version: its write strengths are under "betas".
+        state = dict(state)
+        defaults = state.get("defaults", {})
+        if "writes" not in defaults and "decays" in defaults:
+            state["defaults"] = _writes_from_betas(defaults, True)  # betas= of then
+            state["param_groups"] = [
+                _writes_from_betas(g, g.get("use_muon", True), state["defaults"]["writes"])
+                for g in state.get("param_groups", [])]
+        super().__setstate__(state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`MemoryOptimizer.load_state_dict`; a checkpoint of an earlier version, with
+        the write strengths of its Newton–Schulz groups under ``"betas"``, loads them as
+        ``writes`` (and its AdamW groups take this optimizer's ``writes``, which they do not
+        use)."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(groups, list) and len(groups) == len(self.param_groups) and any(
+                isinstance(g, dict) and "writes" not in g and "decays" in g for g in groups):
+            state_dict = {**state_dict, "param_groups": [
+                _writes_from_betas(saved, saved.get("use_muon", True), own["writes"])
+                if "writes" not in saved and "decays" in saved else saved
+                for saved, own in zip(groups, self.param_groups)]}
+        super().load_state_dict(state_dict)
 
     MATRIX_STATE = ("fast_buffer", "exp_avg_sq", "slow_buffer", "slow_update", "chunk_sum")
 
@@ -354,12 +485,8 @@ class M3(_MatrixOptimizer):
         return shapes
 
     def _validate_matrix_group(self, group):
-        for name, low, high in (("betas", 0.0, float("inf")), ("decays", 0.0, 1.0)):
-            values = group[name]
-            if not isinstance(values, (tuple, list)) or len(values) != 3:
-                raise ValueError(f"Invalid {name}: {values!r}; {name} must be a triple")
-            for i, v in enumerate(values):
-                check_number(f"{name}[{i}]", v, low, high)
+        _check_triple("writes", group["writes"], 0.0, float("inf"))
+        _check_triple("decays", group["decays"], 0.0, 1.0)
         check_number("alpha", group["alpha"], 0.0)
         check_number("eps", group["eps"], 0.0)
         check_number("ns_eps", group["ns_eps"], 0.0)
@@ -381,7 +508,7 @@ class M3(_MatrixOptimizer):
             return
         F.m3(params, grads,
              *([self.state[p][key] for p in params] for key in keys), steps,
-             lr=group["lr"], betas=tuple(group["betas"]), decays=tuple(group["decays"]),
+             lr=group["lr"], betas=tuple(group["writes"]), decays=tuple(group["decays"]),
              alpha=group["alpha"], chunk=group["chunk"], eps=group["eps"],
              weight_decay=group["weight_decay"], ns_coefficients=group["ns_coefficients"],
              ns_steps=group["ns_steps"], ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
@@ -396,7 +523,7 @@ class M3(_MatrixOptimizer):
         state = [self.state[p] for p in params]
         fast = [s["fast_buffer"] for s in state]
         elementwise.m3_write(grads, fast, [s["exp_avg_sq"] for s in state],
-                             [s["chunk_sum"] for s in state], betas=tuple(group["betas"]),
+                             [s["chunk_sum"] for s in state], betas=tuple(group["writes"]),
                              decays=tuple(group["decays"]), maximize=group["maximize"])
         ns = dict(batch_dims=group["batch_dims"], steps=group["ns_steps"],
                   coefficients=group["ns_coefficients"], eps=group["ns_eps"],
@@ -406,7 +533,7 @@ class M3(_MatrixOptimizer):
                              lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
                              weight_decay=group["weight_decay"])
         boundary = [i for i, t in enumerate(steps) if int(t.item()) % group["chunk"] == 0]
-        mu3, beta3 = group["decays"][2], group["betas"][2]
+        mu3, beta3 = group["decays"][2], group["writes"][2]
         for i in boundary:
             state[i]["slow_buffer"].mul_(mu3).add_(state[i]["chunk_sum"], alpha=beta3)
             state[i]["chunk_sum"].zero_()
@@ -420,7 +547,7 @@ def muon_param_groups(
     model: nn.Module,
     *,
     adamw_modules: Iterable[type] = (nn.Embedding, nn.EmbeddingBag),
-    exclude: Iterable[str] = ("lm_head", "head", "output", "classifier", "fc_out"),
+    exclude: Iterable[str] = HEAD_NAMES,
     muon_options: Optional[dict[str, Any]] = None,
     adamw_options: Optional[dict[str, Any]] = None,
 ) -> list[dict[str, Any]]:

@@ -151,6 +151,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
                             "pass [tensor] or model.parameters()")
         super().__init__(params, {**self.GROUP_DEFAULTS, **defaults})
 
+    @staticmethod
+    def _group_defaults(arguments: dict[str, Any]) -> dict[str, Any]:
+        """A constructor's group defaults from its ``locals()`` (taken first thing): every
+        argument but ``params``. Each argument of the signature — the class's own and the
+        shared ``update_period``/``accumulate``/``update_offset``/``skip_nonfinite`` — is a
+        group default without being typed a second time."""
+        return {name: value for name, value in arguments.items()
+                if name not in ("self", "params", "__class__")}
+
     # --- groups ------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -172,11 +181,19 @@ class MemoryOptimizer(torch.optim.Optimizer):
         check_flag("fused", group["fused"], allow_none=True)
         if group["foreach"] and group["fused"]:
             raise ValueError("foreach and fused cannot both be True")
-        if group["fused"] and not self._has_triton_path(group):
-            reason = self._fused_unsupported(group)
-            if reason is not None:
+        reason = self._fused_unsupported(group) if group["fused"] else None
+        if reason is not None:  # no fused CPU kernel: only a Triton path, if any
+            if not self._has_triton_path(group):
                 raise ValueError(f"fused=True is not available for {type(self).__name__}: "
                                  f"{reason}. Use fused=None (automatic) or foreach=True.")
+            index = len(self.param_groups) - 1
+            for p in group["params"]:
+                if not p.is_cuda:
+                    raise ValueError(
+                        f"fused=True is not available for {type(self).__name__} on "
+                        f"{p.device.type} tensors ({self._param_name(index, p)}): {reason}; its "
+                        "only fused path is the Triton kernel for CUDA tensors. Use fused=None "
+                        "(automatic) or foreach=True.")
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -254,7 +271,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """'fused', 'foreach' or 'single' for this group's tensors, with torch's meaning of the
         flags. Default: torch's fused CPU kernel where the rule is torch's and dtypes allow it;
         otherwise the single-tensor loop on CPU (torch's foreach ops are slower there: see
-        benchmarks/step_time_cpu.py) and foreach on accelerators."""
+        benchmarks/step_time_cpu.py) and foreach on accelerators. Under ``torch.compile`` the
+        automatic choice is foreach: torch's fused kernels cannot be traced."""
         if group["fused"] is not False and self._has_triton_path(group) and \
                 kernels.usable(params):
             return "triton"
@@ -277,6 +295,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
             return "fused"
         if group["foreach"] is not None:
             return "foreach" if group["foreach"] else "single"
+        if torch.compiler.is_compiling():
+            # torch's fused CPU kernels have no fake/functional implementation, so they cannot
+            # be traced; the multi-tensor path compiles to one graph (no host reads).
+            return "foreach"
         if group["fused"] is None and self._fused_unsupported(group) is None and not any(
             self._fused_tensor_unsupported(*kind) for kind in kinds
         ):

@@ -32,7 +32,8 @@ class PreconditionedMomentum(MemoryOptimizer):
         lr (float or 1-element Tensor, default 1e-3): γ ≥ 0.
         betas (tuple, default (0.9, 0.999)): (β₁, β₂), each in [0, 1).
         eps (float, default 1e-8): ε ≥ 0, added to the preconditioner's denominator.
-        weight_decay (float, default 0): λ ≥ 0.
+        weight_decay (float, default 0.01, as ``torch.optim.AdamW``): λ ≥ 0. (deepmomentum
+            0.1.0 defaulted to 0; ``weight_decay=0`` with decoupled decay is ``torch.optim.Adam``.)
         precondition (str, default "readout"): "readout" or "value" (see above).
         preconditioner (str, default "adam"): "adam" or "none".
         decoupled_weight_decay (bool, default True): AdamW-style decay; False couples it.
@@ -43,6 +44,14 @@ class PreconditionedMomentum(MemoryOptimizer):
             foreach elsewhere.
         skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
             the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
+        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
+            schedule (SPEC §7) as group defaults: the rule is applied once every
+            ``update_period`` calls to the sum (or mean) of their gradients; see
+            :meth:`~deepmomentum.MemoryOptimizer.step`.
+
+    Defaults are ``torch.optim.AdamW``'s (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+    weight_decay 0.01, decoupled), so ``PreconditionedMomentum(params)`` is a drop-in for
+    ``torch.optim.AdamW(params)``.
 
     Reductions (tested as properties): readout + decoupled decay equals
     ``torch.optim.AdamW(lr, betas, eps, weight_decay)``; λ = 0 equals ``torch.optim.Adam`` (R3a);
@@ -65,7 +74,7 @@ class PreconditionedMomentum(MemoryOptimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 1e-2,
         precondition: str = "readout",
         preconditioner: str = "adam",
         maximize: bool = False,
@@ -73,20 +82,12 @@ class PreconditionedMomentum(MemoryOptimizer):
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = True,
         skip_nonfinite: bool = False,
+        update_period: int = 1,
+        accumulate: str = "sum",
+        update_offset: int = 0,
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            precondition=precondition,
-            preconditioner=preconditioner,
-            decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-        )
-        super().__init__(params, {**defaults, "skip_nonfinite": skip_nonfinite})
+        defaults = self._group_defaults(locals())
+        super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         betas = group["betas"]

@@ -190,9 +190,10 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
         variants=(
             {},
             {"chunk": 2, "alpha": 0.5, "weight_decay": 0.01},
-            {"decays": (1.0, 1.0, 1.0), "betas": (1.0, 0.5, 2.0), "chunk": 3},
+            {"decays": (1.0, 1.0, 1.0), "writes": (1.0, 0.5, 2.0), "chunk": 3},
             {"ns_coefficients": "polar_express", "batch_dims": 1, "maximize": True},
             {"use_muon": False, "adamw_eps": 1e-8},
+            {"writes": (0.5, 2.0, 1.0), "decays": (0.9, 0.99, 0.5), "chunk": 2},
         ),
         invalid=COMMON_INVALID + (
             ({"chunk": 0}, "chunk"),
@@ -200,6 +201,8 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
             ({"decays": (1.1, 0.9, 0.9)}, "decays"),
             ({"decays": (0.9, 0.9)}, "decays"),
             ({"betas": (-1.0, 1.0, 1.0)}, "betas"),
+            ({"writes": (-1.0, 1.0, 1.0)}, "writes"),
+            ({"writes": (1.0, 1.0)}, "writes"),
             ({"alpha": -1.0}, "alpha"),
             ({"eps": -1.0}, "eps"),
             ({"ns_eps": -1.0}, "ns_eps"),
@@ -212,16 +215,17 @@ def _is_maximize(variant):
     return variant.get("maximize", False)
 
 
-def cases(*, minimizing: bool = False):
+# Both return lists: pytest 9.1 deprecates a generator (any non-Collection iterable) as
+# parametrize's argvalues (PytestRemovedIn10Warning) and pytest 10 rejects it.
+
+def cases(*, minimizing: bool = False) -> list:
     """pytest params (info, variant) for every registered optimizer and setting."""
-    for info in REGISTRY:
-        for i, variant in enumerate(info.variants):
-            if minimizing and _is_maximize(variant):
-                continue
-            yield pytest.param(info, variant, id=f"{info.name}-{i}")
+    return [pytest.param(info, variant, id=f"{info.name}-{i}")
+            for info in REGISTRY for i, variant in enumerate(info.variants)
+            if not (minimizing and _is_maximize(variant))]
 
 
-def invalid_cases():
-    for info in REGISTRY:
-        for kwargs, name in info.invalid:
-            yield pytest.param(info, kwargs, name, id=f"{info.name}-{name}-{kwargs}")
+def invalid_cases() -> list:
+    """pytest params (info, kwargs, name): constructor kwargs that must raise, naming ``name``."""
+    return [pytest.param(info, kwargs, name, id=f"{info.name}-{name}-{kwargs}")
+            for info in REGISTRY for kwargs, name in info.invalid]

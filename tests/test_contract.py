@@ -202,13 +202,14 @@ def test_fused_on_bf16_parameters_raises_naming_the_tensor(info, variant):
 def test_fused_where_no_fused_path_exists_raises(info, variant):
     if {"fused": True} in _implementations(info, variant):
         pytest.skip("this setting has a fused path")
-    # At construction when the rule has no fused path at all; at the first step when its only
-    # fused path is the Triton one and the tensors are on the CPU.
+    # At construction, also where the rule's only fused path is the Triton one (CUDA) and the
+    # tensors are on the CPU; and in add_param_group, leaving the optimizer as it was.
     with pytest.raises(ValueError, match="fused"):
-        params = _params(info, variant)
-        opt = info.make(params, **variant, fused=True)
-        _fill_grads(params, 0)
-        opt.step()
+        info.make(_params(info, variant), **variant, fused=True)
+    opt = info.make(_params(info, variant), **variant)
+    with pytest.raises(ValueError, match="fused"):
+        opt.add_param_group({"params": _params(info, variant, seed=1), "fused": True})
+    assert len(opt.param_groups) == 1
 
 
 @pytest.mark.parametrize("info,variant", cases())
@@ -433,6 +434,37 @@ def test_compiled_foreach_step_equals_eager(info, variant):
 
     assert_same_trajectory(compiled, lambda ps: info.make(ps, **variant, foreach=True),
                            shapes=info.shapes(variant), steps=4, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_compiled_default_step_equals_eager(info, variant):
+    # No foreach/fused flag: the automatic choice (torch's fused CPU kernel in eager mode,
+    # which cannot be traced) must give way to a path that compiles, with the same result.
+    torch._dynamo.reset()
+
+    def compiled(ps):
+        opt = info.make(ps, **variant)
+        opt.step = torch.compile(opt.step, backend="aot_eager")
+        return opt
+
+    assert_same_trajectory(compiled, lambda ps: info.make(ps, **variant),
+                           shapes=info.shapes(variant), steps=4, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("info", [i for i in REGISTRY if i.name in
+                                  ("AssociativeMomentum", "PreconditionedMomentum")],
+                         ids=lambda info: info.name)
+def test_inductor_compiled_default_step_equals_eager(info):
+    # The real compiler on the default path where eager picks torch's fused CPU kernel.
+    torch._dynamo.reset()
+
+    def compiled(ps):
+        opt = info.make(ps)
+        opt.step = torch.compile(opt.step)
+        return opt
+
+    assert_same_trajectory(compiled, lambda ps: info.make(ps), shapes=info.shapes({}),
+                           steps=4, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("info", REGISTRY, ids=lambda info: info.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import pytest
@@ -231,3 +232,40 @@ def test_lr_schedulers_see_every_call():
         sched.step()
     # The update on call 4 used the lr of call 4: 1 · 0.5³, applied to the sum of 4 gradients.
     torch.testing.assert_close(p.detach(), -0.125 * 4 * torch.ones(2))
+
+
+# --- the schedule as constructor arguments ----------------------------------------------------
+
+
+@pytest.mark.parametrize("info,variant", cases())
+def test_constructor_schedule_equals_the_same_param_group_option(info, variant):
+    # update_period/accumulate/update_offset are constructor arguments of every optimizer, as
+    # group defaults: the same as giving them to the group.
+    schedule = dict(update_period=3, accumulate="mean", update_offset=1)
+    assert_same_trajectory(
+        lambda ps: info.make(ps, **variant, **schedule),
+        lambda ps: info.make([{"params": ps, **schedule}], **variant),
+        shapes=info.shapes(variant), steps=8, rtol=0.0)
+    opt = info.make([torch.zeros(s, requires_grad=True) for s in info.shapes(variant)],
+                    **variant, **schedule)
+    assert {k: opt.param_groups[0][k] for k in schedule} == schedule
+
+
+@pytest.mark.parametrize("info", REGISTRY, ids=lambda info: info.name)
+@pytest.mark.parametrize("kwargs,name", [({"update_period": 0}, "update_period"),
+                                         ({"accumulate": "max"}, "accumulate"),
+                                         ({"update_period": 2, "update_offset": 2},
+                                          "update_offset")])
+def test_invalid_constructor_schedule_raises_naming_it(info, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        info.make([torch.zeros(s, requires_grad=True) for s in info.shapes({})], **kwargs)
+
+
+@pytest.mark.parametrize("info", REGISTRY, ids=lambda info: info.name)
+def test_signatures_list_the_shared_group_options_last(info):
+    # Keyword arguments after the class's own, so torch's positional order is kept.
+    names = [n for n, p in inspect.signature(info.cls).parameters.items()
+             if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert names[:2] == ["params", "lr"]
+    assert names[-4:] == ["skip_nonfinite", "update_period", "accumulate", "update_offset"]
+    assert info.cls.__doc__.count("update_period") >= 1

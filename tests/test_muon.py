@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,8 @@ from hypothesis import given, strategies as st
 
 import deepmomentum as dm
 import deepmomentum.functional as F
-from deepmomentum.testing import learning_rates, noisy_quadratic_grads, run_trajectory
+from deepmomentum.testing import (assert_same_trajectory, learning_rates, noisy_quadratic_grads,
+                                  run_trajectory)
 
 matrix_shapes = st.tuples(st.integers(1, 12), st.integers(1, 12))
 
@@ -276,11 +278,12 @@ def test_adamw_groups_equal_torch_adamw():
 
 def test_adamw_groups_take_the_adamw_defaults():
     opt = dm.Muon([{"params": [torch.zeros(2, 2)]},
-                   {"params": [torch.zeros(2)], "use_muon": False}], lr=0.02, adamw_lr=1e-3)
+                   {"params": [torch.zeros(2)], "use_muon": False}], lr=0.02, adamw_lr=3e-3)
     muon_group, adamw_group = opt.param_groups
     assert (muon_group["lr"], muon_group["eps"], muon_group["weight_decay"]) == (0.02, 1e-7, 0.1)
+    # torch.optim.AdamW's defaults but for the lr given
     assert (adamw_group["lr"], adamw_group["eps"], adamw_group["weight_decay"],
-            adamw_group["betas"]) == (1e-3, 1e-10, 0.0, (0.9, 0.95))
+            adamw_group["betas"]) == (3e-3, 1e-8, 0.01, (0.9, 0.999))
     with pytest.raises(ValueError, match="betas"):
         opt.add_param_group({"params": [torch.zeros(3)], "use_muon": False, "betas": (0.9, 1.5)})
 
@@ -322,19 +325,19 @@ def test_muon_param_groups_overrides():
 # --- M3 --------------------------------------------------------------------------------------
 
 
-def _m3_by_hand(w, grads, lr, betas, decays, alpha, chunk, eps):
+def _m3_by_hand(w, grads, lr, writes, decays, alpha, chunk, eps):
     """SPEC §6 as a plain loop (NS in float64 to compare tightly)."""
     ns = lambda x: dm.newton_schulz(x, dtype=torch.float64)  # noqa: E731
     m1, v, m2, s = (torch.zeros_like(w) for _ in range(4))
     o2 = torch.zeros_like(w)
     trajectory = []
     for t, g in enumerate(grads, start=1):
-        m1 = decays[0] * m1 + betas[0] * g
-        v = decays[1] * v + betas[1] * g * g
+        m1 = decays[0] * m1 + writes[0] * g
+        v = decays[1] * v + writes[1] * g * g
         s = s + g
         w = w - lr * (ns(m1) + alpha * o2) / (v.sqrt() + eps)
         if t % chunk == 0:
-            m2 = decays[2] * m2 + betas[2] * s
+            m2 = decays[2] * m2 + writes[2] * s
             s = torch.zeros_like(s)
             o2 = ns(m2)
         trajectory.append(w)
@@ -346,7 +349,7 @@ def test_M3_matches_the_hand_written_loop(decays):
     g = _gen(12)
     w0 = torch.randn(5, 3, generator=g, dtype=torch.float64)
     grads = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(10)]
-    kwargs = dict(lr=0.05, betas=(1.0, 0.5, 2.0), decays=decays, alpha=0.7, chunk=3, eps=1e-8)
+    kwargs = dict(lr=0.05, writes=(1.0, 0.5, 2.0), decays=decays, alpha=0.7, chunk=3, eps=1e-8)
     expected = _m3_by_hand(w0, grads, **kwargs)
     p = w0.clone().requires_grad_()
     opt = dm.M3([p], **kwargs, ns_dtype=torch.float64)
@@ -379,3 +382,106 @@ def test_M3_first_chunk_reads_no_slow_memory():
     p.grad = torch.randn(4, 4, generator=_gen(15))
     opt.step()
     assert torch.count_nonzero(opt.state[p]["slow_update"]) == 0
+
+
+# --- M3's write strengths are `writes` (issue 22 item 7) ------------------------------------
+
+
+def _m3_run(opt, p, steps, seed=16, scheduler=None):
+    g = _gen(seed)
+    for _ in range(steps):
+        p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def test_momentum_cycling_schedulers_leave_M3_write_strengths_alone():
+    # OneCycleLR (cycle_momentum=True, its default) rewrites betas[0] of every group as Adam's
+    # β₁; M3 has neither betas nor momentum, so it refuses instead of changing ω₁.
+    p = torch.randn(4, 3, generator=_gen(15), requires_grad=True)
+    opt = dm.M3([p], lr=0.01, writes=(0.5, 2.0, 1.0), decays=(0.0, 0.999, 0.9))
+    with pytest.raises(ValueError, match="momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10,
+                                                    cycle_momentum=False)
+    _m3_run(opt, p, 4, scheduler=scheduler)
+    assert opt.param_groups[0]["writes"] == (0.5, 2.0, 1.0)
+    assert "betas" not in opt.param_groups[0] and "betas" not in opt.defaults
+    # μ₁ = 0: the fast memory is the last gradient written with ω₁
+    torch.testing.assert_close(opt.state[p]["fast_buffer"], 0.5 * p.grad)
+
+
+def test_M3_betas_is_a_deprecated_alias_of_writes():
+    def make(**kwargs):
+        return lambda ps: dm.M3([{"params": ps}], lr=0.05, chunk=2, **kwargs)
+
+    with pytest.warns(DeprecationWarning, match="writes"):
+        assert_same_trajectory(make(betas=(1.0, 0.5, 2.0)), make(writes=(1.0, 0.5, 2.0)),
+                               shapes=((4, 3),), steps=6, rtol=0.0)
+    with pytest.warns(DeprecationWarning, match="writes"):  # in a Newton–Schulz group too
+        opt = dm.M3([{"params": [torch.zeros(3, 3)], "betas": (1.0, 0.5, 2.0)},
+                     {"params": [torch.zeros(3)], "use_muon": False, "betas": (0.8, 0.9)}])
+    assert opt.param_groups[0]["writes"] == (1.0, 0.5, 2.0) and "betas" not in opt.param_groups[0]
+    assert opt.param_groups[1]["betas"] == (0.8, 0.9)  # an AdamW group's are Adam's
+    with pytest.raises(TypeError, match="writes"):
+        dm.M3([torch.zeros(3, 3)], writes=(1.0, 1.0, 1.0), betas=(1.0, 1.0, 1.0))
+    with pytest.raises(TypeError, match="momentum"):
+        dm.M3([torch.zeros(3, 3)], momentum=0.9)
+
+
+def _as_saved_by_0_1(saved_groups):
+    """Param groups as deepmomentum 0.1.0 saved them: a Newton–Schulz group's write strengths
+    under "betas", an AdamW group with Adam's "betas" and no "writes"."""
+    old = []
+    for group in saved_groups:
+        group = dict(group)
+        writes = group.pop("writes")
+        if group["use_muon"]:
+            group["betas"] = writes
+        old.append(group)
+    return old
+
+
+def test_an_M3_checkpoint_of_the_previous_version_loads_and_continues():
+    def make(w, b):
+        return dm.M3([{"params": [w]}, {"params": [b], "use_muon": False}], lr=0.01,
+                     writes=(1.0, 0.5, 2.0), chunk=2)
+
+    w, b = torch.randn(4, 3, generator=_gen(17)), torch.randn(3, generator=_gen(18))
+    ref_w, ref_b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    ref = make(ref_w, ref_b)
+    for t in range(6):
+        if t == 3:
+            saved = copy.deepcopy(ref.state_dict())  # the live state goes on changing
+            saved = {**saved, "param_groups": _as_saved_by_0_1(saved["param_groups"])}
+            at_w, at_b = ref_w.detach().clone(), ref_b.detach().clone()
+        ref_w.grad = torch.randn(4, 3, generator=_gen(t))
+        ref_b.grad = torch.randn(3, generator=_gen(100 + t))
+        ref.step()
+    new_w, new_b = at_w.requires_grad_(), at_b.requires_grad_()
+    resumed = make(new_w, new_b)
+    resumed.param_groups[0]["writes"] = (9.0, 9.0, 9.0)  # must come from the checkpoint
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["writes"] == (1.0, 0.5, 2.0)
+    assert "betas" not in resumed.param_groups[0]
+    for t in range(3, 6):
+        new_w.grad = torch.randn(4, 3, generator=_gen(t))
+        new_b.grad = torch.randn(3, generator=_gen(100 + t))
+        resumed.step()
+    assert torch.equal(new_w, ref_w) and torch.equal(new_b, ref_b)
+
+
+def test_an_M3_pickle_of_the_previous_version_reads_betas_as_writes():
+    opt = dm.M3([{"params": [torch.zeros(3, 3)]},
+                 {"params": [torch.zeros(3)], "use_muon": False}], writes=(1.0, 0.5, 2.0))
+    state = dict(opt.__getstate__())
+    defaults = dict(state["defaults"])
+    defaults["betas"] = defaults.pop("writes")
+    state["defaults"], state["param_groups"] = defaults, _as_saved_by_0_1(state["param_groups"])
+    old = dm.M3.__new__(dm.M3)
+    old.__setstate__(state)
+    assert old.defaults["writes"] == (1.0, 0.5, 2.0) and "betas" not in old.defaults
+    assert old.param_groups[0]["writes"] == (1.0, 0.5, 2.0)
+    assert "betas" not in old.param_groups[0]
+    assert old.param_groups[1]["betas"] == opt.param_groups[1]["betas"]

@@ -122,7 +122,7 @@ def test_R3b_no_preconditioner_gives_the_bias_corrected_gradient_ema(shapes, bet
     trajectory = run_trajectory(
         lambda ps: dm.PreconditionedMomentum(ps, lr=1.0, betas=(beta1, 0.999),
                                              preconditioner="none", precondition=precondition,
-                                             foreach=foreach),
+                                             weight_decay=0.0, foreach=foreach),
         params, 20, grad_fn=recording)
     for i in range(len(shapes)):
         w = torch.zeros(shapes[i], dtype=torch.float64)
@@ -136,7 +136,8 @@ def test_R3b_differs_from_sgd_with_dampening_on_the_first_step():
     # SPEC §3 note: torch SGD starts its buffer at b_1 = G_1, the EMA at (1 − β)G_1 / (1 − β).
     # They agree on step 1 only because of the bias correction; from step 2 they differ.
     a = run_trajectory(lambda ps: dm.PreconditionedMomentum(ps, lr=0.1, betas=(0.9, 0.999),
-                                                            preconditioner="none"),
+                                                            preconditioner="none",
+                                                            weight_decay=0.0),
                        [torch.ones(3, dtype=torch.float64)], 2)
     b = run_trajectory(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.9),
                        [torch.ones(3, dtype=torch.float64)], 2)
