@@ -77,12 +77,8 @@ class DeepMomentum(MemoryOptimizer):
             runs, groupings and implementations repeat exactly.
         foreach (bool or None): default batched; False is the one-tensor reference.
         fused: not available.
-        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
-            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
-        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
-            schedule (SPEC §7) as group defaults: the rule is applied once every
-            ``update_period`` calls to the sum (or mean) of their gradients; see
-            :meth:`~deepmomentum.MemoryOptimizer.step`.
+        skip_nonfinite, update_period, accumulate, update_offset: the group options every
+            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
     Non-finite gradients and scale: the MLP memory couples a matrix's entries, so one NaN or
     inf entry poisons the whole matrix and its memory weights; a group with

@@ -56,12 +56,8 @@ class AssociativeMomentum(MemoryOptimizer):
         foreach, fused (bool or None): torch's meaning. ``fused`` uses torch's fused SGD kernel
             (CPU; parameters that keep their state in their own dtype); by default it is picked
             where it applies, else the single-tensor loop on CPU and foreach elsewhere.
-        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
-            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
-        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
-            schedule (SPEC §7) as group defaults: the rule is applied once every
-            ``update_period`` calls to the sum (or mean) of their gradients; see
-            :meth:`~deepmomentum.MemoryOptimizer.step`.
+        skip_nonfinite, update_period, accumulate, update_offset: the group options every
+            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
     Defaults are ``torch.optim.SGD``'s (lr 1e-3, dampening 0, no nesterov, weight_decay 0)
     except ``momentum``: 0.9 where SGD's is 0 (at 0 there is no memory: plain SGD).
@@ -222,12 +218,8 @@ class DeltaMomentum(MemoryOptimizer):
         dampening, nesterov, weight_decay, decoupled_weight_decay, maximize: as
             :class:`AssociativeMomentum`.
         foreach (bool or None): the final update as one foreach call; fused: not available.
-        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
-            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
-        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
-            schedule (SPEC §7) as group defaults: the rule is applied once every
-            ``update_period`` calls to the sum (or mean) of their gradients; see
-            :meth:`~deepmomentum.MemoryOptimizer.step`.
+        skip_nonfinite, update_period, accumulate, update_offset: the group options every
+            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
     Non-finite gradients: the erase couples a matrix's entries, so one NaN or inf entry spreads
     over its whole row space and the memory never recovers; a group with
@@ -350,12 +342,6 @@ class DeltaMomentum(MemoryOptimizer):
         self._hooks: list[Any] = []  # RemovableHandles of attach()'s hooks
         self._hooks_finalizer: Optional[weakref.finalize] = None
         self._key_process_group: Any = None  # where attach() gathers keys (DDP)
-
-    @property
-    def _captured(self) -> dict[Tensor, list[Tensor]]:
-        """The keys waiting for the next update, by weight: a read-only view of
-        ``state[weight]["input_keys"]`` (for inspection and tests)."""
-        return {p: [s["input_keys"]] for p, s in self.state.items() if "input_keys" in s}
 
     def _capture(self, weight: Tensor, inputs: Tensor, samples: int) -> None:
         """Add the unit rows of a forward's input to ``weight``'s pending keys, keeping at most

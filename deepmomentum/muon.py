@@ -211,12 +211,8 @@ class Muon(_MatrixOptimizer):
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW-group defaults
             (1e-3, (0.9, 0.999), 1e-8, 0.01: ``torch.optim.AdamW``'s).
         maximize, foreach, fused: as in torch; no fused path exists for NS groups yet.
-        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
-            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
-        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
-            schedule (SPEC §7) as group defaults: the rule is applied once every
-            ``update_period`` calls to the sum (or mean) of their gradients; see
-            :meth:`~deepmomentum.MemoryOptimizer.step`.
+        skip_nonfinite, update_period, accumulate, update_offset: the group options every
+            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
     Reductions (tested): with ``ns_coefficients="keller"`` and torch's defaults, equals
     ``torch.optim.Muon`` — identical momentum buffers, updates within bf16 rounding (R5).
@@ -393,12 +389,8 @@ class M3(_MatrixOptimizer):
             Muon's ``eps``).
         use_muon, adamw_*: as :class:`Muon`.
         maximize, foreach, fused: as :class:`Muon`.
-        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
-            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
-        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
-            schedule (SPEC §7) as group defaults: the rule is applied once every
-            ``update_period`` calls to the sum (or mean) of their gradients; see
-            :meth:`~deepmomentum.MemoryOptimizer.step`.
+        skip_nonfinite, update_period, accumulate, update_offset: the group options every
+            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
     References: Behrouz et al., Nested Learning (NeurIPS 2025; arXiv 2512.24695), §7.2.
     """

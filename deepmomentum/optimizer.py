@@ -127,6 +127,17 @@ def _all_finite(tensors: list[Tensor]) -> bool:
 class MemoryOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose step calls a functional rule.
 
+    Group options every optimizer takes (constructor arguments, as the defaults of every
+    group, and per group):
+
+    * ``update_period`` (int ≥ 1, default 1), ``accumulate`` ("sum" or "mean"),
+      ``update_offset`` (in [0, update_period), default 0): the multi-frequency schedule (SPEC
+      §7) — the rule is applied once every ``update_period`` calls to the sum (or mean) of their
+      gradients; see :meth:`step`.
+    * ``skip_nonfinite`` (bool, default False): a call whose gradients hold a NaN or inf leaves
+      the group's parameters and state untouched and adds one to its ``nonfinite_skips`` (one
+      host read per step).
+
     Subclasses implement :meth:`_validate_group` (hyperparameters of one group),
     :meth:`_fused_unsupported` (why a group cannot take the fused path, or ``None``) and
     :meth:`_update` (one update of the parameters that have gradients).

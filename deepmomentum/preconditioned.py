@@ -42,12 +42,8 @@ class PreconditionedMomentum(MemoryOptimizer):
             kernel and exists for ``precondition="readout"``, ``preconditioner="adam"``; by
             default it is picked where it applies, else the single-tensor loop on CPU and
             foreach elsewhere.
-        skip_nonfinite (bool, default False): a call whose gradients hold a NaN or inf leaves
-            the group untouched and counts it in ``nonfinite_skips`` (one host read per step).
-        update_period, accumulate, update_offset (default 1, "sum", 0): the multi-frequency
-            schedule (SPEC §7) as group defaults: the rule is applied once every
-            ``update_period`` calls to the sum (or mean) of their gradients; see
-            :meth:`~deepmomentum.MemoryOptimizer.step`.
+        skip_nonfinite, update_period, accumulate, update_offset: the group options every
+            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
     Defaults are ``torch.optim.AdamW``'s (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
     weight_decay 0.01, decoupled), so ``PreconditionedMomentum(params)`` is a drop-in for

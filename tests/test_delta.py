@@ -129,9 +129,9 @@ def test_input_keys_are_the_layer_inputs():
         hidden = torch.tanh(model[0](x))
     model(x).sum().backward()
     unit = lambda t: t / t.norm(dim=1, keepdim=True)  # noqa: E731
-    torch.testing.assert_close(opt._captured[model[0].weight][0], unit(x))
-    torch.testing.assert_close(opt._captured[model[2].weight][0], unit(hidden))
-    assert model[0].bias not in opt._captured  # biases use gradient keys
+    torch.testing.assert_close(opt.state[model[0].weight]["input_keys"], unit(x))
+    torch.testing.assert_close(opt.state[model[2].weight]["input_keys"], unit(hidden))
+    assert "input_keys" not in opt.state.get(model[0].bias, {})  # biases: gradient keys
 
     # The step uses exactly those keys: compare the buffer with the rule written out.
     opt.step()
@@ -152,11 +152,15 @@ def test_key_samples_keep_evenly_spaced_rows_and_micro_batches_accumulate():
     opt = dm.DeltaMomentum(model.parameters(), keys="input", key_samples=3).attach(model)
     x = torch.randn(9, 4)
     model(x)
-    kept = opt._captured[model[0].weight][0]
+    kept = opt.state[model[0].weight]["input_keys"]
     assert kept.shape == (3, 4)
     torch.testing.assert_close(kept, x[[0, 4, 8]] / x[[0, 4, 8]].norm(dim=1, keepdim=True))
     model(torch.randn(2, 4))  # a second micro-batch before the step
-    assert sum(r.shape[0] for r in opt._captured[model[0].weight]) == 3
+    assert opt.state[model[0].weight]["input_keys"].shape[0] == 3
+
+
+def _pending_keys(opt):
+    return [p for p, s in opt.state.items() if "input_keys" in s]
 
 
 def test_no_keys_are_captured_without_grad_or_after_detach():
@@ -164,10 +168,10 @@ def test_no_keys_are_captured_without_grad_or_after_detach():
     opt = dm.DeltaMomentum(model.parameters(), keys="input").attach(model)
     with torch.no_grad():
         model(torch.randn(3, 4))
-    assert not opt._captured
+    assert not _pending_keys(opt)
     opt.detach()
     model(torch.randn(3, 4))
-    assert not opt._captured
+    assert not _pending_keys(opt)
 
 
 def test_hooks_keep_no_activations_alive_and_keys_do_not_outlive_the_step():
@@ -186,7 +190,7 @@ def test_hooks_keep_no_activations_alive_and_keys_do_not_outlive_the_step():
         assert all(r() is None for r in refs)
         opt.step()
         opt.zero_grad()
-        assert not opt._captured
+        assert not _pending_keys(opt)
 
 
 def test_input_keys_without_attach_fall_back_to_gradient_keys():

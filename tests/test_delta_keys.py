@@ -15,6 +15,11 @@ import torch
 import deepmomentum as dm
 
 
+def _pending(opt):
+    """The keys waiting for the next update, by weight (``state[w]["input_keys"]``)."""
+    return {p: s["input_keys"] for p, s in opt.state.items() if "input_keys" in s}
+
+
 def _model(dtype=torch.float32):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
@@ -141,9 +146,9 @@ def test_the_update_consumes_its_keys():
     x, y = _batches(1)[0]
     (model(x) - y).pow(2).mean().backward()
     opt.step()
-    assert set(opt._captured) == {model[0].weight, model[2].weight}  # waiting for call 2
+    assert set(_pending(opt)) == {model[0].weight, model[2].weight}  # waiting for call 2
     opt.step()
-    assert not opt._captured
+    assert not _pending(opt)
     assert all("input_keys" not in s for s in opt.state.values())
 
 
@@ -162,10 +167,10 @@ def test_detach_drops_pending_keys_and_load_state_dict_keeps_the_hooks():
     opt = _optimizer(model)
     opt.load_state_dict(opt.state_dict())  # must not lose track of the hooks
     model(torch.randn(3, 4))
-    assert opt._captured
+    assert _pending(opt)
     opt.detach()
     assert _hook_count(model) == 0
-    assert not opt._captured
+    assert not _pending(opt)
 
 
 # --- item 7: the hooks -------------------------------------------------------------------------
@@ -186,18 +191,18 @@ def test_a_deepcopied_model_does_not_feed_the_original_optimizer():
     model = _model()
     opt = _optimizer(model)
     model(torch.randn(3, 4))
-    before = {p: k[0].clone() for p, k in opt._captured.items()}
+    before = {p: k.clone() for p, k in _pending(opt).items()}
     twin = copy.deepcopy(model)
     twin(torch.randn(7, 4))
-    after = opt._captured
+    after = _pending(opt)
     assert after.keys() == before.keys()
-    assert all(torch.equal(after[p][0], before[p]) for p in before)
+    assert all(torch.equal(after[p], before[p]) for p in before)
     # A second optimizer attached to the copy gets the copy's keys, and only those.
     twin_opt = _optimizer(twin)
     x = torch.randn(2, 4)
     twin(x)
     assert twin_opt.state[twin[0].weight]["input_keys"].shape == (2, 4)
-    assert torch.equal(opt._captured[model[0].weight][0], before[model[0].weight])
+    assert torch.equal(_pending(opt)[model[0].weight], before[model[0].weight])
 
 
 def test_a_hook_records_only_for_the_weight_it_was_registered_for():
@@ -205,7 +210,7 @@ def test_a_hook_records_only_for_the_weight_it_was_registered_for():
     opt = _optimizer(model)
     model[0].weight = torch.nn.Parameter(model[0].weight.detach().clone())
     model(torch.randn(3, 4))
-    assert set(opt._captured) == {model[2].weight}
+    assert set(_pending(opt)) == {model[2].weight}
 
 
 def test_an_attached_model_pickles_and_its_copy_is_inert():
@@ -216,9 +221,9 @@ def test_an_attached_model_pickles_and_its_copy_is_inert():
     torch.save(model, buffer)
     twin = pickle.loads(data)
     twin(torch.randn(3, 4))
-    assert not opt._captured
+    assert not _pending(opt)
     model(torch.randn(3, 4))
-    assert set(opt._captured) == {model[0].weight, model[2].weight}
+    assert set(_pending(opt)) == {model[0].weight, model[2].weight}
 
 
 def test_dropped_optimizers_take_their_hooks_and_are_collected():
@@ -231,7 +236,7 @@ def test_dropped_optimizers_take_their_hooks_and_are_collected():
     assert _hook_count(model) <= 2  # at most the live optimizer's
     assert all(r() is None for r in refs[:-1])
     model(torch.randn(3, 4))
-    assert set(opt._captured) == {model[0].weight, model[2].weight}
+    assert set(_pending(opt)) == {model[0].weight, model[2].weight}
     del opt
     gc.collect()
     assert refs[-1]() is None
@@ -245,6 +250,6 @@ def test_a_pickled_optimizer_comes_back_detached_with_its_keys():
     model(torch.randn(3, 4))
     twin = pickle.loads(pickle.dumps(opt))
     assert twin._hooks == [] and twin._key_process_group is None
-    assert len(twin._captured) == 2
+    assert len(_pending(twin)) == 2
     twin.detach()  # removes nothing of the original's
     assert _hook_count(model) == 2
