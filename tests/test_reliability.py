@@ -156,12 +156,14 @@ def _sources():
         yield info.name, lambda ps, info=info: info.make(ps)
 
 
-@pytest.mark.parametrize("target", REGISTRY, ids=lambda info: info.name)
-@pytest.mark.parametrize("source_name,source", list(_sources()), ids=lambda x: x
-                         if isinstance(x, str) else "")
-def test_state_of_another_optimizer_class_is_refused(target, source_name, source):
-    if source_name == target.name:
-        pytest.skip("the same class")
+#: Every (target, source) pair of different classes.
+CLASS_PAIRS = [pytest.param(target, source, id=f"{source_name}->{target.name}")
+               for target in REGISTRY for source_name, source in _sources()
+               if source_name != target.name]
+
+
+@pytest.mark.parametrize("target,source", CLASS_PAIRS)
+def test_state_of_another_optimizer_class_is_refused(target, source):
     saved = _trained(source, _named((4, 3))).state_dict()
     opt = _trained(lambda ps: target.make(ps), _named((4, 3)), steps=1)
     with pytest.raises(ValueError, match="not saved by|never keeps") as error:
