@@ -1,0 +1,140 @@
+"""Golden trajectories: every registry setting × implementation × dtype, 20 steps on fixed data.
+
+Used two ways:
+
+* ``python tests/golden/record.py`` writes ``trajectories.json.gz`` from the code it imports
+  (``--commit SHA`` imports the package from a git worktree of that commit instead: the
+  pre-refactor code, with the case definitions of this file);
+* ``tests/test_golden.py`` replays every case on the current code and compares bit for bit.
+
+A case is identified by ``"{optimizer}-{variant}-{implementation}-{dtype}"``. Implementations
+are the public switches: ``default`` (no flag), ``single`` (``foreach=False``), ``foreach``
+(``foreach=True``), ``fused`` (``fused=True``, where the class takes it on the CPU) and
+``triton`` (the Triton path under ``TRITON_INTERPRET=1``, routed to CPU tensors by patching
+``deepmomentum.kernels.usable``; fp32 only, the kernels' dtypes), and ``period3`` (the default
+path under ``update_period=3, accumulate="mean"``, the multi-frequency schedule).
+
+What is stored per case: a short SHA-256 of the parameters' bytes after each step, one of the
+optimizer state's tensors after the last step, and the last parameters themselves (to measure a
+deliberate difference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+STEPS = 20
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+IMPLEMENTATIONS = {"default": {}, "single": {"foreach": False}, "foreach": {"foreach": True},
+                   "fused": {"fused": True}, "triton": {},
+                   "period3": {"update_period": 3, "accumulate": "mean"}}
+HERE = Path(__file__).resolve().parent
+GOLDEN = HERE / "trajectories.json.gz"
+
+
+def _registry():
+    sys.path.insert(0, str(HERE.parent))
+    try:
+        import registry
+    finally:
+        sys.path.pop(0)
+    return registry
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def state_tensors(optimizer):
+    """The state's tensors in a fixed order: by parameter index, then key."""
+    state = optimizer.state_dict()["state"]
+    out = []
+    for index in sorted(state):
+        for key in sorted(state[index]):
+            value = state[index][key]
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+    return out
+
+
+def cases():
+    """(case id, info, variant, implementation name, dtype) for every golden case."""
+    reg = _registry()
+    out = []
+    for info in reg.REGISTRY:
+        for v, variant in enumerate(info.variants):
+            for impl in IMPLEMENTATIONS:
+                for dname, dtype in DTYPES.items():
+                    if impl == "triton" and dtype != torch.float32:
+                        continue
+                    out.append((f"{info.name}-{v}-{impl}-{dname}", info, variant, impl, dtype))
+    return out
+
+
+def _grads(step, params, curvature, noise):
+    # Fixed data: a quadratic with a per-tensor curvature plus seeded noise, computed in
+    # float64 and rounded to the parameter's dtype, so trajectories feed back on themselves.
+    return [(c * p.detach().double() + n[step]).to(p.dtype)
+            for p, c, n in zip(params, curvature, noise)]
+
+
+def run_case(info, variant, impl, dtype, steps=STEPS):
+    """Run one case; None where the implementation does not exist for it (constructor or
+    first step refuses it)."""
+    from deepmomentum import kernels
+
+    shapes = info.shapes(variant)
+    g = torch.Generator().manual_seed(1234)
+    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+              for s in shapes]
+    curvature = [0.1 + 1.9 * torch.rand(s, generator=g, dtype=torch.float64) for s in shapes]
+    noise = [torch.randn((steps, *s), generator=g, dtype=torch.float64) * 0.5 for s in shapes]
+    patched = None
+    if impl == "triton":
+        if dtype != torch.float32 or not kernels.triton_available():
+            return None
+        patched = kernels.usable
+        kernels.usable = lambda ps: bool(ps)
+    try:
+        try:
+            opt = info.make(params, **variant, **IMPLEMENTATIONS[impl])
+        except (ValueError, RuntimeError):
+            return None
+        if impl == "triton":
+            group = opt.param_groups[0]
+            if not opt._has_triton_path(group):
+                return None
+        hashes = []
+        for step in range(steps):
+            for p, grad in zip(params, _grads(step, params, curvature, noise)):
+                p.grad = grad
+            try:
+                opt.step()
+            except (ValueError, RuntimeError):
+                if step == 0:
+                    return None
+                raise
+            hashes.append(digest(params))
+        return {"steps": hashes, "state": digest(state_tensors(opt)),
+                "final": [p.detach().double().reshape(-1).tolist() for p in params]}
+    finally:
+        if patched is not None:
+            kernels.usable = patched
+
+
+def environment():
+    """What must match for bit-identical replay: torch, the CPU's vector ISA, threads."""
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "interpret": os.environ.get("TRITON_INTERPRET", "")}
