@@ -6,12 +6,11 @@ from typing import Any, Optional
 
 import torch
 
-from . import functional as F
-from . import kernels
+from . import functional as dmf
 from .momentum import _validate_momentum
 from .muon import _NS_DTYPES
 from .newton_schulz import ADJUST_LR_FNS, ns_coefficients
-from .optimizer import MemoryOptimizer, check_choice, check_number
+from .optimizer import MemoryOptimizer, check_choice, check_int, check_number
 
 __all__ = ["DeepMomentum", "DMGD"]
 
@@ -142,16 +141,14 @@ class DeepMomentum(MemoryOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_momentum(group)
         for name in ("hidden", "seed", "ns_steps"):
-            value = group[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Invalid {name}: {value!r}; {name} must be an integer ≥ 0")
+            check_int(name, group[name], 0)
         check_number("memory_lr", group["memory_lr"], 0.0)
         if group["key_decay"] is not None:
             check_number("key_decay", group["key_decay"], 0.0, 1.0)
-        check_choice("objective", group["objective"], F.DMGD_OBJECTIVES)
-        check_choice("values", group["values"], F.DMGD_VALUES)
-        check_choice("output", group["output"], F.DMGD_OUTPUTS)
-        check_choice("activation", group["activation"], F.DMGD_ACTIVATIONS)
+        check_choice("objective", group["objective"], dmf.DMGD_OBJECTIVES)
+        check_choice("values", group["values"], dmf.DMGD_VALUES)
+        check_choice("output", group["output"], dmf.DMGD_OUTPUTS)
+        check_choice("activation", group["activation"], dmf.DMGD_ACTIVATIONS)
         check_choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
         check_number("beta2", group["beta2"], 0.0, 1.0, high_open=True)
         check_number("eps", group["eps"], 0.0)
@@ -163,94 +160,39 @@ class DeepMomentum(MemoryOptimizer):
         shape = tuple(param.shape)
         shapes = {**super()._state_shapes(group, param), "step": (), "momentum_buffer": shape}
         if group["hidden"] > 0:
-            cols = F.as_matrix(param).shape[1]
+            cols = dmf.as_matrix(param).shape[1]
             shapes.update(memory_A=(cols, group["hidden"]), memory_B=(group["hidden"], cols))
         if group["values"] == "preconditioned":
             shapes["exp_avg_sq"] = shape
         return shapes
 
-    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        if group["output"] == "newton_schulz":
+    supported_impls = ("foreach", "triton")
+    LAZY_STATE = ("momentum_buffer",)
+
+    def _impl_unsupported(self, group, implementation):
+        if implementation == "triton" and group["output"] == "newton_schulz":
             return "the Newton–Schulz read-out has no Triton path yet"
-        return None  # inner step by batched matmul, the rest in memory_step
+        return super()._impl_unsupported(group, implementation)
 
-    def _update_triton(self, group, params, grads, steps):
-        from .kernels import elementwise
+    def _rule(self, group):
+        keyed = group["hidden"] > 0
+        return dmf.deep_momentum, ("momentum_buffer", "memory_A" if keyed else None,
+                                   "memory_B" if keyed else None,
+                                   "exp_avg_sq" if group["values"] == "preconditioned" else None)
 
-        gs = F.effective_grads(params, grads, maximize=group["maximize"],
-                               weight_decay=group["weight_decay"],
-                               decoupled_weight_decay=group["decoupled_weight_decay"])
-        reads = F.deep_memory_reads(
-            gs, [self.state[p].get("memory_A") for p in params],
-            [self.state[p].get("memory_B") for p in params],
-            [self.state[p].get("exp_avg_sq") for p in params], steps,
-            momentum=group["momentum"], memory_lr=group["memory_lr"],
-            key_decay=group["key_decay"], objective=group["objective"], values=group["values"],
-            activation=group["activation"], beta2=group["beta2"], eps=group["eps"])
-        momentum = group["momentum"]
-        for is_first, idx in self._first_step_split(params, momentum):
-            with_read = [i for i in idx if reads[i] is not None]
-            without = [i for i in idx if reads[i] is None]
-            for part, part_reads in ((with_read, [reads[i] for i in with_read]),
-                                     (without, None)):
-                elementwise.memory_step(
-                    [params[i] for i in part], [grads[i] for i in part],
-                    [self.state[params[i]].get("momentum_buffer") for i in part], None,
-                    part_reads, lr=float(group["lr"]), momentum=momentum,
-                    dampening=group["dampening"], nesterov=group["nesterov"],
-                    weight_decay=group["weight_decay"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                    maximize=group["maximize"], first_step=is_first,
-                    sign=group["output"] == "sign")
-
-    def _implementation(self, group, params):
-        if group["foreach"] is None and not group["fused"] and not (
-                self._has_triton_path(group) and kernels.usable(params)):
-            return "foreach"  # batched inner steps are the fast path on every device
-        return super()._implementation(group, params)
-
-    def _init_state(self, group: dict[str, Any], p) -> None:
-        state = self.state[p]
-        hidden = group["hidden"]
-        if hidden > 0 and "memory_A" not in state:
-            cols = F.as_matrix(p).shape[1]
-            dtype = F.state_dtype(p.dtype)
-            # A₀ depends on (seed, c, h) only, so a parameter starts alike whatever its group,
-            # position or implementation (B₀ = 0 makes same-shape tensors diverge at once).
-            generator = torch.Generator().manual_seed(
-                (group["seed"] * 1_000_003 + cols) * 10_007 + hidden)
-            A = torch.randn(cols, hidden, generator=generator, dtype=torch.float64)
-            state["memory_A"] = A.to(device=p.device, dtype=dtype)
-            state["memory_B"] = torch.zeros(hidden, cols, device=p.device, dtype=dtype)
-        if group["values"] == "preconditioned" and "exp_avg_sq" not in state:
-            state["exp_avg_sq"] = self._new_state_tensor(p)
-
-    def _update(self, group, params, grads, implementation):
-        for p in params:
-            self._init_state(group, p)
-        steps = self._advance_steps(params)
-        if implementation == "triton":
-            self._update_triton(group, params, grads, steps)
-            return
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        F.deep_momentum(
-            params, grads, bufs,
-            [self.state[p].get("memory_A") for p in params],
-            [self.state[p].get("memory_B") for p in params],
-            [self.state[p].get("exp_avg_sq") for p in params], steps,
-            lr=group["lr"], momentum=group["momentum"], memory_lr=group["memory_lr"],
-            key_decay=group["key_decay"],
-            objective=group["objective"], values=group["values"], output=group["output"],
-            activation=group["activation"], dampening=group["dampening"],
-            nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"], beta2=group["beta2"],
-            eps=group["eps"], adjust_lr_fn=group["adjust_lr_fn"],
-            ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
-            ns_dtype=group["ns_dtype"], maximize=group["maximize"],
-            foreach=implementation == "foreach")
-        if group["momentum"] != 0:
-            for p, b in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = b
+    def _initial_state(self, group, param, key):
+        if key not in ("memory_A", "memory_B"):
+            return super()._initial_state(group, param, key)
+        cols, hidden = dmf.as_matrix(param).shape[1], group["hidden"]
+        dtype = dmf.state_dtype(param.dtype)
+        if key == "memory_B":  # B₀ = 0: the keyed part reads zero until it has learned
+            return torch.zeros(hidden, cols, device=param.device, dtype=dtype)
+        # A₀ depends on (seed, c, h) only, so a parameter starts alike whatever its group,
+        # position or implementation (B₀ = 0 makes same-shape tensors diverge at once).
+        generator = torch.Generator().manual_seed((group["seed"] * 1_000_003 + cols) * 10_007
+                                                  + hidden)
+        A = torch.randn(cols, hidden, generator=generator, dtype=torch.float64)
+        return A.to(device=param.device, dtype=dtype)
 
 
 #: The name Nested Learning uses.

@@ -1,55 +1,75 @@
-"""The update rules of deepmomentum as pure functions over lists of tensors.
+"""The update rules of deepmomentum: stages, and each rule as a short composition of them.
 
-Every optimizer class in the package collects its parameters, gradients and state and calls
-one of these functions; the same functions serve the HOPE example's in-context memories and
-the tests. Each rule has three implementations behind one switch, as ``torch.optim`` does:
+Read top to bottom, this module is the package's maths (docs/spec.md, cited as "SPEC §n";
+docs/nested_learning.md maps each Nested Learning equation to its function here).
 
-* ``_single_tensor_*`` — the readable reference, one tensor at a time. It is the ground truth.
-* ``_multi_tensor_*`` — the same arithmetic with ``torch._foreach_*`` ops over lists.
-* ``_fused_*`` — torch's own fused kernels, used only where a rule *is* torch's rule.
+**Stages** are plain-torch functions over lists of tensors, each one step of an optimizer read
+as an associative memory: form the gradient the memories see (:func:`effective_gradients`,
+:func:`decoupled_decay`), write a memory (:func:`momentum_write`, :func:`ema_write`,
+:func:`second_moment_write`, :func:`accumulate`), erase along keys (:func:`erase_terms`),
+precondition (:func:`preconditioner_denominators`, :func:`preconditioned_values`), read out
+(:func:`nesterov_readout`, :func:`sign_readout`, :func:`orthogonalize`) and apply
+(:func:`apply_updates`). Every stage takes ``foreach``: ``False`` loops over the tensors with
+per-tensor ops, ``True`` makes the same calls with ``torch._foreach_*`` ops (torch's meaning of
+the word, nothing else). Both are the same arithmetic: a rule's foreach path equals its
+single-tensor path bit for bit on the CPU.
 
-Conventions shared by all rules (see docs/spec.md, cited as "SPEC §n" below):
+**Rules** (:func:`associative_momentum`, :func:`delta_momentum`,
+:func:`preconditioned_momentum`, :func:`deep_momentum`, :func:`muon`, :func:`m3`) compose the
+stages; the composition *is* the single-tensor reference. Each takes ``foreach`` and ``fused``
+with torch's meaning; ``fused=True`` runs the rule's fused kernel — the Triton kernels of
+:mod:`deepmomentum.kernels` for CUDA tensors (each fuses a run of the rule's stages and is
+tested against them), or torch's own fused CPU kernel where the rule *is* torch's (SGD, Adam(W):
+R1/R3 bit parity). Matrix stages (Newton–Schulz, DMGD's inner step) batch same-shape matrices
+into one product whatever the flags (``batched=False`` on :func:`orthogonalize` and
+:func:`deep_memory_reads` is the one-matrix-at-a-time reference).
+
+Conventions shared by all rules:
 
 * Tensors arrive as real tensors: complex parameters are passed through
-  ``torch.view_as_real`` by the caller, so every rule here is elementwise over reals.
+  ``torch.view_as_real`` by the caller, so every elementwise stage is over reals.
 * ``state_steps`` already count the update being applied (``t`` starts at 1); the caller
-  advances them, so an update schedule (``update_period``) can decide what counts.
+  advances them, so an update schedule (``update_period``) decides what counts.
 * Buffers are stored lr-free, so LR schedulers act at read-out.
-* Low-precision parameters (fp16/bf16) keep fp32 state: the step runs in fp32 on an fp32 copy
-  of the parameter and is rounded into the parameter once at the end.
+* Low-precision parameters (fp16/bf16) keep fp32 state: the step runs in fp32 on an fp32
+  working copy of the parameter, rounded into the parameter once at the end.
 * ``maximize`` negates the gradient out of place; ``.grad`` is never written.
+* A memory entry that is ``None`` where the rule keeps one is created by the rule on the
+  tensor's first step (``b₁ = g₁``, as torch's SGD) and put into the list.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from . import kernels
 from .newton_schulz import adjusted_lr_scale, matrix_view, newton_schulz, stable_norm
 
 __all__ = [
-    "associative_momentum",
-    "preconditioned_momentum",
-    "delta_momentum",
-    "deep_momentum",
-    "deep_memory_gradients",
-    "deep_memory_gradient_factors",
-    "deep_memory_reads",
-    "muon",
-    "m3",
-    "momentum_scan",
-    "scan_coefficients",
-    "orthogonalize",
-    "state_dtype",
-    "LOW_PRECISION_DTYPES",
+    # stages
+    "effective_gradients", "decoupled_decay", "working_copies", "momentum_write", "ema_write",
+    "second_moment_write", "accumulate", "erase_terms", "preconditioner_denominators",
+    "preconditioned_values", "nesterov_readout", "sign_readout", "orthogonalize", "apply_updates",
+    # rules
+    "associative_momentum", "delta_momentum", "preconditioned_momentum", "deep_momentum",
+    "muon", "m3",
+    # keys, DMGD's memory, the gated scan of the HOPE memories
+    "as_matrix", "gradient_keys", "input_keys_matrix", "erase_along_keys", "delta_keys",
+    "unit_rows", "activate", "deep_memory_gradient_factors", "deep_memory_gradients",
+    "deep_memory_reads", "momentum_scan", "scan_coefficients",
+    "state_dtype", "LOW_PRECISION_DTYPES",
 ]
 
 #: Parameter dtypes whose optimizer state is kept in float32.
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+Steps = Union[float, Sequence[float]]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,50 +83,358 @@ def _scalar(x) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
-def _working_copy(p: Tensor) -> Tensor:
-    """The tensor the step is computed on: the parameter itself, or an fp32 copy of it."""
-    return p.float() if p.dtype in LOW_PRECISION_DTYPES else p
+def as_matrix(t: Tensor) -> Tensor:
+    """The matrix view ``r × c`` of one tensor (SPEC: matrix view): :func:`matrix_view` with no
+    batch dims — 2-D as is, ≥3-D as ``(shape[0], rest)``, 1-D and 0-D as one row."""
+    return matrix_view(t)[0]
 
 
-def _signed_grad(g: Tensor, maximize: bool) -> Tensor:
-    """The gradient in the state dtype, negated out of place when maximizing."""
-    g = g.float() if g.dtype in LOW_PRECISION_DTYPES else g
-    return torch.neg(g) if maximize else g
+# =============================================================================================
+# Dispatch: one switch for every rule
+# =============================================================================================
 
 
-def _decayed(param: Tensor, grad: Tensor, lr: float, weight_decay: float, decoupled: bool,
-             maximize: bool) -> tuple[Tensor, Tensor]:
-    """(working copy of W, gradient) after weight decay: decoupled decay scales W in place by
-    (1 − γλ); coupled decay adds λW to the gradient out of place."""
-    w = _working_copy(param)
-    g = _signed_grad(grad, maximize)
-    if weight_decay != 0:
-        if decoupled:
-            w.mul_(1 - lr * weight_decay)
-        else:
-            g = g.add(w, alpha=weight_decay)
-    return w, g
+def _implementation(params: Sequence[Tensor], foreach: Optional[bool], fused: Optional[bool],
+                    *, rule: str, torch_fused: bool = False, triton: bool = True) -> str:
+    """'single', 'foreach', 'fused' (torch's CPU kernel) or 'triton' for a functional call.
+
+    ``fused=True`` takes the rule's Triton kernel where :func:`deepmomentum.kernels.usable`
+    accepts the tensors (``triton``: the rule has one), else torch's fused kernel where the rule
+    is torch's (``torch_fused``), else raises ``ValueError``."""
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True")
+    if not fused:
+        return "foreach" if foreach else "single"
+    if triton and kernels.usable(params):
+        return "triton"
+    if torch_fused:
+        return "fused"
+    raise ValueError(f"fused=True: {rule} has no fused kernel for these tensors; its Triton "
+                     "kernels take contiguous fp32/bf16/fp16 CUDA tensors")
 
 
-def _group_indices(params: list[Tensor]) -> dict[tuple, list[int]]:
-    """Indices of ``params`` grouped by (device, dtype): one foreach call per group."""
+def _kind_indices(params: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``params`` grouped by (device, dtype)."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         groups[(p.device, p.dtype)].append(i)
-    return groups
+    return list(groups.values())
 
 
-def _check_implementation(foreach: Optional[bool], fused: Optional[bool]) -> str:
-    if foreach and fused:
-        raise ValueError("foreach and fused cannot both be True")
-    if fused:
-        return "fused"
-    return "foreach" if foreach else "single"
+def _one_kind_per_call(composition: Callable) -> Callable:
+    """Run a rule's composition once per (device, dtype) of its parameters under foreach (a
+    ``torch._foreach_*`` fast route takes one kind per call); list arguments are split, and
+    the entries the composition creates (first-step memories) are written back."""
+
+    @functools.wraps(composition)
+    def run(params, *lists, foreach: bool, **options):
+        kinds = _kind_indices(params) if foreach else []
+        if len(kinds) <= 1:
+            return composition(params, *lists, foreach=foreach, **options)
+        for idx in kinds:
+            parts = [None if xs is None else [xs[i] for i in idx] for xs in lists]
+            composition([params[i] for i in idx], *parts, foreach=True, **options)
+            for xs, part in zip(lists, parts):
+                if xs is not None:
+                    for i, x in zip(idx, part):
+                        xs[i] = x
+
+    return run
 
 
-# ---------------------------------------------------------------------------------------------
+def _first_step_split(params: Sequence[Tensor], buffers: list[Optional[Tensor]],
+                      momentum: float, like: Callable[[Tensor], Tensor]):
+    """Yield ``(is_first, indices)`` for the fused kernels, which take ``b₁ = g₁`` as one flag
+    per launch: missing buffers are allocated (``like(param)``) and put into ``buffers``. With
+    ``momentum == 0`` there are no buffers and every index is a later step."""
+    first = set()
+    if momentum != 0:
+        for i, (p, b) in enumerate(zip(params, buffers)):
+            if b is None:
+                buffers[i] = like(p)
+                first.add(i)
+    for is_first in (True, False):
+        indices = [i for i in range(len(params)) if (i in first) == is_first]
+        if indices:
+            yield is_first, indices
+
+
+def _fp32_like(p: Tensor) -> Tensor:
+    return torch.empty_like(p, dtype=state_dtype(p.dtype))
+
+
+# =============================================================================================
+# Stages
+# =============================================================================================
+
+
+def working_copies(params: Sequence[Tensor]) -> list[Tensor]:
+    """Stage: the tensors a step is computed on — each parameter itself, or an fp32 copy of a
+    16-bit one (rounded back once by :func:`apply_updates`)."""
+    return [p.float() if p.dtype in LOW_PRECISION_DTYPES else p for p in params]
+
+
+def effective_gradients(weights: Sequence[Tensor], grads: Sequence[Tensor], *,
+                        weight_decay: float = 0.0, maximize: bool = False,
+                        foreach: bool = False) -> list[Tensor]:
+    r"""Stage: the gradient the memories see, in the state dtype (fp32 for 16-bit gradients).
+
+    .. math:: g = \pm G + \lambda W \qquad (\text{coupled decay; } -G \text{ when maximizing})
+
+    Out of place: ``grads`` are never written. ``weight_decay`` here is the *coupled* λ (torch
+    SGD/Adam style); pass 0 and use :func:`decoupled_decay` for AdamW-style decay.
+    """
+    gs = [g.float() if g.dtype in LOW_PRECISION_DTYPES else g for g in grads]
+    if foreach:
+        if maximize:
+            gs = torch._foreach_neg(gs)
+        if weight_decay != 0:
+            gs = torch._foreach_add(gs, list(weights), alpha=weight_decay)
+        return list(gs)
+    if maximize:
+        gs = [torch.neg(g) for g in gs]
+    if weight_decay != 0:
+        gs = [g.add(w, alpha=weight_decay) for g, w in zip(gs, weights)]
+    return gs
+
+
+def decoupled_decay(weights: Sequence[Tensor], *, lr: float, weight_decay: float,
+                    foreach: bool = False) -> None:
+    r"""Stage: decoupled weight decay, :math:`W \leftarrow W(1 - \gamma\lambda)`, in place
+    (AdamW/Muon style: it does not touch the gradient, so it may run before the update)."""
+    if weight_decay == 0 or not weights:
+        return
+    if foreach:
+        torch._foreach_mul_(list(weights), 1 - lr * weight_decay)
+    else:
+        for w in weights:
+            w.mul_(1 - lr * weight_decay)
+
+
+def _weights_and_gradients(params, grads, *, lr, weight_decay, decoupled_weight_decay, maximize,
+                           foreach) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`working_copies`, :func:`effective_gradients` and :func:`decoupled_decay`: the
+    prologue every rule starts with."""
+    works = working_copies(params)
+    gs = effective_gradients(works, grads, maximize=maximize, foreach=foreach,
+                             weight_decay=0.0 if decoupled_weight_decay else weight_decay)
+    if decoupled_weight_decay:
+        decoupled_decay(works, lr=lr, weight_decay=weight_decay, foreach=foreach)
+    return works, gs
+
+
+def momentum_write(buffers: list[Optional[Tensor]], values: Sequence[Tensor], *,
+                   momentum: float, write: float = 1.0, erase: float = 0.0,
+                   erased: Optional[Sequence[Optional[Tensor]]] = None,
+                   foreach: bool = False) -> list[Tensor]:
+    r"""Stage: one gradient step of a momentum memory on its inner objective, in place.
+
+    .. math:: b_t = \mu\, b_{t-1} - \beta E_t + \omega\, v_t, \qquad b_1 = v_1
+
+    §1 (NL Eq 33–34): ``write`` ω = 1 − τ, no erase. §2 (NL Eq 48–49): ``erased`` holds
+    :math:`E_t = b_{t-1} K_t` from :func:`erase_terms`, ``erase`` is β. M3's fast and slow
+    memories (§6): μ and ω of their own, buffers that start at zero. An entry of ``buffers``
+    that is ``None`` is created as a copy of its value (``b₁ = v₁``, torch's SGD) and put in the
+    list. Returns the memories (the buffers). A rule with no memory at μ = 0 (§1, §2, §4)
+    does not call it then.
+    """
+    erase_on = erase != 0 and erased is not None
+    if foreach and all(b is not None for b in buffers):
+        torch._foreach_mul_(buffers, momentum)
+        if erase_on:
+            torch._foreach_sub_(buffers, list(erased), alpha=erase)
+        torch._foreach_add_(buffers, list(values), alpha=write)
+        return list(buffers)
+    for i, v in enumerate(values):
+        b = buffers[i]
+        if b is None:
+            buffers[i] = torch.clone(v).detach()
+            continue
+        b.mul_(momentum)
+        if erase_on and erased[i] is not None:
+            b.sub_(erased[i], alpha=erase)
+        b.add_(v, alpha=write)
+    return list(buffers)
+
+
+def ema_write(buffers: Sequence[Tensor], values: Sequence[Tensor], *, beta: float,
+              foreach: bool = False) -> list[Tensor]:
+    r"""Stage: an exponential moving average, :math:`b \leftarrow \beta b + (1-\beta) v` (as
+    ``lerp``), in place — Muon's momentum (§5) and Adam's first moment (§3)."""
+    if foreach:
+        torch._foreach_lerp_(list(buffers), list(values), 1 - beta)
+    else:
+        for b, v in zip(buffers, values):
+            b.lerp_(v, 1 - beta)
+    return list(buffers)
+
+
+def second_moment_write(buffers: Sequence[Tensor], values: Sequence[Tensor], *, decay: float,
+                        write: float, foreach: bool = False) -> list[Tensor]:
+    r"""Stage: a second-moment memory, :math:`v \leftarrow \delta v + \omega\, g^2`, in place —
+    Adam's (δ = β₂, ω = 1 − β₂; §3, DMGD's preconditioned values §4) and M3's (§6)."""
+    if foreach:
+        torch._foreach_mul_(list(buffers), decay)
+        torch._foreach_addcmul_(list(buffers), list(values), list(values), write)
+    else:
+        for b, v in zip(buffers, values):
+            b.mul_(decay).addcmul_(v, v, value=write)
+    return list(buffers)
+
+
+def accumulate(accumulators: Sequence[Tensor], grads: Sequence[Tensor], *,
+               foreach: bool = False) -> None:
+    r"""Stage: :math:`a \leftarrow a + g`, in place — the multi-frequency accumulator (§7) and
+    M3's chunk sums (§6)."""
+    if foreach:
+        torch._foreach_add_(list(accumulators), list(grads))
+    else:
+        for a, g in zip(accumulators, grads):
+            a.add_(g)
+
+
+def erase_terms(buffers: Sequence[Optional[Tensor]], grads: Sequence[Tensor],
+                input_keys: Sequence[Optional[Tensor]], *, erase: float
+                ) -> list[Optional[Tensor]]:
+    r"""Stage (§2, NL Eq 48–49): :math:`E_t = b_{t-1} K_t` on each memory's matrix view, with
+    the key Gram of :func:`delta_keys` (the gradient's own rows, or the captured input rows).
+    ``None`` where there is no memory yet or β = 0 erases nothing."""
+    return [None if b is None or erase == 0 else
+            erase_along_keys(as_matrix(b), delta_keys(g, k)).view_as(b)
+            for b, g, k in zip(buffers, grads, input_keys)]
+
+
+def preconditioner_denominators(second_moments: Sequence[Tensor], *, eps: float,
+                                bias_corrections: Optional[Sequence[float]] = None,
+                                foreach: bool = False) -> list[Tensor]:
+    r"""Stage (§3, §6): :math:`d = \sqrt{v} / \sqrt{1-\beta_2^t} + \epsilon` (without
+    ``bias_corrections`` :math:`1-\beta_2^t`: :math:`\sqrt{v} + \epsilon`), in torch Adam's
+    order of operations; the preconditioner is :math:`P_t(x) = x / d`."""
+    if foreach:
+        denom = torch._foreach_sqrt(list(second_moments))
+        if bias_corrections is not None:
+            torch._foreach_div_(denom, [math.sqrt(c) for c in bias_corrections])
+        torch._foreach_add_(denom, eps)
+        return list(denom)
+    out = []
+    for i, v in enumerate(second_moments):
+        d = v.sqrt()
+        if bias_corrections is not None:
+            d = d / math.sqrt(bias_corrections[i])
+        out.append(d.add_(eps))
+    return out
+
+
+def preconditioned_values(values: Sequence[Tensor], denominators: Sequence[Tensor], *,
+                          foreach: bool = False) -> list[Tensor]:
+    r"""Stage: preconditioned values :math:`P_t(v) = v / d` (NL Eq 19; §3 ``"value"``, §4)."""
+    if foreach:
+        return list(torch._foreach_div(list(values), list(denominators)))
+    return [v / d for v, d in zip(values, denominators)]
+
+
+def nesterov_readout(grads: Sequence[Tensor], memories: Sequence[Tensor], *, momentum: float,
+                     ema: bool = False, foreach: bool = False) -> list[Tensor]:
+    r"""Stage: the Nesterov read-out, :math:`U = g + \mu M` (§1, §2, §4) or, for an EMA memory,
+    :math:`U = \mathrm{lerp}(g, M, \mu)` (§5). Out of place."""
+    if foreach:
+        if ema:
+            return list(torch._foreach_lerp(list(grads), list(memories), momentum))
+        return list(torch._foreach_add(list(grads), list(memories), alpha=momentum))
+    if ema:
+        return [g.lerp(m, momentum) for g, m in zip(grads, memories)]
+    return [g.add(m, alpha=momentum) for g, m in zip(grads, memories)]
+
+
+def sign_readout(updates: Sequence[Tensor], *, foreach: bool = False) -> list[Tensor]:
+    r"""Stage: :math:`\sigma(U) = \mathrm{sign}(U)` (DMGD's ``output="sign"``, §4)."""
+    if foreach:
+        return list(torch._foreach_sign(list(updates)))
+    return [torch.sign(u) for u in updates]
+
+
+def orthogonalize(
+    tensors: Sequence[Tensor],
+    *,
+    batch_dims: int = 0,
+    steps: int = 5,
+    coefficients="keller",
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+    batched: bool = True,
+) -> list[Tensor]:
+    r"""Stage (§5, NL Eq 42, 52): :math:`\sigma(U) = \mathrm{NS}(U)`, Newton–Schulz of each
+    tensor's matrix view (:func:`matrix_view` with ``batch_dims``), returned in each tensor's
+    shape and dtype, never aliasing its input.
+
+    ``batched=True`` stacks all matrices of the same (rows, cols, dtype, device) and
+    orthogonalizes them in one batched call; ``batched=False`` is the reference loop, one
+    matrix at a time.
+    """
+    views = [matrix_view(t, batch_dims) for t in tensors]  # (n, r, c) each
+    ns = dict(steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
+    out: list[Optional[Tensor]] = [None] * len(views)
+    if not batched:
+        for i, v in enumerate(views):
+            out[i] = torch.stack([newton_schulz(m, **ns) for m in v.unbind(0)])
+    else:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, v in enumerate(views):
+            groups[(tuple(v.shape[1:]), v.dtype, v.device)].append(i)
+        for indices in groups.values():
+            if len(indices) == 1 and views[indices[0]].shape[0] == 1:
+                out[indices[0]] = newton_schulz(views[indices[0]][0], **ns)[None]
+                continue
+            stacked = torch.cat([views[i] for i in indices])
+            result = newton_schulz(stacked, **ns).split([views[i].shape[0] for i in indices])
+            for i, r in zip(indices, result):
+                out[i] = r
+    return [o.reshape(t.shape) for o, t in zip(out, tensors)]
+
+
+def apply_updates(params: Sequence[Tensor], weights: Sequence[Tensor],
+                  updates: Sequence[Tensor], step_sizes: Steps, *,
+                  denominators: Optional[Sequence[Tensor]] = None,
+                  foreach: bool = False) -> None:
+    r"""Stage: the outer step, :math:`W \leftarrow W + s\,U` (or :math:`W + s\,U / d` with
+    ``denominators``), then each 16-bit parameter takes its fp32 working copy, rounded once.
+
+    ``step_sizes`` ``s`` is one float or one per tensor: :math:`-\gamma` times the rule's scale
+    (Muon's shape factor, Adam's :math:`1/(1-\beta_1^t)`). Per-tensor sizes under foreach are
+    applied one ``_foreach_add_`` per distinct size, so the arithmetic (``add`` with ``alpha``)
+    is the single-tensor path's.
+    """
+    weights, updates = list(weights), list(updates)
+    sizes = [float(step_sizes)] * len(weights) if isinstance(step_sizes, (int, float)) \
+        else [float(s) for s in step_sizes]
+    if foreach and denominators is not None:
+        torch._foreach_addcdiv_(weights, updates, list(denominators),
+                                sizes if not isinstance(step_sizes, (int, float))
+                                else float(step_sizes))
+    elif foreach:
+        by_size: dict[float, list[int]] = defaultdict(list)
+        for i, s in enumerate(sizes):
+            by_size[s].append(i)
+        for s, idx in by_size.items():
+            torch._foreach_add_([weights[i] for i in idx], [updates[i] for i in idx], alpha=s)
+    else:
+        for i, (w, u) in enumerate(zip(weights, updates)):
+            if denominators is not None:
+                w.addcdiv_(u, denominators[i], value=sizes[i])
+            else:
+                w.add_(u, alpha=sizes[i])
+    rounded = [(p, w) for p, w in zip(params, weights) if w is not p]
+    if rounded:
+        if foreach:
+            torch._foreach_copy_([p for p, _ in rounded], [w for _, w in rounded])
+        else:
+            for p, w in rounded:
+                p.copy_(w)
+
+
+# =============================================================================================
 # §1 AssociativeMomentum
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 
 
 def associative_momentum(
@@ -134,124 +462,192 @@ def associative_momentum(
 
     ``momentum_buffers`` entries that are ``None`` are created (``b_1 = g_1``) and written back
     into the list. With ``momentum == 0`` no buffer is kept and ``U = g`` (torch's SGD).
+    ``fused``: the Triton kernel on CUDA, torch's fused SGD on the CPU (R1, bit for bit).
     """
-    impl = _check_implementation(foreach, fused)
-    fn = {
-        "single": _single_tensor_associative_momentum,
-        "foreach": _multi_tensor_associative_momentum,
-        "fused": _fused_associative_momentum,
-    }[impl]
-    fn(
-        params,
-        grads,
-        momentum_buffers,
-        lr=_scalar(lr),
-        momentum=momentum,
-        dampening=dampening,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        maximize=maximize,
-    )
+    impl = _implementation(params, foreach, fused, rule="associative_momentum",
+                           torch_fused=True)
+    options = dict(lr=_scalar(lr), momentum=momentum, dampening=dampening, nesterov=nesterov,
+                   weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                   maximize=maximize)
+    if impl == "fused":
+        return _torch_fused_sgd(params, grads, momentum_buffers, **options)
+    if impl == "triton":
+        return _triton_sgd(params, grads, momentum_buffers, **options)
+    _associative_momentum(params, grads, momentum_buffers, foreach=impl == "foreach", **options)
 
 
-def _single_tensor_associative_momentum(
-    params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
-    decoupled_weight_decay, maximize,
-):
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        w, g = _decayed(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = momentum_buffers[i] = torch.clone(g).detach()
-            else:
-                buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            g = g.add(buf, alpha=momentum) if nesterov else buf
-        w.add_(g, alpha=-lr)
-        if w is not param:
-            param.copy_(w)
+@_one_kind_per_call
+def _associative_momentum(params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov,
+                          weight_decay, decoupled_weight_decay, maximize, foreach):
+    works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
+                                       decoupled_weight_decay=decoupled_weight_decay,
+                                       maximize=maximize, foreach=foreach)
+    memories = gs if momentum == 0 else momentum_write(  # μ = 0: no memory, U = g
+        momentum_buffers, gs, momentum=momentum, write=1 - dampening, foreach=foreach)
+    if nesterov:
+        memories = nesterov_readout(gs, memories, momentum=momentum, foreach=foreach)
+    apply_updates(params, works, memories, -lr, foreach=foreach)
 
 
-def _multi_tensor_associative_momentum(
-    params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
-    decoupled_weight_decay, maximize,
-):
-    for indices in _group_indices(params).values():
-        ps = [params[i] for i in indices]
-        low = ps[0].dtype in LOW_PRECISION_DTYPES
-        ws = [p.float() for p in ps] if low else ps
-        gs = [grads[i] for i in indices]
-        fresh = low or maximize  # gs is our own copy and may be written in place
-        if low:
-            gs = [g.float() for g in gs]
-        if maximize:
-            gs = torch._foreach_neg(gs)
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                torch._foreach_mul_(ws, 1 - lr * weight_decay)
-            elif fresh:
-                torch._foreach_add_(gs, ws, alpha=weight_decay)
-            else:
-                gs = torch._foreach_add(gs, ws, alpha=weight_decay)
-        if momentum != 0:
-            bufs = [momentum_buffers[i] for i in indices]
-            if all(b is not None for b in bufs):
-                torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, gs, alpha=1 - dampening)
-            else:  # some tensors take their first step: b_1 = g_1
-                for j, (b, g) in enumerate(zip(bufs, gs)):
-                    if b is None:
-                        bufs[j] = momentum_buffers[indices[j]] = torch.clone(g).detach()
-                    else:
-                        b.mul_(momentum).add_(g, alpha=1 - dampening)
-            if nesterov:
-                gs = torch._foreach_add(gs, bufs, alpha=momentum)
-            else:
-                gs = bufs
-        torch._foreach_add_(ws, gs, alpha=-lr)
-        if low:
-            torch._foreach_copy_(ps, ws)
-
-
-def _fused_associative_momentum(
-    params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
-    decoupled_weight_decay, maximize,
-):
+def _torch_fused_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov,
+                     weight_decay, decoupled_weight_decay, maximize):
     # torch's fused SGD is exactly §1 with coupled decay. Decoupled decay does not depend on
     # the update, so it is applied first and the kernel runs without decay.
     if weight_decay != 0 and decoupled_weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        decoupled_decay(params, lr=lr, weight_decay=weight_decay, foreach=True)
         weight_decay = 0.0
-    # The kernel's is_first_step flag covers a whole call: split first and later steps.
-    first = [i for i, b in enumerate(momentum_buffers) if b is None] if momentum != 0 else []
-    first_set = set(first)
-    later = [i for i in range(len(params)) if i not in first_set]
-    for indices, is_first in ((first, True), (later, False)):
-        if not indices:
-            continue
-        if is_first:
-            for i in indices:
-                momentum_buffers[i] = torch.empty_like(grads[i])
-        for group in _group_indices([params[i] for i in indices]).values():
-            sel = [indices[j] for j in group]
+    for is_first, indices in _first_step_split(params, momentum_buffers, momentum,
+                                               lambda p: torch.empty_like(p)):
+        for kind in _kind_indices([params[i] for i in indices]):
+            sel = [indices[j] for j in kind]
             torch._fused_sgd_(
-                [params[i] for i in sel],
-                [grads[i] for i in sel],
+                [params[i] for i in sel], [grads[i] for i in sel],
                 [momentum_buffers[i] for i in sel] if momentum != 0 else [],
-                weight_decay=weight_decay,
-                momentum=momentum,
-                lr=lr,
-                dampening=dampening,
-                nesterov=nesterov,
-                maximize=maximize,
-                is_first_step=is_first,
-            )
+                weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening,
+                nesterov=nesterov, maximize=maximize, is_first_step=is_first)
 
 
-# ---------------------------------------------------------------------------------------------
+def _triton_sgd(params, grads, momentum_buffers, **options):
+    from .kernels import elementwise
+
+    for is_first, idx in _first_step_split(params, momentum_buffers, options["momentum"],
+                                           _fp32_like):
+        elementwise.sgd_step([params[i] for i in idx], [grads[i] for i in idx],
+                             [momentum_buffers[i] for i in idx], first_step=is_first,
+                             **options)
+
+
+# =============================================================================================
+# §2 DeltaMomentum
+# =============================================================================================
+
+
+def gradient_keys(g: Tensor) -> Tensor:
+    """The key matrix ``k = G / ‖G‖_F`` of ``keys="gradient"`` on ``g``'s matrix view, so that
+    ``kᵀk = GᵀG / ‖G‖²`` (trace 1; zero for a zero gradient). Normalized before any product,
+    with an overflow-safe norm: gradients of any finite scale give the same keys."""
+    g = as_matrix(g)
+    norm = stable_norm(g)
+    return g / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def input_keys_matrix(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """The key matrix ``k = X̂ / √n`` of ``keys="input"`` from ``n`` unit-norm input rows, so
+    that ``kᵀk = X̂ᵀX̂ / n`` (trace 1)."""
+    return rows.to(dtype) / math.sqrt(rows.shape[0])
+
+
+def erase_along_keys(b: Tensor, keys: Tensor) -> Tensor:
+    """``b K`` for the key Gram ``K = kᵀk`` (c × c) of normalized keys (:func:`gradient_keys`,
+    :func:`input_keys_matrix`), without forming K when the key count is the smaller side:
+    ``(b kᵀ) k`` if ``n ≤ c`` else ``b (kᵀ k)``.
+
+    ``b`` is ``r × c`` and ``keys`` is ``n × c``; cost ``4·r·c·min(n, c)`` flops. Since ``K``
+    has spectral norm ≤ 1, ``‖b K‖ ≤ ‖b‖``: no intermediate grows beyond ``b``'s scale.
+    """
+    n, c = keys.shape
+    if n <= c:
+        return (b @ keys.mT) @ keys
+    if keys.is_cuda and keys.dtype in kernels.SUPPORTED_DTYPES and c >= 64:
+        from .kernels.newton_schulz import gram  # kᵀk by its upper-triangle tiles
+
+        return b @ gram(keys.mT.contiguous())
+    return b @ (keys.mT @ keys)
+
+
+def delta_keys(g: Tensor, input_rows: Optional[Tensor]) -> Tensor:
+    """The normalized key matrix of one tensor: its captured input rows where given, else the
+    effective gradient's own rows."""
+    return gradient_keys(g) if input_rows is None else input_keys_matrix(input_rows, g.dtype)
+
+
+def delta_momentum(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Optional[Tensor]],
+    input_keys: Optional[list[Optional[Tensor]]] = None,
+    *,
+    lr: float,
+    momentum: float,
+    erase: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
+) -> None:
+    r"""Momentum with the delta-rule (L2) objective over keys (NL Eq 48–49, 35–37; SPEC §2).
+
+    .. math::
+        b_1 = g_1,\qquad b_t = b_{t-1}(\mu I - \beta K_t) + (1-\tau)\, g_t
+
+    then read-out and update as :func:`associative_momentum` (with ``μ = 0`` there is no memory
+    and ``U = g``, as torch's SGD). ``K_t`` is a normalized key Gram
+    (c × c, PSD, trace ≤ 1) on each tensor's matrix view (:func:`as_matrix`): the gradient's
+    ``GᵀG/‖G‖²`` by default, or ``X̂ᵀX̂/n`` from ``input_keys[i]`` (rows already unit-normalized)
+    where given. Since its eigenvalues lie in [0, 1] and β ∈ [0, μ], the memory never grows
+    faster than plain momentum: ‖b_t‖ ≤ μ‖b_{t−1}‖ + (1−τ)‖g_t‖. ``fused``: the erase terms by
+    matmul, the rest in one Triton kernel (CUDA).
+    """
+    impl = _implementation(params, foreach, fused, rule="delta_momentum")
+    input_keys = input_keys if input_keys is not None else [None] * len(params)
+    options = dict(lr=_scalar(lr), momentum=momentum, erase=erase, dampening=dampening,
+                   nesterov=nesterov, weight_decay=weight_decay,
+                   decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    if impl == "triton":
+        return _triton_memory_step(params, grads, momentum_buffers, input_keys=input_keys,
+                                   **options)
+    _delta_momentum(params, grads, momentum_buffers, input_keys, foreach=impl == "foreach",
+                    **options)
+
+
+@_one_kind_per_call
+def _delta_momentum(params, grads, momentum_buffers, input_keys, *, lr, momentum, erase,
+                    dampening, nesterov, weight_decay, decoupled_weight_decay, maximize, foreach):
+    works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
+                                       decoupled_weight_decay=decoupled_weight_decay,
+                                       maximize=maximize, foreach=foreach)
+    memories = gs if momentum == 0 else momentum_write(  # μ = 0 (so β = 0): no memory, U = g
+        momentum_buffers, gs, momentum=momentum, write=1 - dampening, erase=erase,
+        erased=erase_terms(momentum_buffers, gs, input_keys, erase=erase), foreach=foreach)
+    if nesterov:
+        memories = nesterov_readout(gs, memories, momentum=momentum, foreach=foreach)
+    apply_updates(params, works, memories, -lr, foreach=foreach)
+
+
+def _triton_memory_step(params, grads, momentum_buffers, *, input_keys=None, reads=None,
+                        sign=False, **options):
+    """DeltaMomentum's and DMGD's fused path: the erase terms (matmuls) or the keyed reads come
+    in from the stages, :func:`deepmomentum.kernels.elementwise.memory_step` fuses the rest."""
+    from .kernels import elementwise
+
+    gs = None
+    if input_keys is not None and options["erase"] != 0:
+        gs = effective_gradients(params, grads, maximize=options["maximize"],
+                                 weight_decay=0.0 if options["decoupled_weight_decay"]
+                                 else options["weight_decay"])
+    for is_first, idx in _first_step_split(params, momentum_buffers, options["momentum"],
+                                           _fp32_like):
+        erased = None
+        if gs is not None and not is_first:
+            erased = erase_terms([momentum_buffers[i] for i in idx], [gs[i] for i in idx],
+                                 [input_keys[i] for i in idx], erase=options["erase"])
+        split = [idx] if reads is None else [[i for i in idx if reads[i] is not None],
+                                             [i for i in idx if reads[i] is None]]
+        for part in split:
+            part_reads = None if reads is None or not part or reads[part[0]] is None \
+                else [reads[i] for i in part]
+            part_erased = None if erased is None else [erased[idx.index(i)] for i in part]
+            elementwise.memory_step([params[i] for i in part], [grads[i] for i in part],
+                                    [momentum_buffers[i] for i in part], part_erased,
+                                    part_reads, first_step=is_first, sign=sign, **options)
+
+
+# =============================================================================================
 # §3 PreconditionedMomentum
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 
 PRECONDITION_MODES = ("readout", "value")
 PRECONDITIONERS = ("adam", "none")
@@ -289,412 +685,70 @@ def preconditioned_momentum(
 
     Then :math:`W_t = W_{t-1}(1-\gamma\lambda) - \gamma U_t` (decoupled decay) or
     :math:`g_t = G_t + \lambda W_{t-1}` (coupled). ``exp_avgs``/``exp_avg_sqs`` start at zero.
+    ``fused``: the Triton kernel on CUDA; torch's fused Adam(W) on the CPU for readout + adam
+    (R3a, bit for bit).
     """
     if precondition not in PRECONDITION_MODES:
         raise ValueError(f"precondition must be one of {PRECONDITION_MODES}, got {precondition!r}")
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
-    impl = _check_implementation(foreach, fused)
-    if impl == "fused" and not (precondition == "readout" and preconditioner == "adam"):
+    is_adam = precondition == "readout" and preconditioner == "adam"
+    impl = _implementation(params, foreach, fused, rule="preconditioned_momentum",
+                           torch_fused=is_adam)
+    if fused and impl != "triton" and not is_adam:
         raise ValueError(
-            "fused=True is only available for precondition='readout', preconditioner='adam'"
-        )
-    fn = {
-        "single": _single_tensor_preconditioned_momentum,
-        "foreach": _multi_tensor_preconditioned_momentum,
-        "fused": _fused_preconditioned_momentum,
-    }[impl]
-    fn(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        lr=_scalar(lr),
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay,
-        precondition=precondition,
-        preconditioner=preconditioner,
-        maximize=maximize,
-    )
+            "fused=True is only available for precondition='readout', preconditioner='adam'")
+    options = dict(lr=_scalar(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   decoupled_weight_decay=decoupled_weight_decay, precondition=precondition,
+                   preconditioner=preconditioner, maximize=maximize)
+    if impl == "fused":
+        return _torch_fused_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, **options)
+    if impl == "triton":
+        from .kernels import elementwise
+
+        return elementwise.adam_step(params, grads, exp_avgs, exp_avg_sqs,
+                                     [_scalar(t) for t in state_steps], **options)
+    _preconditioned_momentum(params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                             foreach=impl == "foreach", **options)
 
 
-def _single_tensor_preconditioned_momentum(
-    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-    decoupled_weight_decay, precondition, preconditioner, maximize,
-):
-    adam = preconditioner == "adam"
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        w = _working_copy(param)
-        g = _signed_grad(grad, maximize)
-        b, v = exp_avgs[i], exp_avg_sqs[i]
-        t = _scalar(state_steps[i])
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                w.mul_(1 - lr * weight_decay)
-            else:
-                g = g.add(w, alpha=weight_decay)
-        bias_correction1 = 1 - beta1**t
-        if adam:
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            # P_t's denominator, in torch Adam's order of operations.
-            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-        if adam and precondition == "readout":
-            b.lerp_(g, 1 - beta1)
-            w.addcdiv_(b, denom, value=-lr / bias_correction1)
-        else:
-            b.lerp_(g / denom if adam else g, 1 - beta1)
-            w.add_(b, alpha=-lr / bias_correction1)
-        if w is not param:
-            param.copy_(w)
+@_one_kind_per_call
+def _preconditioned_momentum(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1,
+                             beta2, eps, weight_decay, decoupled_weight_decay, precondition,
+                             preconditioner, maximize, foreach):
+    works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
+                                       decoupled_weight_decay=decoupled_weight_decay,
+                                       maximize=maximize, foreach=foreach)
+    ts = [_scalar(t) for t in state_steps]
+    step_sizes = [-lr / (1 - beta1**t) for t in ts]  # the first moment's bias correction
+    denominators = None
+    if preconditioner == "adam":
+        second_moment_write(exp_avg_sqs, gs, decay=beta2, write=1 - beta2, foreach=foreach)
+        denominators = preconditioner_denominators(
+            exp_avg_sqs, eps=eps, bias_corrections=[1 - beta2**t for t in ts], foreach=foreach)
+    if denominators is not None and precondition == "value":
+        gs = preconditioned_values(gs, denominators, foreach=foreach)
+        denominators = None
+    ema_write(exp_avgs, gs, beta=beta1, foreach=foreach)
+    apply_updates(params, works, exp_avgs, step_sizes, denominators=denominators,
+                  foreach=foreach)
 
 
-def _multi_tensor_preconditioned_momentum(
-    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-    decoupled_weight_decay, precondition, preconditioner, maximize,
-):
-    adam = preconditioner == "adam"
-    for indices in _group_indices(params).values():
-        ps = [params[i] for i in indices]
-        low = ps[0].dtype in LOW_PRECISION_DTYPES
-        ws = [p.float() for p in ps] if low else ps
-        gs = [grads[i] for i in indices]
-        if low:
-            gs = [g.float() for g in gs]
-        if maximize:
-            gs = torch._foreach_neg(gs)
-        bs = [exp_avgs[i] for i in indices]
-        ts = [_scalar(state_steps[i]) for i in indices]
-        if weight_decay != 0:
-            if decoupled_weight_decay:
-                torch._foreach_mul_(ws, 1 - lr * weight_decay)
-            else:
-                gs = torch._foreach_add(gs, ws, alpha=weight_decay)
-        step_sizes = [-lr / (1 - beta1**t) for t in ts]
-        if adam:
-            vs = [exp_avg_sqs[i] for i in indices]
-            torch._foreach_mul_(vs, beta2)
-            torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
-            denom = torch._foreach_sqrt(vs)
-            torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in ts])
-            torch._foreach_add_(denom, eps)
-        if adam and precondition == "readout":
-            torch._foreach_lerp_(bs, gs, 1 - beta1)
-            torch._foreach_addcdiv_(ws, bs, denom, step_sizes)
-        else:
-            torch._foreach_lerp_(bs, torch._foreach_div(gs, denom) if adam else gs, 1 - beta1)
-            torch._foreach_add_(ws, torch._foreach_mul(bs, step_sizes))
-        if low:
-            torch._foreach_copy_(ps, ws)
-
-
-def _fused_preconditioned_momentum(
-    params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-    decoupled_weight_decay, precondition, preconditioner, maximize,
-):
+def _torch_fused_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2,
+                      eps, weight_decay, decoupled_weight_decay, precondition, preconditioner,
+                      maximize):
     # Readout preconditioning with Adam's second moment *is* Adam(W): use torch's kernel.
     kernel = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
-    for indices in _group_indices(params).values():
-        kernel(
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            [exp_avgs[i] for i in indices],
-            [exp_avg_sqs[i] for i in indices],
-            [],
-            [state_steps[i] for i in indices],
-            amsgrad=False,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            eps=eps,
-            maximize=maximize,
-        )
+    for indices in _kind_indices(params):
+        kernel([params[i] for i in indices], [grads[i] for i in indices],
+               [exp_avgs[i] for i in indices], [exp_avg_sqs[i] for i in indices], [],
+               [state_steps[i] for i in indices], amsgrad=False, lr=lr, beta1=beta1,
+               beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=maximize)
 
 
-# ---------------------------------------------------------------------------------------------
-# §5 Muon and §6 M3: Newton–Schulz read-out of matrix memories
-# ---------------------------------------------------------------------------------------------
-
-
-def orthogonalize(
-    tensors: list[Tensor],
-    *,
-    batch_dims: int = 0,
-    steps: int = 5,
-    coefficients="keller",
-    eps: float = 1e-7,
-    dtype: torch.dtype = torch.bfloat16,
-    batched: bool = True,
-) -> list[Tensor]:
-    """Newton–Schulz of each tensor's matrix view, returned in each tensor's shape and dtype.
-
-    ``batched=True`` stacks all matrices of the same (rows, cols, dtype, device) and
-    orthogonalizes them in one batched call; ``batched=False`` is the reference loop, one
-    matrix at a time.
-    """
-    views = [matrix_view(t, batch_dims) for t in tensors]  # (n, r, c) each
-    ns = dict(steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
-    out: list[Optional[Tensor]] = [None] * len(views)
-    if not batched:
-        for i, v in enumerate(views):
-            out[i] = torch.stack([newton_schulz(m, **ns) for m in v.unbind(0)])
-    else:
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, v in enumerate(views):
-            groups[(tuple(v.shape[1:]), v.dtype, v.device)].append(i)
-        for indices in groups.values():
-            if len(indices) == 1 and views[indices[0]].shape[0] == 1:
-                out[indices[0]] = newton_schulz(views[indices[0]][0], **ns)[None]
-                continue
-            stacked = torch.cat([views[i] for i in indices])
-            result = newton_schulz(stacked, **ns).split([views[i].shape[0] for i in indices])
-            for i, r in zip(indices, result):
-                out[i] = r
-    return [o.reshape(t.shape) for o, t in zip(out, tensors)]
-
-
-def muon(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor],
-    *,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    ns_coefficients="keller",
-    ns_steps: int = 5,
-    eps: float = 1e-7,
-    ns_dtype: torch.dtype = torch.bfloat16,
-    adjust_lr_fn: Optional[str] = None,
-    batch_dims: int = 0,
-    maximize: bool = False,
-    foreach: Optional[bool] = None,
-) -> None:
-    r"""Muon (NL Eq 42, 52; SPEC §5): Newton–Schulz read-out of an EMA momentum, in place.
-
-    .. math::
-        b_t = \mu b_{t-1} + (1-\mu) G_t,\quad U = \mathrm{lerp}(G_t, b_t, \mu)\ \text{(nesterov)}
-        \text{ else } b_t,\quad W \leftarrow W(1-\gamma\lambda) - \gamma\, s(r, c)\, \mathrm{NS}(U)
-
-    ``momentum_buffers`` start at zero. ``foreach`` (default on) orthogonalizes same-shape
-    matrices in one batched call; ``foreach=False`` is the one-matrix-at-a-time reference.
-    """
-    if not params:
-        return
-    lr = _scalar(lr)
-    updates = []
-    for grad, buf in zip(grads, momentum_buffers):
-        g = _signed_grad(grad, maximize)
-        buf.lerp_(g, 1 - momentum)
-        updates.append(g.lerp(buf, momentum) if nesterov else buf)
-    orthogonal = orthogonalize(updates, batch_dims=batch_dims, steps=ns_steps,
-                               coefficients=ns_coefficients, eps=eps, dtype=ns_dtype,
-                               batched=foreach is not False)
-    for param, o in zip(params, orthogonal):
-        rows, cols = matrix_view(param, batch_dims).shape[-2:]
-        w = _working_copy(param)
-        w.mul_(1 - lr * weight_decay)  # decoupled decay with the unadjusted lr, as torch does
-        w.add_(o, alpha=-lr * adjusted_lr_scale(adjust_lr_fn, rows, cols))
-        if w is not param:
-            param.copy_(w)
-
-
-def m3(
-    params: list[Tensor],
-    grads: list[Tensor],
-    fast_buffers: list[Tensor],
-    second_moments: list[Tensor],
-    slow_buffers: list[Tensor],
-    slow_updates: list[Tensor],
-    chunk_sums: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    betas: tuple[float, float, float],
-    decays: tuple[float, float, float],
-    alpha: float,
-    chunk: int,
-    eps: float,
-    weight_decay: float,
-    ns_coefficients="keller",
-    ns_steps: int = 5,
-    ns_eps: float = 1e-7,
-    ns_dtype: torch.dtype = torch.bfloat16,
-    batch_dims: int = 0,
-    maximize: bool = False,
-    foreach: Optional[bool] = None,
-) -> None:
-    r"""M3, multi-scale momentum Muon (NL §7.2, Algorithm 1; SPEC §6), in place.
-
-    Every step (``t`` = ``state_steps``, already advanced):
-
-    .. math::
-        M^1_t = \mu_1 M^1_{t-1} + \beta_1 G_t,\quad V_t = \mu_2 V_{t-1} + \beta_2 G_t^2,\quad
-        O^1_t = \mathrm{NS}(M^1_t)\\
-        W_t = W_{t-1}(1-\gamma\lambda) - \gamma\,(O^1_t + \alpha O^2) / (\sqrt{V_t} + \epsilon)
-
-    and at the end of every chunk of Ĉ steps (``t % chunk == 0``) the slow memory takes the
-    chunk's summed gradients, :math:`M^2 \leftarrow \mu_3 M^2 + \beta_3 \sum_{chunk} G`,
-    :math:`O^2 = \mathrm{NS}(M^2)`, which the next chunk reads (the first chunk reads
-    :math:`O^2 = 0`). With decays (1, 1, 1) this is SPEC §6 to the letter.
-    """
-    if not params:
-        return
-    lr = _scalar(lr)
-    (beta1, beta2, beta3), (mu1, mu2, mu3) = betas, decays
-    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=ns_eps,
-              dtype=ns_dtype, batched=foreach is not False)
-    for grad, m1, v, s in zip(grads, fast_buffers, second_moments, chunk_sums):
-        g = _signed_grad(grad, maximize)
-        m1.mul_(mu1).add_(g, alpha=beta1)
-        v.mul_(mu2).addcmul_(g, g, value=beta2)
-        s.add_(g)
-    fast = orthogonalize(fast_buffers, **ns)
-    for param, o1, o2, v in zip(params, fast, slow_updates, second_moments):
-        w = _working_copy(param)
-        w.mul_(1 - lr * weight_decay)
-        w.addcdiv_(o1.add_(o2, alpha=alpha), v.sqrt().add_(eps), value=-lr)
-        if w is not param:
-            param.copy_(w)
-    boundary = [i for i, t in enumerate(state_steps) if int(_scalar(t)) % chunk == 0]
-    for i in boundary:
-        slow_buffers[i].mul_(mu3).add_(chunk_sums[i], alpha=beta3)
-        chunk_sums[i].zero_()
-    if boundary:
-        for i, o2 in zip(boundary, orthogonalize([slow_buffers[i] for i in boundary], **ns)):
-            slow_updates[i].copy_(o2)
-
-
-# ---------------------------------------------------------------------------------------------
-# §2 DeltaMomentum
-# ---------------------------------------------------------------------------------------------
-
-
-def effective_grads(params, grads, *, maximize, weight_decay, decoupled_weight_decay):
-    """The gradients the memories see, in the state dtype: negated when maximizing, with
-    coupled weight decay added (out of place). Used by the fused paths to form keys."""
-    out = []
-    for p, grad in zip(params, grads):
-        g = _signed_grad(grad, maximize)
-        if weight_decay != 0 and not decoupled_weight_decay:
-            g = g.add(_working_copy(p), alpha=weight_decay)
-        out.append(g)
-    return out
-
-
-def as_matrix(t: Tensor) -> Tensor:
-    """The matrix view of §2: 2-D as is, ≥3-D as (shape[0], rest), 1-D and 0-D as one row."""
-    return t.reshape(1, -1) if t.ndim < 2 else t.reshape(t.shape[0], -1)
-
-
-def gradient_keys(g: Tensor) -> Tensor:
-    """The key matrix ``k = G / ‖G‖_F`` of ``keys="gradient"`` on ``g``'s matrix view, so that
-    ``kᵀk = GᵀG / ‖G‖²`` (trace 1; zero for a zero gradient). Normalized before any product,
-    with an overflow-safe norm: gradients of any finite scale give the same keys."""
-    g = as_matrix(g)
-    norm = stable_norm(g)
-    return g / torch.where(norm > 0, norm, torch.ones_like(norm))
-
-
-def input_keys_matrix(rows: Tensor, dtype: torch.dtype) -> Tensor:
-    """The key matrix ``k = X̂ / √n`` of ``keys="input"`` from ``n`` unit-norm input rows, so
-    that ``kᵀk = X̂ᵀX̂ / n`` (trace 1)."""
-    return rows.to(dtype) / math.sqrt(rows.shape[0])
-
-
-def erase_along_keys(b: Tensor, keys: Tensor) -> Tensor:
-    """``b K`` for the key Gram ``K = kᵀk`` (c × c) of normalized keys (:func:`gradient_keys`,
-    :func:`input_keys_matrix`), without forming K when the key count is the smaller side:
-    ``(b kᵀ) k`` if ``n ≤ c`` else ``b (kᵀ k)``.
-
-    ``b`` is ``r × c`` and ``keys`` is ``n × c``; cost ``4·r·c·min(n, c)`` flops. Since ``K``
-    has spectral norm ≤ 1, ``‖b K‖ ≤ ‖b‖``: no intermediate grows beyond ``b``'s scale.
-    """
-    n, c = keys.shape
-    if n <= c:
-        return (b @ keys.mT) @ keys
-    if keys.is_cuda and keys.dtype in (torch.float32, torch.bfloat16, torch.float16) and c >= 64:
-        from .kernels.newton_schulz import gram  # kᵀk by its upper-triangle tiles
-
-        return b @ gram(keys.mT.contiguous())
-    return b @ (keys.mT @ keys)
-
-
-def delta_keys(g: Tensor, input_rows: Optional[Tensor]) -> Tensor:
-    """The normalized key matrix of one tensor: its captured input rows where given, else the
-    effective gradient's own rows."""
-    return gradient_keys(g) if input_rows is None else input_keys_matrix(input_rows, g.dtype)
-
-
-def delta_momentum(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Optional[Tensor]],
-    input_keys: Optional[list[Optional[Tensor]]] = None,
-    *,
-    lr: float,
-    momentum: float,
-    erase: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    decoupled_weight_decay: bool = False,
-    maximize: bool = False,
-    foreach: Optional[bool] = None,
-) -> None:
-    r"""Momentum with the delta-rule (L2) objective over keys (NL Eq 48–49, 35–37; SPEC §2).
-
-    .. math::
-        b_1 = g_1,\qquad b_t = b_{t-1}(\mu I - \beta K_t) + (1-\tau)\, g_t
-
-    then read-out and update as :func:`associative_momentum` (with ``μ = 0`` there is no memory
-    and ``U = g``, as torch's SGD). ``K_t`` is a normalized key Gram
-    (c × c, PSD, trace ≤ 1) on each tensor's matrix view (:func:`as_matrix`): the gradient's
-    ``GᵀG/‖G‖²`` by default, or ``X̂ᵀX̂/n`` from ``input_keys[i]`` (rows already unit-normalized)
-    where given. Since its eigenvalues lie in [0, 1] and β ∈ [0, μ], the memory never grows
-    faster than plain momentum: ‖b_t‖ ≤ μ‖b_{t−1}‖ + (1−τ)‖g_t‖.
-    """
-    lr = _scalar(lr)
-    input_keys = input_keys if input_keys is not None else [None] * len(params)
-    works, updates = [], []
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        w, g = _decayed(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
-        if momentum == 0:  # no memory (β ≤ μ = 0 erases nothing): U = g, as in §1
-            works.append(w)
-            updates.append(g)
-            continue
-        buf = momentum_buffers[i]
-        if buf is None:
-            buf = momentum_buffers[i] = torch.clone(g).detach()
-        else:
-            erased = None
-            if erase != 0:
-                keys = delta_keys(g, input_keys[i])
-                erased = erase_along_keys(as_matrix(buf), keys).view_as(buf)
-            buf.mul_(momentum)
-            if erased is not None:
-                buf.sub_(erased, alpha=erase)
-            buf.add_(g, alpha=1 - dampening)
-        works.append(w)
-        updates.append(g.add(buf, alpha=momentum) if nesterov else buf)
-    if foreach:
-        torch._foreach_add_(works, updates, alpha=-lr)
-    else:
-        for w, u in zip(works, updates):
-            w.add_(u, alpha=-lr)
-    for param, w in zip(params, works):
-        if w is not param:
-            param.copy_(w)
-
-
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 # §4 DeepMomentum (DMGD): a momentum whose keyed memory is an MLP
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 
 DMGD_OBJECTIVES = ("dot", "l2")
 DMGD_VALUES = ("gradient", "preconditioned")
@@ -703,8 +757,9 @@ DMGD_OUTPUTS = ("identity", "sign", "newton_schulz")
 DMGD_ACTIVATIONS = ("tanh", "relu", "silu", "gelu")
 
 
-def _activation(name: str, z: Tensor) -> tuple[Tensor, Tensor]:
-    """(φ(z), φ'(z)) in closed form."""
+def activate(name: str, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(φ(z), φ'(z)) of the memory activation ``name`` (:data:`DMGD_ACTIVATIONS`), in closed
+    form — DMGD's inner step and the HOPE example's memories differentiate by hand."""
     if name == "tanh":
         h = torch.tanh(z)
         return h, 1 - h * h
@@ -739,7 +794,7 @@ def deep_memory_gradient_factors(keys: Tensor, values: Tensor, A: Tensor, B: Ten
     Shapes: ``keys``/``values`` (…, r, c), ``A`` (…, c, h), ``B`` (…, h, c).
     """
     Z = keys @ A  # (…, r, h)
-    H, dH = _activation(activation, Z)
+    H, dH = activate(activation, Z)
     D = -values if objective == "dot" else H @ B - values  # (…, r, c)
     return H, (D @ B.mT) * dH, D
 
@@ -759,40 +814,43 @@ def deep_memory_gradients(keys: Tensor, values: Tensor, A: Tensor, B: Tensor, *,
     return keys.mT @ dZ / rows, H.mT @ D / rows
 
 
-def deep_memory_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, *, momentum,
-                      memory_lr, key_decay, objective, values, activation, beta2, eps,
-                      batched=True) -> list[Optional[Tensor]]:
-    """DMGD's keyed memory: one inner step on (A, B) at θ_{t−1} from the effective gradients
-    ``gs``, then the read ``φ(X A_t) B_t`` in each gradient's shape (None where no memory).
-    Same-shape tensors are stacked into one batched product when ``batched``."""
-    n = len(gs)
+def deep_memory_reads(keys_from: Sequence[Tensor], values: Sequence[Tensor],
+                      memory_A: Sequence[Optional[Tensor]], memory_B: Sequence[Optional[Tensor]],
+                      *, momentum: float, memory_lr: float, key_decay: Optional[float],
+                      objective: str, activation: str, batched: bool = True
+                      ) -> list[Optional[Tensor]]:
+    r"""Stage (§4, NL Eq 23–24, 50): DMGD's keyed memory, written then read, in place on (A, B).
+
+    Keys ``X`` are the unit rows of each effective gradient's matrix view (``keys_from``),
+    values ``V`` its ``values`` (the gradient, or its preconditioned form). One inner step at
+    θ_{t−1}, :math:`(A, B)_t = (\mu_A A, \mu B)_{t-1} - \eta_m \nabla_{A,B} L^{(2)}`
+    (:func:`deep_memory_gradients`; ``μ_A`` = ``key_decay``, None: μ), then the read
+    :math:`\varphi(X A_t) B_t` in each gradient's shape (None where the entry has no memory).
+    ``batched`` stacks same-shape tensors into one batched product; False is the
+    one-tensor-at-a-time reference.
+    """
+    n = len(keys_from)
     reads: list[Optional[Tensor]] = [None] * n
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i in range(n):
         if memory_A[i] is not None:
-            key = (tuple(as_matrix(gs[i]).shape), memory_A[i].shape[-1], gs[i].dtype) \
-                if batched else (i,)
+            key = (tuple(as_matrix(keys_from[i]).shape), memory_A[i].shape[-1],
+                   keys_from[i].dtype) if batched else (i,)
             groups[key].append(i)
     for indices in groups.values():
-        X = torch.stack([unit_rows(as_matrix(gs[i])) for i in indices])
-        V = torch.stack([as_matrix(gs[i]) for i in indices])
-        if values == "preconditioned":
-            for j, i in enumerate(indices):
-                v2 = exp_avg_sqs[i]
-                v2.mul_(beta2).addcmul_(gs[i], gs[i], value=1 - beta2)
-                bias = 1 - beta2 ** _scalar(state_steps[i])
-                V[j] = as_matrix(gs[i] / ((v2 / bias).sqrt_() + eps))
+        X = torch.stack([unit_rows(as_matrix(keys_from[i])) for i in indices])
+        V = torch.stack([as_matrix(values[i]) for i in indices])
         A = torch.stack([memory_A[i] for i in indices])
         B = torch.stack([memory_B[i] for i in indices])
         grad_A, grad_B = deep_memory_gradients(X, V, A, B, objective=objective,
                                                activation=activation)
         A.mul_(momentum if key_decay is None else key_decay).sub_(grad_A, alpha=memory_lr)
         B.mul_(momentum).sub_(grad_B, alpha=memory_lr)
-        read = _activation(activation, X @ A)[0] @ B  # (k, r, c)
+        read = activate(activation, X @ A)[0] @ B  # (k, r, c)
         for j, i in enumerate(indices):
             memory_A[i].copy_(A[j])
             memory_B[i].copy_(B[j])
-            reads[i] = read[j].view_as(gs[i])
+            reads[i] = read[j].view_as(keys_from[i])
     return reads
 
 
@@ -825,6 +883,7 @@ def deep_momentum(
     ns_dtype: torch.dtype = torch.bfloat16,
     maximize: bool = False,
     foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
 ) -> None:
     r"""DMGD (NL Eq 23–24, 50–52; SPEC §4): momentum whose memory is ``b + f_θ``, in place.
 
@@ -840,53 +899,261 @@ def deep_momentum(
         W_t &= W_{t-1}(1-\gamma\lambda_{\text{dec}}) - \gamma\, s\, U_t
 
     ``μ_A`` is ``key_decay`` (None: μ, SPEC §4 to the letter). ``s`` is Muon's lr adjustment
-    when σ is Newton–Schulz, else 1. Tensors whose ``memory_A``
-    entry is None have no keyed part (``hidden=0``): the rule is then §1's. ``foreach`` (the
-    default) runs the inner step and the read-out for all same-shape tensors as one batched
-    product; ``foreach=False`` is the one-tensor-at-a-time reference.
+    when σ is Newton–Schulz, else 1. Tensors whose ``memory_A`` entry is None have no keyed
+    part (``hidden=0``): the rule is then §1's. ``fused``: the inner step by batched matmul,
+    the rest in one Triton kernel (CUDA; not with the Newton–Schulz read-out).
     """
-    lr = _scalar(lr)
-    n = len(params)
-    works, gs = [], []
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        w, g = _decayed(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
-        works.append(w)
-        gs.append(g)
+    impl = _implementation(params, foreach, fused, rule="deep_momentum",
+                           triton=output != "newton_schulz")
+    options = dict(lr=_scalar(lr), momentum=momentum, memory_lr=memory_lr, key_decay=key_decay,
+                   objective=objective, values=values, output=output, activation=activation,
+                   dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                   decoupled_weight_decay=decoupled_weight_decay, beta2=beta2, eps=eps,
+                   adjust_lr_fn=adjust_lr_fn, ns_coefficients=ns_coefficients,
+                   ns_steps=ns_steps, ns_dtype=ns_dtype, maximize=maximize)
+    if impl == "triton":
+        return _triton_deep_momentum(params, grads, momentum_buffers, memory_A, memory_B,
+                                     exp_avg_sqs, state_steps, **options)
+    _deep_momentum(params, grads, momentum_buffers, memory_A, memory_B, exp_avg_sqs,
+                   state_steps, foreach=impl == "foreach", **options)
 
-    reads = deep_memory_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps,
-                              momentum=momentum, memory_lr=memory_lr, key_decay=key_decay,
-                              objective=objective, values=values, activation=activation,
-                              beta2=beta2, eps=eps, batched=foreach is not False)
 
-    # The keyless part (§1) and the read-out.
-    outs = []
-    for i in range(n):
-        g, buf = gs[i], momentum_buffers[i]
-        if momentum == 0:
-            memory = g
-        else:
-            if buf is None:
-                buf = momentum_buffers[i] = torch.clone(g).detach()
-            else:
-                buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            memory = buf
-        if reads[i] is not None:
-            memory = memory + reads[i]
-        outs.append(g.add(memory, alpha=momentum) if nesterov else memory)
+def _dmgd_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, *, values, beta2, eps,
+                foreach, **inner):
+    """The values DMGD's memory stores (the gradient, or Adam-preconditioned: the stages of
+    §3), then its write and read (:func:`deep_memory_reads`)."""
+    vs = gs
+    if values == "preconditioned":
+        second_moment_write(exp_avg_sqs, gs, decay=beta2, write=1 - beta2, foreach=foreach)
+        vs = preconditioned_values(gs, preconditioner_denominators(
+            exp_avg_sqs, eps=eps, foreach=foreach,
+            bias_corrections=[1 - beta2 ** _scalar(t) for t in state_steps]), foreach=foreach)
+    return deep_memory_reads(gs, vs, memory_A, memory_B, **inner)
+
+
+@_one_kind_per_call
+def _deep_momentum(params, grads, momentum_buffers, memory_A, memory_B, exp_avg_sqs,
+                   state_steps, *, lr, momentum, memory_lr, key_decay, objective, values, output,
+                   activation, dampening, nesterov, weight_decay, decoupled_weight_decay, beta2,
+                   eps, adjust_lr_fn, ns_coefficients, ns_steps, ns_dtype, maximize, foreach):
+    works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
+                                       decoupled_weight_decay=decoupled_weight_decay,
+                                       maximize=maximize, foreach=foreach)
+    reads = _dmgd_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, values=values,
+                        beta2=beta2, eps=eps, foreach=foreach, momentum=momentum,
+                        memory_lr=memory_lr, key_decay=key_decay, objective=objective,
+                        activation=activation)
+    memories = gs if momentum == 0 else momentum_write(
+        momentum_buffers, gs, momentum=momentum, write=1 - dampening, foreach=foreach)
+    memories = [m if r is None else m + r for m, r in zip(memories, reads)]
+    if nesterov:
+        memories = nesterov_readout(gs, memories, momentum=momentum, foreach=foreach)
+    step_sizes: Steps = -lr
     if output == "sign":
-        outs = [torch.sign(u) for u in outs]
+        memories = sign_readout(memories, foreach=foreach)
     elif output == "newton_schulz":
-        outs = orthogonalize([as_matrix(u) for u in outs], steps=ns_steps,
-                             coefficients=ns_coefficients, dtype=ns_dtype,
-                             batched=foreach is not False)
-    for param, w, u, g in zip(params, works, outs, gs):
-        scale = 1.0
-        if output == "newton_schulz":
-            rows, cols = as_matrix(g).shape
-            scale = adjusted_lr_scale(adjust_lr_fn, rows, cols)
-        w.add_(u.view_as(w), alpha=-lr * scale)
-        if w is not param:
-            param.copy_(w)
+        memories = orthogonalize(memories, steps=ns_steps, coefficients=ns_coefficients,
+                                 dtype=ns_dtype)
+        step_sizes = [-lr * s for s in _shape_scales(gs, adjust_lr_fn, 0)]
+    apply_updates(params, works, memories, step_sizes, foreach=foreach)
+
+
+def _triton_deep_momentum(params, grads, momentum_buffers, memory_A, memory_B, exp_avg_sqs,
+                          state_steps, *, memory_lr, key_decay, objective, values, output,
+                          activation, beta2, eps, adjust_lr_fn, ns_coefficients, ns_steps,
+                          ns_dtype, **options):
+    gs = effective_gradients(params, grads, maximize=options["maximize"],
+                             weight_decay=0.0 if options["decoupled_weight_decay"]
+                             else options["weight_decay"])
+    reads = _dmgd_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, values=values,
+                        beta2=beta2, eps=eps, foreach=False, momentum=options["momentum"],
+                        memory_lr=memory_lr, key_decay=key_decay, objective=objective,
+                        activation=activation)
+    _triton_memory_step(params, grads, momentum_buffers, reads=reads, sign=output == "sign",
+                        erase=0.0, **options)
+
+
+def _shape_scales(tensors: Sequence[Tensor], adjust_lr_fn, batch_dims: int) -> list[float]:
+    """Muon's lr factor s(r, c) of each tensor's matrix view (§5)."""
+    return [adjusted_lr_scale(adjust_lr_fn, *matrix_view(t, batch_dims).shape[-2:])
+            for t in tensors]
+
+
+# =============================================================================================
+# §5 Muon and §6 M3: Newton–Schulz read-out of matrix memories
+# =============================================================================================
+
+
+def muon(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    ns_coefficients="keller",
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    ns_dtype: torch.dtype = torch.bfloat16,
+    adjust_lr_fn: Optional[str] = None,
+    batch_dims: int = 0,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
+) -> None:
+    r"""Muon (NL Eq 42, 52; SPEC §5): Newton–Schulz read-out of an EMA momentum, in place.
+
+    .. math::
+        b_t = \mu b_{t-1} + (1-\mu) G_t,\quad U = \mathrm{lerp}(G_t, b_t, \mu)\ \text{(nesterov)}
+        \text{ else } b_t,\quad W \leftarrow W(1-\gamma\lambda) - \gamma\, s(r, c)\, \mathrm{NS}(U)
+
+    ``momentum_buffers`` start at zero; same-shape matrices are orthogonalized in one batched
+    call. ``fused``: the momentum and the apply in Triton kernels around the batched NS (CUDA).
+    """
+    if not params:
+        return
+    impl = _implementation(params, foreach, fused, rule="muon")
+    options = dict(lr=_scalar(lr), momentum=momentum, nesterov=nesterov,
+                   weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, batch_dims=batch_dims,
+                   maximize=maximize, ns=dict(batch_dims=batch_dims, steps=ns_steps,
+                                              coefficients=ns_coefficients, eps=eps,
+                                              dtype=ns_dtype))
+    if impl == "triton":
+        return _triton_muon(params, grads, momentum_buffers, **options)
+    _muon(params, grads, momentum_buffers, foreach=impl == "foreach", **options)
+
+
+@_one_kind_per_call
+def _muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay, adjust_lr_fn,
+          batch_dims, maximize, ns, foreach):
+    works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
+                                       decoupled_weight_decay=True, maximize=maximize,
+                                       foreach=foreach)
+    memories = ema_write(momentum_buffers, gs, beta=momentum, foreach=foreach)
+    if nesterov:
+        memories = nesterov_readout(gs, memories, momentum=momentum, ema=True, foreach=foreach)
+    apply_updates(params, works, orthogonalize(memories, **ns),
+                  [-lr * s for s in _shape_scales(params, adjust_lr_fn, batch_dims)],
+                  foreach=foreach)
+
+
+def _triton_muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay,
+                 adjust_lr_fn, batch_dims, maximize, ns):
+    from .kernels import elementwise
+
+    updates = elementwise.ema_momentum(momentum_buffers, grads, momentum=momentum,
+                                       nesterov=nesterov, maximize=maximize)
+    elementwise.apply_update(params, orthogonalize(updates, **ns),
+                             _shape_scales(params, adjust_lr_fn, batch_dims), lr=lr,
+                             weight_decay=weight_decay)
+
+
+def m3(
+    params: list[Tensor],
+    grads: list[Tensor],
+    fast_buffers: list[Tensor],
+    second_moments: list[Tensor],
+    slow_buffers: list[Tensor],
+    slow_updates: list[Tensor],
+    chunk_sums: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    betas: tuple[float, float, float],
+    decays: tuple[float, float, float],
+    alpha: float,
+    chunk: int,
+    eps: float,
+    weight_decay: float,
+    ns_coefficients="keller",
+    ns_steps: int = 5,
+    ns_eps: float = 1e-7,
+    ns_dtype: torch.dtype = torch.bfloat16,
+    batch_dims: int = 0,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+    fused: Optional[bool] = None,
+) -> None:
+    r"""M3, multi-scale momentum Muon (NL §7.2, Algorithm 1; SPEC §6), in place.
+
+    Every step (``t`` = ``state_steps``, already advanced):
+
+    .. math::
+        M^1_t = \mu_1 M^1_{t-1} + \beta_1 G_t,\quad V_t = \mu_2 V_{t-1} + \beta_2 G_t^2,\quad
+        O^1_t = \mathrm{NS}(M^1_t)\\
+        W_t = W_{t-1}(1-\gamma\lambda) - \gamma\,(O^1_t + \alpha O^2) / (\sqrt{V_t} + \epsilon)
+
+    and at the end of every chunk of Ĉ steps (``t % chunk == 0``) the slow memory takes the
+    chunk's summed gradients, :math:`M^2 \leftarrow \mu_3 M^2 + \beta_3 \sum_{chunk} G`,
+    :math:`O^2 = \mathrm{NS}(M^2)`, which the next chunk reads (the first chunk reads
+    :math:`O^2 = 0`). With decays (1, 1, 1) this is SPEC §6 to the letter. ``fused``: the
+    memory writes and the apply in Triton kernels around the batched NS (CUDA).
+    """
+    if not params:
+        return
+    impl = _implementation(params, foreach, fused, rule="m3")
+    options = dict(lr=_scalar(lr), betas=tuple(betas), decays=tuple(decays), alpha=alpha,
+                   chunk=chunk, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                   ns=dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients,
+                           eps=ns_eps, dtype=ns_dtype))
+    memories = (fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums)
+    if impl == "triton":
+        return _triton_m3(params, grads, *memories, state_steps, **options)
+    _m3(params, grads, *memories, state_steps, foreach=impl == "foreach", **options)
+
+
+@_one_kind_per_call
+def _m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums,
+        state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay, maximize, ns,
+        foreach):
+    works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
+                                       decoupled_weight_decay=True, maximize=maximize,
+                                       foreach=foreach)
+    momentum_write(fast_buffers, gs, momentum=decays[0], write=betas[0], foreach=foreach)
+    second_moment_write(second_moments, gs, decay=decays[1], write=betas[1], foreach=foreach)
+    accumulate(chunk_sums, gs, foreach=foreach)
+    readout = [o1.add_(o2, alpha=alpha)  # O¹ + α O²
+               for o1, o2 in zip(orthogonalize(fast_buffers, **ns), slow_updates)]
+    apply_updates(params, works, readout, -lr, foreach=foreach,
+                  denominators=preconditioner_denominators(second_moments, eps=eps,
+                                                           foreach=foreach))
+    _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, chunk=chunk,
+                    decay=decays[2], write=betas[2], ns=ns)
+
+
+def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chunk, decay, write,
+                    ns):
+    """M3's slow memory at a chunk boundary: ``M² ← μ₃M² + ω₃ΣG``, the sum cleared, ``O² =
+    NS(M²)`` kept for the next chunk; untouched on every other step."""
+    boundary = [i for i, t in enumerate(state_steps) if int(_scalar(t)) % chunk == 0]
+    if not boundary:
+        return
+    slow = [slow_buffers[i] for i in boundary]
+    momentum_write(slow, [chunk_sums[i] for i in boundary], momentum=decay, write=write)
+    for i in boundary:
+        chunk_sums[i].zero_()
+    for i, o2 in zip(boundary, orthogonalize(slow, **ns)):
+        slow_updates[i].copy_(o2)
+
+
+def _triton_m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates,
+               chunk_sums, state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay,
+               maximize, ns):
+    from .kernels import elementwise
+
+    elementwise.m3_write(grads, fast_buffers, second_moments, chunk_sums, betas=betas,
+                         decays=decays, maximize=maximize)
+    elementwise.m3_apply(params, orthogonalize(fast_buffers, **ns), slow_updates, second_moments,
+                         lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
+    _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, chunk=chunk,
+                    decay=decays[2], write=betas[2], ns=ns)
+
+
+# =============================================================================================
+# The gated momentum scan of the HOPE example's in-context memories (Titans Eq 13–14)
+# =============================================================================================
 
 
 def _segment_log_products(log_x: Tensor) -> Tensor:

@@ -8,8 +8,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
-from .optimizer import MemoryOptimizer, check_choice, check_flag, check_number
+from . import functional as dmf
+from .optimizer import MemoryOptimizer, check_choice, check_flag, check_int, check_number
 
 __all__ = ["AssociativeMomentum", "DeltaMomentum"]
 
@@ -95,53 +95,17 @@ class AssociativeMomentum(MemoryOptimizer):
         defaults = self._group_defaults(locals())
         super().__init__(params, defaults)
 
+    supported_impls = ("foreach", "fused", "triton")  # torch's fused SGD covers all of §1
+    LAZY_STATE = ("momentum_buffer",)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_momentum(group)
 
     def _state_shapes(self, group, param):
         return {**super()._state_shapes(group, param), "momentum_buffer": tuple(param.shape)}
 
-    def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        return None  # torch's fused SGD kernel covers every setting of §1
-
-    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        return None  # kernels.elementwise.sgd_step covers every setting of §1
-
-    def _update_triton(self, group, params, grads):
-        from .kernels import elementwise
-
-        momentum = group["momentum"]
-        for is_first, idx in self._first_step_split(params, momentum):
-            elementwise.sgd_step(
-                [params[i] for i in idx], [grads[i] for i in idx],
-                [self.state[params[i]].get("momentum_buffer") for i in idx], lr=group["lr"],
-                momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"], first_step=is_first)
-
-    def _update(self, group, params, grads, implementation):
-        if implementation == "triton":
-            self._update_triton(group, params, grads)
-            return
-        bufs = [self._real(self.state[p].get("momentum_buffer")) for p in params]
-        F.associative_momentum(
-            [self._real(p) for p in params],
-            [self._real(g) for g in grads],
-            bufs,
-            lr=group["lr"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            maximize=group["maximize"],
-            foreach=implementation == "foreach",
-            fused=implementation == "fused",
-        )
-        if group["momentum"] != 0:
-            for p, b in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = self._like_param(b, p)
+    def _rule(self, group):
+        return dmf.associative_momentum, ("momentum_buffer",)
 
 
 KEY_SOURCES = ("gradient", "input")
@@ -275,10 +239,7 @@ class DeltaMomentum(MemoryOptimizer):
         _validate_momentum(group)
         check_number("erase", group["erase"], 0.0, group["momentum"])
         check_choice("keys", group["keys"], KEY_SOURCES)
-        samples = group["key_samples"]
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"Invalid key_samples: {samples!r}; key_samples must be an "
-                             "integer ≥ 1")
+        check_int("key_samples", group["key_samples"], 1)
 
     # --- input keys --------------------------------------------------------------------------
 
@@ -347,7 +308,7 @@ class DeltaMomentum(MemoryOptimizer):
         """Add the unit rows of a forward's input to ``weight``'s pending keys, keeping at most
         ``samples`` rows, evenly spaced over everything held and new (deterministic)."""
         x = inputs.detach().reshape(-1, weight.shape[1])
-        rows = F.unit_rows(_evenly_spaced(x, samples).to(F.state_dtype(weight.dtype)))
+        rows = dmf.unit_rows(_evenly_spaced(x, samples).to(dmf.state_dtype(weight.dtype)))
         state = self.state[weight]
         held = state.get("input_keys")
         if held is not None:
@@ -381,7 +342,7 @@ class DeltaMomentum(MemoryOptimizer):
         for j, p in enumerate(matrices):
             most = max(row[j] for row in per_rank)
             if most:
-                buckets.setdefault(F.state_dtype(p.dtype), []).append((j, most))
+                buckets.setdefault(dmf.state_dtype(p.dtype), []).append((j, most))
         for dtype, entries in buckets.items():
             device = matrices[entries[0][0]].device
             padded = []
@@ -426,53 +387,21 @@ class DeltaMomentum(MemoryOptimizer):
 
     # --- step --------------------------------------------------------------------------------
 
-    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        return None  # erase terms by matmul, the rest in kernels.elementwise.memory_step
+    supported_impls = ("foreach", "triton")  # erase terms by matmul, the rest in one kernel
+    LAZY_STATE = ("momentum_buffer",)
 
-    def _update_triton(self, group, params, grads, keys):
-        from .kernels import elementwise
+    def _rule(self, group):
+        return dmf.delta_momentum, ("momentum_buffer",)
 
-        gs = F.effective_grads(params, grads, maximize=group["maximize"],
-                               weight_decay=group["weight_decay"],
-                               decoupled_weight_decay=group["decoupled_weight_decay"])
-        for is_first, idx in self._first_step_split(params, group["momentum"]):
-            erase_terms = None
-            if not is_first and group["erase"] != 0:
-                erase_terms = []
-                for i in idx:
-                    buf = self.state[params[i]]["momentum_buffer"]
-                    erase_terms.append(F.erase_along_keys(F.as_matrix(buf),
-                                                          F.delta_keys(gs[i], keys[i]))
-                                       .view_as(buf))
-            elementwise.memory_step(
-                [params[i] for i in idx], [grads[i] for i in idx],
-                [self.state[params[i]].get("momentum_buffer") for i in idx], erase_terms,
-                lr=float(group["lr"]), momentum=group["momentum"],
-                dampening=group["dampening"], nesterov=group["nesterov"],
-                weight_decay=group["weight_decay"], erase=group["erase"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"], first_step=is_first)
-
-    def _update(self, group, params, grads, implementation):
+    def _rule_inputs(self, group, params):
+        """The input keys captured for each parameter, consumed by this update."""
         keys = [None] * len(params)
         if group["keys"] == "input":
             self._gather_input_keys(group, params)  # a no-op unless attached under DDP
-            for i, p in enumerate(params):  # this update consumes the keys captured for it
+            for i, p in enumerate(params):
                 if p in self.state:
                     keys[i] = self.state[p].pop("input_keys", None)
-        if implementation == "triton":
-            self._update_triton(group, params, grads, keys)
-            return
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        F.delta_momentum(
-            params, grads, bufs, keys, lr=group["lr"],
-            momentum=group["momentum"], erase=group["erase"], dampening=group["dampening"],
-            nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            maximize=group["maximize"], foreach=implementation == "foreach")
-        for p, b in zip(params, bufs):
-            if b is not None:
-                self.state[p]["momentum_buffer"] = b
+        return [keys]
 
 
 def _evenly_spaced(x: Tensor, samples: int) -> Tensor:

@@ -13,11 +13,11 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from . import functional as F
-from . import kernels
+from . import functional as dmf
 from .newton_schulz import ADJUST_LR_FNS, ns_coefficients
 from .optimizer import MemoryOptimizer, UnsupportedTensorError, check_choice, check_flag, \
-    check_number
+    check_int, check_number
+from .preconditioned import adam_options, adam_rule
 
 __all__ = ["Muon", "M3", "muon_param_groups", "HEAD_NAMES", "EMBEDDING_NAMES"]
 
@@ -56,10 +56,8 @@ class _MatrixOptimizer(MemoryOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_flag("use_muon", group["use_muon"])
+        check_int("batch_dims", group["batch_dims"], 0)
         batch_dims = group["batch_dims"]
-        if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
-            raise ValueError(f"Invalid batch_dims: {batch_dims!r}; batch_dims must be an "
-                             "integer ≥ 0")
         check_number("adamw_lr", group["adamw_lr"], 0.0)
         if not group["use_muon"]:
             self._validate_adamw(group, "")
@@ -113,50 +111,24 @@ class _MatrixOptimizer(MemoryOptimizer):
             shapes.update(step=(), exp_avg=shape, exp_avg_sq=shape)
         return shapes
 
-    def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        if group["use_muon"]:
+    supported_impls = ("foreach", "fused", "triton")  # fused: torch's AdamW for AdamW groups
+
+    def _impl_unsupported(self, group, implementation):
+        if implementation == "fused" and group["use_muon"]:
             return "Newton–Schulz groups have no fused kernel yet"
-        return None  # AdamW groups: torch's fused AdamW kernel
+        return super()._impl_unsupported(group, implementation)
 
-    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        return None  # Muon: ema_momentum/apply_update; M3: m3_write/m3_apply; AdamW: adam
+    def _rule(self, group):
+        return self._matrix_rule(group) if group["use_muon"] else adam_rule(group)
 
-    def _implementation(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
-        if group["use_muon"] and group["foreach"] is None and not group["fused"] and \
-                not kernels.usable(params):
-            return "foreach"  # batched Newton–Schulz is the fast path on every device
-        return super()._implementation(group, params)
+    def _rule_options(self, group):
+        return self._matrix_options(group) if group["use_muon"] else adam_options(group)
 
-    def _update(self, group, params, grads, implementation):
-        if group["use_muon"]:
-            self._update_matrices(group, params, grads, implementation)
-            return
-        for p in params:
-            state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = self._new_state_tensor(p)
-                state["exp_avg_sq"] = self._new_state_tensor(p)
-        beta1, beta2 = group["betas"]
-        steps = self._advance_steps(params)
-        if implementation == "triton":
-            from .kernels import elementwise
-
-            elementwise.adam_step(
-                params, grads, [self.state[p]["exp_avg"] for p in params],
-                [self.state[p]["exp_avg_sq"] for p in params], [s.item() for s in steps],
-                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], maximize=group["maximize"])
-            return
-        F.preconditioned_momentum(
-            params, grads, [self.state[p]["exp_avg"] for p in params],
-            [self.state[p]["exp_avg_sq"] for p in params], steps,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], decoupled_weight_decay=True,
-            maximize=group["maximize"], foreach=implementation == "foreach",
-            fused=implementation == "fused")
-
-    def _update_matrices(self, group, params, grads, implementation):
+    def _matrix_rule(self, group):
         raise NotImplementedError
+
+    def _matrix_options(self, group) -> dict[str, Any]:
+        return {}
 
 
 class Muon(_MatrixOptimizer):
@@ -267,39 +239,8 @@ class Muon(_MatrixOptimizer):
         check_flag("nesterov", group["nesterov"])
         check_choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
 
-    def _update_matrices(self, group, params, grads, implementation):
-        for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = self._new_state_tensor(p)
-        if implementation == "triton":
-            self._update_matrices_triton(group, params, grads)
-            return
-        F.muon(
-            params, grads, [self.state[p]["momentum_buffer"] for p in params],
-            lr=group["lr"], momentum=group["momentum"], nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"], ns_coefficients=group["ns_coefficients"],
-            ns_steps=group["ns_steps"], eps=group["eps"], ns_dtype=group["ns_dtype"],
-            adjust_lr_fn=group["adjust_lr_fn"], batch_dims=group["batch_dims"],
-            maximize=group["maximize"], foreach=implementation == "foreach")
-
-
-    def _update_matrices_triton(self, group, params, grads):
-        """The elementwise stages in fused kernels around the batched Newton–Schulz."""
-        from .kernels import elementwise
-        from .newton_schulz import adjusted_lr_scale, matrix_view
-
-        updates = elementwise.ema_momentum(
-            [self.state[p]["momentum_buffer"] for p in params], grads,
-            momentum=group["momentum"], nesterov=group["nesterov"], maximize=group["maximize"])
-        orthogonal = F.orthogonalize(updates, batch_dims=group["batch_dims"],
-                                     steps=group["ns_steps"],
-                                     coefficients=group["ns_coefficients"], eps=group["eps"],
-                                     dtype=group["ns_dtype"])
-        scales = [adjusted_lr_scale(group["adjust_lr_fn"],
-                                    *matrix_view(p, group["batch_dims"]).shape[-2:])
-                  for p in params]
-        elementwise.apply_update(params, orthogonal, scales, lr=float(group["lr"]),
-                                 weight_decay=group["weight_decay"])
+    def _matrix_rule(self, group):
+        return dmf.muon, self.MATRIX_STATE
 
 
 _DEFAULT_WRITES = (1.0, 1.0, 1.0)
@@ -483,56 +424,13 @@ class M3(_MatrixOptimizer):
         check_number("eps", group["eps"], 0.0)
         check_number("ns_eps", group["ns_eps"], 0.0)
         check_number("weight_decay", group["weight_decay"], 0.0)
-        chunk = group["chunk"]
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"Invalid chunk: {chunk!r}; chunk must be an integer ≥ 1")
+        check_int("chunk", group["chunk"], 1)
 
-    def _update_matrices(self, group, params, grads, implementation):
-        keys = self.MATRIX_STATE
-        for p in params:
-            state = self.state[p]
-            if "fast_buffer" not in state:
-                for key in keys:
-                    state[key] = self._new_state_tensor(p)
-        steps = self._advance_steps(params)
-        if implementation == "triton":
-            self._update_matrices_triton(group, params, grads, steps)
-            return
-        F.m3(params, grads,
-             *([self.state[p][key] for p in params] for key in keys), steps,
-             lr=group["lr"], betas=tuple(group["writes"]), decays=tuple(group["decays"]),
-             alpha=group["alpha"], chunk=group["chunk"], eps=group["eps"],
-             weight_decay=group["weight_decay"], ns_coefficients=group["ns_coefficients"],
-             ns_steps=group["ns_steps"], ns_eps=group["ns_eps"], ns_dtype=group["ns_dtype"],
-             batch_dims=group["batch_dims"], maximize=group["maximize"],
-             foreach=implementation == "foreach")
+    def _matrix_rule(self, group):
+        return dmf.m3, self.MATRIX_STATE
 
-    def _update_matrices_triton(self, group, params, grads, steps):
-        """M3's elementwise stages in fused kernels around the batched Newton–Schulz; the slow
-        memory's update (once per chunk) stays in torch."""
-        from .kernels import elementwise
-
-        state = [self.state[p] for p in params]
-        fast = [s["fast_buffer"] for s in state]
-        elementwise.m3_write(grads, fast, [s["exp_avg_sq"] for s in state],
-                             [s["chunk_sum"] for s in state], betas=tuple(group["writes"]),
-                             decays=tuple(group["decays"]), maximize=group["maximize"])
-        ns = dict(batch_dims=group["batch_dims"], steps=group["ns_steps"],
-                  coefficients=group["ns_coefficients"], eps=group["ns_eps"],
-                  dtype=group["ns_dtype"])
-        elementwise.m3_apply(params, F.orthogonalize(fast, **ns),
-                             [s["slow_update"] for s in state], [s["exp_avg_sq"] for s in state],
-                             lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
-                             weight_decay=group["weight_decay"])
-        boundary = [i for i, t in enumerate(steps) if int(t.item()) % group["chunk"] == 0]
-        mu3, beta3 = group["decays"][2], group["writes"][2]
-        for i in boundary:
-            state[i]["slow_buffer"].mul_(mu3).add_(state[i]["chunk_sum"], alpha=beta3)
-            state[i]["chunk_sum"].zero_()
-        if boundary:
-            slow = F.orthogonalize([state[i]["slow_buffer"] for i in boundary], **ns)
-            for i, o2 in zip(boundary, slow):
-                state[i]["slow_update"].copy_(o2)
+    def _matrix_options(self, group):
+        return {"betas": tuple(group["writes"]), "decays": tuple(group["decays"])}
 
 
 def muon_param_groups(

@@ -188,13 +188,17 @@ def newton_schulz(X: Tensor, steps: int = 5, coefficients: Coefficients = "kelle
 
 
 def matrix_view(t: Tensor, batch_dims: int = 0) -> Tensor:
-    """``t`` as a batch of matrices ``(n, r, c)`` (SPEC: matrix view).
+    """``t`` as a batch of matrices ``(n, r, c)`` (SPEC: matrix view); the one definition of
+    the matrix view in the package (``functional.as_matrix`` is its single matrix).
 
     With ``batch_dims = 0``: a 2-D tensor is one matrix; a ≥3-D tensor (a conv kernel) is
-    ``(shape[0], prod(shape[1:]))``. With ``batch_dims = k``: the first k dims index independent
-    matrices ``(shape[k], prod(shape[k+1:]))`` (stacked experts or heads).
+    ``(shape[0], prod(shape[1:]))``; a 1-D or 0-D tensor is one row ``1 × numel``. With
+    ``batch_dims = k``: the first k dims index independent matrices
+    ``(shape[k], prod(shape[k+1:]))`` (stacked experts or heads).
     """
     k = batch_dims
+    if k == 0 and t.ndim < 2:
+        return t.reshape(1, 1, -1)
     if t.ndim < k + 2:
         raise ValueError(f"a tensor of shape {tuple(t.shape)} has no matrix view with "
                          f"batch_dims={k}: it needs at least {k + 2} dims")

@@ -17,15 +17,21 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 
+from . import functional as dmf
 from . import kernels
 from .functional import LOW_PRECISION_DTYPES, state_dtype
 
-__all__ = ["MemoryOptimizer", "UnsupportedTensorError", "check_schedule"]
+__all__ = ["MemoryOptimizer", "UnsupportedTensorError", "check_schedule", "IMPLEMENTATIONS"]
+
+#: The implementations a rule may have: the single-tensor reference (always), torch's
+#: multi-tensor ops, torch's fused CPU kernel (only where the rule is torch's), the Triton
+#: kernels (CUDA). A class lists those beyond "single" in ``supported_impls``.
+IMPLEMENTATIONS = ("single", "foreach", "fused", "triton")
 
 
 class UnsupportedTensorError(ValueError, RuntimeError):
@@ -56,6 +62,15 @@ def check_number(name: str, value: Any, low: float = -math.inf, high: float = ma
         raise ValueError(f"Invalid {name}: {value!r}; {name} must lie in {interval}")
 
 
+def check_int(name: str, value: Any, low: int = 0, high: Optional[int] = None) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer (not a bool) in
+    ``[low, high)`` (``high`` None: no upper bound)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+            high is not None and value >= high):
+        where = f"≥ {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"Invalid {name}: {value!r}; {name} must be an integer {where}")
+
+
 def check_choice(name: str, value: Any, choices: Iterable) -> None:
     choices = tuple(choices)
     if value not in choices:
@@ -75,14 +90,47 @@ ACCUMULATE_MODES = ("sum", "mean")
 
 def check_schedule(group: dict[str, Any]) -> None:
     """Validate a group's multi-frequency options (SPEC §7)."""
-    period, offset = group["update_period"], group["update_offset"]
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"Invalid update_period: {period!r}; update_period must be an integer "
-                         "≥ 1")
+    check_int("update_period", group["update_period"], 1)
     check_choice("accumulate", group["accumulate"], ACCUMULATE_MODES)
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < period:
-        raise ValueError(f"Invalid update_offset: {offset!r}; update_offset must be an integer "
-                         f"in [0, update_period) = [0, {period})")
+    check_int("update_offset", group["update_offset"], 0, group["update_period"])
+
+
+# --- the multi-frequency schedule (SPEC §7), shared by MemoryOptimizer and MultiFrequency ----
+
+
+def accumulate_gradients(state, params: list[Tensor], grads: list[Tensor],
+                         new_accumulator: Callable[[Tensor], Tensor]) -> None:
+    """Add each gradient to its parameter's ``state[p]["grad_accumulator"]`` (created by
+    ``new_accumulator(p)``): one fused launch on CUDA, the ``functional.accumulate`` stage
+    elsewhere."""
+    for p in params:
+        if "grad_accumulator" not in state[p]:
+            state[p]["grad_accumulator"] = new_accumulator(p)
+    accumulators = [state[p]["grad_accumulator"] for p in params]
+    if kernels.usable(params):
+        from .kernels import elementwise
+
+        elementwise.accumulate(accumulators, grads)
+    else:
+        dmf.accumulate(accumulators, grads)
+
+
+def period_ends(group: dict[str, Any]) -> bool:
+    """Count a ``step()`` call in ``group``'s period (``group["period_calls"]``); whether it
+    ends one: ``(calls − update_offset) % update_period == 0``."""
+    group["period_calls"] = group.get("period_calls", 0) + 1
+    return (group["period_calls"] - group["update_offset"]) % group["update_period"] == 0
+
+
+def release_gradients(group: dict[str, Any], state) -> tuple[list[Tensor], list[Tensor]]:
+    """At a period's end: the group's parameters that received gradients during it, with
+    their accumulated gradients (divided by the period for ``accumulate="mean"``), taken out
+    of the state."""
+    ready = [p for p in group["params"] if "grad_accumulator" in state.get(p, {})]
+    grads = [state[p].pop("grad_accumulator") for p in ready]
+    if group["accumulate"] == "mean":
+        grads = [g.div_(group["update_period"]) for g in grads]
+    return ready, grads
 
 
 def _non_overlapping_and_dense(t: Tensor) -> bool:
@@ -138,13 +186,26 @@ class MemoryOptimizer(torch.optim.Optimizer):
       the group's parameters and state untouched and adds one to its ``nonfinite_skips`` (one
       host read per step).
 
-    Subclasses implement :meth:`_validate_group` (hyperparameters of one group),
-    :meth:`_fused_unsupported` (why a group cannot take the fused path, or ``None``) and
-    :meth:`_update` (one update of the parameters that have gradients).
+    A subclass declares its rule and leaves the rest here:
+
+    * :meth:`_validate_group` — the hyperparameters of one group;
+    * :meth:`_rule` — the functional rule of a group and the state entries it takes, in its
+      argument order; the group's options reach the rule by the rule's keyword names
+      (:meth:`_rule_options` adds the derived ones, e.g. ``betas`` → ``beta1, beta2``);
+    * :meth:`_state_shapes` — every state entry it keeps, with its shape (checkpoints are
+      checked against it); state is created as zeros in the parameter's state dtype and
+      layout (:meth:`_initial_state`), except the entries in ``LAZY_STATE``, which the rule
+      creates on a parameter's first update (``b₁ = g₁``, as torch's SGD);
+    * ``supported_impls`` and :meth:`_impl_unsupported` — the implementations it has.
     """
 
     #: Whether the rule is elementwise, so complex parameters can go through their real view.
     supports_complex: bool = True
+    #: Implementations beyond the single-tensor reference (see :data:`IMPLEMENTATIONS`), as
+    #: torch's ``OptimizerInfo.supported_impls``.
+    supported_impls: tuple[str, ...] = ("foreach",)
+    #: State entries the rule creates itself on a parameter's first update.
+    LAZY_STATE: tuple[str, ...] = ()
 
     #: Group options every optimizer takes. SPEC §7: a group with ``update_period = C``
     #: accumulates its gradients and applies its rule once every C ``step()`` calls.
@@ -192,7 +253,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         check_flag("fused", group["fused"], allow_none=True)
         if group["foreach"] and group["fused"]:
             raise ValueError("foreach and fused cannot both be True")
-        reason = self._fused_unsupported(group) if group["fused"] else None
+        reason = self._impl_unsupported(group, "fused") if group["fused"] else None
         if reason is not None:  # no fused CPU kernel: only a Triton path, if any
             if not self._has_triton_path(group):
                 raise ValueError(f"fused=True is not available for {type(self).__name__}: "
@@ -209,9 +270,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        """Why this group's hyperparameters have no fused implementation (None: they have)."""
-        return "no fused implementation exists for this rule"
+    def _impl_unsupported(self, group: dict[str, Any], implementation: str) -> Optional[str]:
+        """Why this group has no ``implementation`` ("fused": torch's CPU kernel; "triton":
+        the CUDA kernels), or None where it has one. Subclasses add the settings their kernels
+        do not cover."""
+        if implementation == "single" or implementation in self.supported_impls:
+            return None
+        what = {"fused": "fused CPU kernel", "triton": "Triton kernel"}.get(implementation,
+                                                                            implementation)
+        return f"no {what} exists for this rule"
 
     @classmethod
     def _signature_defaults(cls) -> dict[str, Any]:
@@ -279,8 +346,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        """'fused', 'foreach' or 'single' for this group's tensors, with torch's meaning of the
-        flags. Default: torch's fused CPU kernel where the rule is torch's and dtypes allow it;
+        """The one dispatcher: 'triton', 'fused', 'foreach' or 'single' for this group's
+        tensors, with torch's meaning of the flags, among the implementations the class
+        declares (``supported_impls``, :meth:`_impl_unsupported`). The Triton kernels where
+        the tensors take them (CUDA) and ``fused`` is not False. Default: torch's fused CPU kernel where the rule is torch's and dtypes allow it;
         otherwise the single-tensor loop on CPU (torch's foreach ops are slower there: see
         benchmarks/step_time_cpu.py) and foreach on accelerators. Under ``torch.compile`` the
         automatic choice is foreach: torch's fused kernels cannot be traced."""
@@ -291,7 +360,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for p in params:
             kinds.setdefault((p.device.type, p.dtype), p)
         if group["fused"]:
-            reason = self._fused_unsupported(group)
+            reason = self._impl_unsupported(group, "fused")
             if reason is not None:  # only the Triton path exists, and these tensors can't take it
                 raise UnsupportedTensorError(
                     f"fused=True: {reason} for these tensors; the Triton kernels take "
@@ -310,18 +379,14 @@ class MemoryOptimizer(torch.optim.Optimizer):
             # torch's fused CPU kernels have no fake/functional implementation, so they cannot
             # be traced; the multi-tensor path compiles to one graph (no host reads).
             return "foreach"
-        if group["fused"] is None and self._fused_unsupported(group) is None and not any(
+        if group["fused"] is None and self._impl_unsupported(group, "fused") is None and not any(
             self._fused_tensor_unsupported(*kind) for kind in kinds
         ):
             return "fused"
         return "single" if all(device_type == "cpu" for device_type, _ in kinds) else "foreach"
 
     def _has_triton_path(self, group: dict[str, Any]) -> bool:
-        return self._triton_unsupported(group) is None and kernels.triton_available()
-
-    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        """Why this group has no Triton path (None: it has one, used for CUDA tensors)."""
-        return "no Triton kernel for this rule yet"
+        return self._impl_unsupported(group, "triton") is None and kernels.triton_available()
 
     def _fused_tensor_unsupported(self, device_type: str, dtype: torch.dtype) -> Optional[str]:
         # torch's fused CPU kernels keep state in the parameter's dtype; ours is fp32 for
@@ -405,32 +470,57 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """Add this call's gradients to the group's accumulators; at a period boundary return
         the parameters that received gradients with their accumulated gradients (and clear the
         accumulators), else nothing."""
-        group["period_calls"] = group.get("period_calls", 0) + 1
-        for p in params:
-            if "grad_accumulator" not in self.state[p]:
-                self.state[p]["grad_accumulator"] = self._new_state_tensor(p)
-        accumulators = [self.state[p]["grad_accumulator"] for p in params]
-        if kernels.usable(params):
-            from .kernels import elementwise
-
-            elementwise.accumulate(accumulators, grads)
-        else:
-            for a, g in zip(accumulators, grads):
-                a.add_(g)
-        if (group["period_calls"] - group["update_offset"]) % group["update_period"] != 0:
+        accumulate_gradients(self.state, params, grads, self._new_state_tensor)
+        if not period_ends(group):
             return [], []
-        ready = [p for p in group["params"] if "grad_accumulator" in self.state.get(p, {})]
-        grads = [self.state[p].pop("grad_accumulator") for p in ready]
-        if group["accumulate"] == "mean":
-            grads = [g.div_(group["update_period"]) for g in grads]
+        ready, grads = release_gradients(group, self.state)
         # Torch's fused kernels want the gradient in the parameter's dtype.
         grads = [g if g.dtype == p.dtype or p.dtype in LOW_PRECISION_DTYPES else g.to(p.dtype)
                  for p, g in zip(ready, grads)]
         return ready, grads
 
+    def _rule(self, group: dict[str, Any]) -> tuple[Callable, tuple[Optional[str], ...]]:
+        """The functional rule that updates ``group`` and the state entries it takes after
+        ``params`` and ``grads``, in its argument order (None: a list the group does not keep,
+        passed as Nones)."""
+        raise NotImplementedError
+
+    def _rule_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """Rule arguments derived from the group (its keys of the rule's names pass as they
+        are)."""
+        return {}
+
+    def _rule_inputs(self, group: dict[str, Any], params: list[Tensor]) -> list:
+        """Further per-tensor lists the rule takes after the state (DeltaMomentum's keys)."""
+        return []
+
+    def _initial_state(self, group: dict[str, Any], param: Tensor, key: str) -> Tensor:
+        """A state entry as a parameter starts it: zeros in its state dtype and layout."""
+        return self._new_state_tensor(param)
+
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                 implementation: str) -> None:
-        raise NotImplementedError
+        """One update of ``params`` by the group's rule (:meth:`_rule`), with the group's
+        options by the rule's keyword names."""
+        rule, keys = self._rule(group)
+        inputs = self._rule_inputs(group, params)
+        states = [self.state[p] for p in params]
+        for key in keys:
+            if key is not None and key not in self.LAZY_STATE:
+                for p, state in zip(params, states):
+                    if key not in state:
+                        state[key] = self._initial_state(group, p, key)
+        lists = [[None] * len(params) if key is None else
+                 [self._real(state.get(key)) for state in states] for key in keys]
+        steps = [self._advance_steps(params)] if _takes_steps(rule) else []
+        rule([self._real(p) for p in params], [self._real(g) for g in grads], *lists, *inputs,
+             *steps, **{**_rule_keywords(rule, group), **self._rule_options(group)},
+             foreach=implementation == "foreach", fused=implementation in ("fused", "triton"))
+        for key, values in zip(keys, lists):
+            if key in self.LAZY_STATE:  # created by the rule on a first update
+                for p, state, value in zip(params, states, values):
+                    if value is not None and key not in state:
+                        state[key] = self._like_param(value, p)
 
     def _advance_steps(self, params: list[Tensor]) -> list[Tensor]:
         """Create (at 0) and advance each parameter's ``step`` counter; return the counters.
@@ -444,21 +534,6 @@ class MemoryOptimizer(torch.optim.Optimizer):
             steps.append(state["step"])
         torch._foreach_add_(steps, 1.0)
         return steps
-
-    def _first_step_split(self, params: list[Tensor], momentum: float):
-        """Allocate the missing momentum buffers and yield ``(is_first, indices)``: the Triton
-        kernels take ``b₁ = g₁`` as one flag per launch. With ``momentum == 0`` there are no
-        buffers and every index is a later step."""
-        first = set()
-        if momentum != 0:
-            for i, p in enumerate(params):
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = self._new_state_tensor(p)
-                    first.add(i)
-        for is_first in (True, False):
-            indices = [i for i in range(len(params)) if (i in first) == is_first]
-            if indices:
-                yield is_first, indices
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -566,6 +641,22 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     f"state_dict entry '{key}' of {self._param_name(index, param)} has shape "
                     f"{shape}; {type(self).__name__} keeps it with shape ({want}) for this "
                     "parameter: the checkpoint belongs to other parameters")
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_names(rule: Callable) -> tuple[str, ...]:
+    return tuple(name for name, p in inspect.signature(rule).parameters.items()
+                 if p.kind is p.KEYWORD_ONLY and name not in ("foreach", "fused"))
+
+
+def _rule_keywords(rule: Callable, group: dict[str, Any]) -> dict[str, Any]:
+    """The group's options a rule takes, by the rule's own keyword names."""
+    return {name: group[name] for name in _keyword_names(rule) if name in group}
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_steps(rule: Callable) -> bool:
+    return "state_steps" in inspect.signature(rule).parameters
 
 
 def _optimizer_classes() -> list[type]:

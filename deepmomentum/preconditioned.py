@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import functional as F
+from . import functional as dmf
 from .optimizer import MemoryOptimizer, check_choice, check_flag, check_number
 
 __all__ = ["PreconditionedMomentum"]
@@ -93,8 +93,8 @@ class PreconditionedMomentum(MemoryOptimizer):
         check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
         check_number("eps", group["eps"], 0.0)
         check_number("weight_decay", group["weight_decay"], 0.0)
-        check_choice("precondition", group["precondition"], F.PRECONDITION_MODES)
-        check_choice("preconditioner", group["preconditioner"], F.PRECONDITIONERS)
+        check_choice("precondition", group["precondition"], dmf.PRECONDITION_MODES)
+        check_choice("preconditioner", group["preconditioner"], dmf.PRECONDITIONERS)
         check_flag("decoupled_weight_decay", group["decoupled_weight_decay"])
 
     def _state_shapes(self, group, param):
@@ -104,52 +104,29 @@ class PreconditionedMomentum(MemoryOptimizer):
             shapes["exp_avg_sq"] = shape
         return shapes
 
-    def _fused_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        if group["precondition"] != "readout" or group["preconditioner"] != "adam":
+    supported_impls = ("foreach", "fused", "triton")
+
+    def _impl_unsupported(self, group, implementation):
+        if implementation == "fused" and (group["precondition"] != "readout"
+                                          or group["preconditioner"] != "adam"):
             return ("only precondition='readout' with preconditioner='adam' (Adam/AdamW) has a "
                     "fused kernel")
-        return None
+        return super()._impl_unsupported(group, implementation)
 
-    def _triton_unsupported(self, group: dict[str, Any]) -> Optional[str]:
-        return None  # kernels.elementwise.adam_step covers both modes and preconditioners
+    def _rule(self, group):
+        return adam_rule(group)
 
-    def _update(self, group, params, grads, implementation):
-        adam = group["preconditioner"] == "adam"
-        for p in params:
-            state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = self._new_state_tensor(p)
-            if adam and "exp_avg_sq" not in state:
-                state["exp_avg_sq"] = self._new_state_tensor(p)
-        steps = self._advance_steps(params)
-        beta1, beta2 = group["betas"]
-        if implementation == "triton":
-            from .kernels import elementwise
+    def _rule_options(self, group):
+        return adam_options(group)
 
-            elementwise.adam_step(
-                params, grads, [self.state[p]["exp_avg"] for p in params],
-                [self.state[p].get("exp_avg_sq") for p in params], [s.item() for s in steps],
-                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                precondition=group["precondition"], preconditioner=group["preconditioner"],
-                maximize=group["maximize"])
-            return
-        F.preconditioned_momentum(
-            [self._real(p) for p in params],
-            [self._real(g) for g in grads],
-            [self._real(self.state[p]["exp_avg"]) for p in params],
-            [self._real(self.state[p].get("exp_avg_sq")) for p in params],
-            steps,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            precondition=group["precondition"],
-            preconditioner=group["preconditioner"],
-            maximize=group["maximize"],
-            foreach=implementation == "foreach",
-            fused=implementation == "fused",
-        )
+
+def adam_rule(group: dict[str, Any]):
+    """§3's rule and state for a group: PreconditionedMomentum's, and the AdamW groups' of
+    Muon and M3."""
+    kept = group.get("preconditioner", "adam") == "adam"
+    return dmf.preconditioned_momentum, ("exp_avg", "exp_avg_sq" if kept else None)
+
+
+def adam_options(group: dict[str, Any]) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return {"beta1": beta1, "beta2": beta2}

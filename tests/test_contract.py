@@ -162,7 +162,7 @@ def test_integer_parameter_is_rejected_by_name(info, variant):
 def _implementations(info, variant):
     impls = [{"foreach": False}, {"foreach": True}]
     probe = info.make(_params(info, variant), **variant)
-    if probe._fused_unsupported(probe.param_groups[0]) is None:
+    if probe._impl_unsupported(probe.param_groups[0], "fused") is None:
         impls.append({"fused": True})
     return impls
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import deepmomentum as dm
-import deepmomentum.functional as F
+import deepmomentum.functional as dmf
 from deepmomentum.testing import (
     assert_same_trajectory,
     float_dtypes,
@@ -69,10 +69,10 @@ def test_P2_memory_grows_no_faster_than_plain_momentum(shapes, momentum, fractio
             keys = []
             for p in params:
                 rows = torch.randn(int(torch.randint(1, 6, (1,), generator=g)),
-                                   F.as_matrix(p).shape[1], generator=g, dtype=torch.float64)
+                                   dmf.as_matrix(p).shape[1], generator=g, dtype=torch.float64)
                 keys.append(rows / rows.norm(dim=1, keepdim=True))
         before = [None if b is None else b.norm().item() for b in bufs]
-        F.delta_momentum(params, grads, bufs, keys, lr=0.01, momentum=momentum, erase=erase,
+        dmf.delta_momentum(params, grads, bufs, keys, lr=0.01, momentum=momentum, erase=erase,
                          dampening=dampening, nesterov=False, weight_decay=0.0)
         for b, norm_before, grad in zip(bufs, before, grads):
             if norm_before is not None:
@@ -85,19 +85,19 @@ def test_erase_term_equals_the_explicit_key_gram(rows, cols, keys):
     g = torch.Generator().manual_seed(0)
     b = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     k = torch.randn(keys, cols, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(F.erase_along_keys(b, k), b @ (k.T @ k))
-    assert torch.equal(F.erase_along_keys(b, torch.zeros_like(k)), torch.zeros_like(b))
+    torch.testing.assert_close(dmf.erase_along_keys(b, k), b @ (k.T @ k))
+    assert torch.equal(dmf.erase_along_keys(b, torch.zeros_like(k)), torch.zeros_like(b))
 
 
 @pytest.mark.parametrize("rows,cols", [(3, 7), (7, 3), (1, 6)])
 def test_key_matrices_have_the_normalized_key_gram(rows, cols):
     g = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    k = F.gradient_keys(g)
+    k = dmf.gradient_keys(g)
     torch.testing.assert_close(k.T @ k, g.T @ g / g.pow(2).sum())
-    x = F.unit_rows(g)
-    k = F.input_keys_matrix(x, torch.float64)
+    x = dmf.unit_rows(g)
+    k = dmf.input_keys_matrix(x, torch.float64)
     torch.testing.assert_close(k.T @ k, x.T @ x / rows)
-    assert torch.equal(F.gradient_keys(torch.zeros(rows, cols)), torch.zeros(rows, cols))
+    assert torch.equal(dmf.gradient_keys(torch.zeros(rows, cols)), torch.zeros(rows, cols))
 
 
 def test_gradient_keys_erase_along_the_gradient_row_space():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 import deepmomentum as dm
-from deepmomentum import functional as rules
+from deepmomentum import functional as dmf
 from examples.hope import evaluate, train
 from examples.hope.model import ARCHITECTURES, HopeConfig, InContextMemories, build, \
     count_parameters
@@ -49,7 +49,7 @@ def test_momentum_scan_equals_step_by_step_recursion(batch, steps, event, seed, 
         alpha[..., -1] = 1.0
     S0 = torch.randn(*batch, *event, generator=g, dtype=torch.float64)
     W0 = torch.randn(*batch, *event, generator=g, dtype=torch.float64)
-    S, W = rules.momentum_scan(grads, eta, theta, alpha, S0, W0)
+    S, W = dmf.momentum_scan(grads, eta, theta, alpha, S0, W0)
     expand = lambda x: x.reshape(*x.shape, *([1] * len(event)))  # noqa: E731
     at = lambda x, t: x.select(len(batch), t)  # noqa: E731 — step t of a (*batch, C, *event)
     s, w = S0, W0
@@ -68,7 +68,7 @@ def test_momentum_scan_reduces_to_torch_sgd(momentum, lr, steps, shape, seed):
     grads = torch.randn(steps, *shape, generator=g, dtype=torch.float64)
     W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
     full = lambda v: torch.full((steps,), v, dtype=torch.float64)  # noqa: E731
-    _, W = rules.momentum_scan(grads, full(momentum), full(lr), full(0.0),
+    _, W = dmf.momentum_scan(grads, full(momentum), full(lr), full(0.0),
                                torch.zeros_like(W0), W0)
     p = W0.clone().requires_grad_(True)
     sgd = torch.optim.SGD([p], lr=lr, momentum=momentum, foreach=False)
@@ -80,22 +80,22 @@ def test_momentum_scan_reduces_to_torch_sgd(momentum, lr, steps, shape, seed):
 
 def test_momentum_scan_rejects_mismatched_gates():
     with pytest.raises(ValueError, match="gates' shape"):
-        rules.momentum_scan(torch.zeros(3, 4), torch.ones(2), torch.ones(2), torch.zeros(2),
+        dmf.momentum_scan(torch.zeros(3, 4), torch.ones(2), torch.ones(2), torch.zeros(2),
                             torch.zeros(4), torch.zeros(4))
 
 
 @given(rows=st.integers(1, 5), c=st.integers(1, 4), h=st.integers(1, 4),
-       activation=st.sampled_from(rules.DMGD_ACTIVATIONS), objective=st.sampled_from(["dot", "l2"]),
+       activation=st.sampled_from(dmf.DMGD_ACTIVATIONS), objective=st.sampled_from(["dot", "l2"]),
        seed=st.integers(0, 2**16))
 def test_gradient_factors_are_each_rows_autograd_gradient(rows, c, h, activation, objective, seed):
     g = torch.Generator().manual_seed(seed)
     X, V = (torch.randn(rows, c, generator=g, dtype=torch.float64) for _ in range(2))
     A = torch.randn(c, h, generator=g, dtype=torch.float64, requires_grad=True)
     B = torch.randn(h, c, generator=g, dtype=torch.float64, requires_grad=True)
-    hidden, dZ, D = rules.deep_memory_gradient_factors(X, V, A.detach(), B.detach(),
+    hidden, dZ, D = dmf.deep_memory_gradient_factors(X, V, A.detach(), B.detach(),
                                                        objective=objective, activation=activation)
     for i in range(rows):
-        F_i = rules._activation(activation, X[i] @ A)[0] @ B
+        F_i = dmf.activate(activation, X[i] @ A)[0] @ B
         loss = -(F_i * V[i]).sum() if objective == "dot" else 0.5 * ((F_i - V[i]) ** 2).sum()
         gA, gB = torch.autograd.grad(loss, (A, B))
         torch.testing.assert_close(torch.outer(X[i], dZ[i]), gA, rtol=1e-10, atol=1e-12)

@@ -55,16 +55,16 @@ def test_hope_trains_with_m3_without_nan(tmp_path, lr):
 def test_a_saturated_gate_has_finite_scan_gradients():
     """σ(η) underflowing to exactly 0 (what M3's first step did to HOPE's η bias) used to give
     log η = −∞ and a NaN gradient through ``torch.log``; the scan now backpropagates zeros."""
-    from deepmomentum import functional as dmF
+    from deepmomentum import functional as dmf
 
     momentum = torch.tensor([[0.9, 0.0, 0.5, 0.7]], requires_grad=True)
     decay = torch.tensor([[0.1, 0.2, 1.0, 0.0]], requires_grad=True)  # 1 − α = 0 too
     lr = torch.full((1, 4), 0.1, requires_grad=True)
     grads = torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(0))
-    S, W = dmF.momentum_scan(grads, momentum, lr, decay, torch.ones(1, 3), torch.ones(1, 3))
+    S, W = dmf.momentum_scan(grads, momentum, lr, decay, torch.ones(1, 3), torch.ones(1, 3))
     (S.sum() + W.sum()).backward()
     for t in (momentum, decay, lr):
         assert torch.isfinite(t.grad).all()
     # and the forward is still exact: a zero gate cuts the product to exactly zero
-    c = dmF.scan_coefficients(momentum.detach(), lr.detach(), decay.detach())
+    c = dmf.scan_coefficients(momentum.detach(), lr.detach(), decay.detach())
     assert c.momentum_from_start[0, 1:].eq(0).all() and c.param_from_start[0, 2:].eq(0).all()

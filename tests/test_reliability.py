@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deepmomentum as dm
-from deepmomentum import functional as F
+from deepmomentum import functional as dmf
 from deepmomentum.functional import state_dtype
 
 from registry import REGISTRY, cases
@@ -295,8 +295,8 @@ def test_delta_momentum_is_homogeneous_in_the_gradient_scale(scale):
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
 def test_keys_are_invariant_to_the_gradient_scale(scale):
     g = torch.randn(6, 9, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(F.gradient_keys(g * scale), F.gradient_keys(g))
-    torch.testing.assert_close(F.unit_rows(g * scale), F.unit_rows(g))
+    torch.testing.assert_close(dmf.gradient_keys(g * scale), dmf.gradient_keys(g))
+    torch.testing.assert_close(dmf.unit_rows(g * scale), dmf.unit_rows(g))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

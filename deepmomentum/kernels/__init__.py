@@ -1,7 +1,9 @@
 """Fused Triton kernels for CUDA, each with a plain-torch twin.
 
-``elementwise`` holds the multi-tensor kernels of the elementwise stages (SGD-momentum,
-Adam-style, multi-frequency accumulation, Muon's momentum and apply stages). Triton is imported
+``elementwise`` holds the multi-tensor kernels that fuse runs of the elementwise stages of
+:mod:`deepmomentum.functional` (SGD-momentum, Adam-style, the Delta/DMGD memory step, Muon's and
+M3's memory and apply stages, multi-frequency accumulation); each is tested against the
+composition of the stages it fuses. Triton is imported
 only when a kernel is used, so the package works without it on the CPU; tests run the kernels on
 the CPU under ``TRITON_INTERPRET=1``.
 """
@@ -13,9 +15,10 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["triton_available", "usable"]
+__all__ = ["triton_available", "usable", "SUPPORTED_DTYPES"]
 
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+#: Parameter dtypes the Triton kernels take (their state and arithmetic are fp32).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_available() -> bool:
@@ -26,4 +29,4 @@ def usable(params: Sequence[torch.Tensor]) -> bool:
     """Whether the Triton kernels can update these parameters: CUDA, fp32/bf16/fp16,
     contiguous, and Triton installed."""
     return bool(params) and triton_available() and all(
-        p.is_cuda and p.dtype in _SUPPORTED and p.is_contiguous() for p in params)
+        p.is_cuda and p.dtype in SUPPORTED_DTYPES and p.is_contiguous() for p in params)

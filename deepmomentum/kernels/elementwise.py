@@ -1,14 +1,15 @@
-"""Fused multi-tensor Triton kernels for the elementwise stages of the rules, with torch twins.
+"""Fused multi-tensor Triton kernels: each fuses a run of the stages of
+:mod:`deepmomentum.functional` and is reached through that rule's functional entry point
+(``fused=True`` on CUDA tensors).
 
 One launch covers every tensor of a (device, dtype) group: the kernel gets tables of data
 pointers and sizes, and a table mapping each program to (tensor, block start) — the
 multi-tensor-apply layout. Parameters may be fp32, bf16 or fp16; state is fp32; math is fp32;
-each parameter is rounded once at the end. GradScaler's ``grad_scale``/``found_inf`` are
-consumed like torch's fused optimizers: gradients are multiplied by ``1/grad_scale`` and
-nothing is written when ``found_inf`` is non-zero.
+each parameter is rounded once at the end. Gradients arrive unscaled (``MemoryOptimizer.step``
+unscales GradScaler's gradients and skips a step with ``found_inf``).
 
-Each ``*_step`` launcher has a ``*_step_torch`` twin in plain torch with the same arguments;
-tests compare the two (under ``TRITON_INTERPRET=1`` on the CPU).
+Each launcher names the stages it fuses; tests/test_kernels.py checks it against their
+composition (under ``TRITON_INTERPRET=1`` on the CPU).
 """
 
 from __future__ import annotations
@@ -22,18 +23,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = [
-    "SUPPORTED_DTYPES",
-    "sgd_step", "sgd_step_torch",
-    "adam_step", "adam_step_torch",
-    "accumulate", "accumulate_torch",
-    "ema_momentum", "ema_momentum_torch",
-    "apply_update", "apply_update_torch",
-    "memory_step", "memory_step_torch",
-    "m3_write", "m3_write_torch", "m3_apply", "m3_apply_torch",
-]
+from . import SUPPORTED_DTYPES
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["sgd_step", "adam_step", "accumulate", "ema_momentum", "apply_update",
+           "memory_step", "m3_write", "m3_apply"]
+
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 BLOCK = 1024
 
@@ -86,28 +80,12 @@ def _launch(kernel, indices, tensors_by_role, scalars, constexprs, device):
                                        BLOCK=BLOCK, **constexprs)
 
 
-def _scaler_args(grad_scale: Optional[Tensor], found_inf: Optional[Tensor], device):
-    """Device tensors holding 1/grad_scale and found_inf (dummies when no scaler)."""
-    if grad_scale is None and found_inf is None:
-        dummy = torch.zeros(1, dtype=torch.float32, device=device)
-        return dummy, dummy, False
-    inv = (1.0 / grad_scale.float()).reshape(1) if grad_scale is not None else \
-        torch.ones(1, dtype=torch.float32, device=device)
-    inf = found_inf.float().reshape(1) if found_inf is not None else \
-        torch.zeros(1, dtype=torch.float32, device=device)
-    return inv.to(device), inf.to(device), True
-
-
 @triton.jit
-def _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE: tl.constexpr,
-             BLOCK: tl.constexpr):
+def _program(sizes, tensor_of_block, block_start, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(tensor_of_block + pid)
     offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    size = tl.load(sizes + t)
-    if HAS_SCALE:  # an inf/NaN in the scaled gradients: touch nothing
-        size = tl.where(tl.load(found_inf_ptr) == 0, size, 0)
-    return t, offsets, offsets < size
+    return t, offsets, offsets < tl.load(sizes + t)
 
 
 @triton.jit
@@ -116,14 +94,12 @@ def _ptr(table, t, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _weight_and_grad(p_ptr, g_ptr, offsets, mask, inv_scale_ptr, lr, weight_decay,
-                     HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr):
-    """(W, g) in fp32 after unscaling, maximize and weight decay (decoupled scales W, coupled
-    adds λW to g) — the preamble every update kernel shares."""
+def _weight_and_grad(p_ptr, g_ptr, offsets, mask, lr, weight_decay, MAXIMIZE: tl.constexpr,
+                     DECOUPLED: tl.constexpr):
+    """(W, g) in fp32: the stages ``effective_gradients`` (maximize, coupled λW) and
+    ``decoupled_decay`` (W(1 − γλ)) — the preamble every update kernel shares."""
     w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
-    if HAS_SCALE:
-        g = g * tl.load(inv_scale_ptr)
     if MAXIMIZE:
         g = -g
     if DECOUPLED:
@@ -137,16 +113,15 @@ def _weight_and_grad(p_ptr, g_ptr, offsets, mask, inv_scale_ptr, lr, weight_deca
 
 
 @triton.jit
-def _sgd_kernel(p_table, g_table, b_table, sizes, tensor_of_block, block_start, inv_scale_ptr,
-                found_inf_ptr, lr, momentum, dampening, weight_decay,
+def _sgd_kernel(p_table, g_table, b_table, sizes, tensor_of_block, block_start, lr, momentum,
+                dampening, weight_decay,
                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                 FIRST: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED: tl.constexpr,
-                MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
-                                BLOCK)
+                MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     p_ptr = _ptr(p_table, t, P_DTYPE)
-    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, inv_scale_ptr, lr,
-                            weight_decay, HAS_SCALE, MAXIMIZE, DECOUPLED)
+    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, lr,
+                            weight_decay, MAXIMIZE, DECOUPLED)
     u = g
     if HAS_MOMENTUM:
         b_ptr = _ptr(b_table, t, tl.float32)
@@ -163,10 +138,11 @@ def _sgd_kernel(p_table, g_table, b_table, sizes, tensor_of_block, block_start, 
 
 
 def sgd_step(params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov,
-             weight_decay, decoupled_weight_decay=False, maximize=False, first_step=False,
-             grad_scale=None, found_inf=None) -> None:
-    """§1 in one launch per group. ``momentum_buffers`` are fp32 tensors of the parameters'
-    shapes (ignored when ``momentum == 0``); ``first_step`` writes ``b = g``."""
+             weight_decay, decoupled_weight_decay=False, maximize=False, first_step=False) -> None:
+    """§1 in one launch per group: the stages effective_gradients → momentum_write →
+    nesterov_readout → apply_updates of ``functional.associative_momentum``.
+    ``momentum_buffers`` are fp32 tensors of the parameters' shapes (ignored when
+    ``momentum == 0``); ``first_step`` writes ``b = g``."""
     if not params:
         return
     _check("params", params)
@@ -175,38 +151,12 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum, dampening, nester
         _check("momentum_buffers", bufs, torch.float32)
     grads = [g.contiguous() for g in grads]
     device = params[0].device
-    inv, inf, has_scale = _scaler_args(grad_scale, found_inf, device)
     for indices in _groups(params, grads):
         _launch(_sgd_kernel, indices, [params, grads, bufs],
-                [inv, inf, float(lr), float(momentum), float(dampening), float(weight_decay)],
+                [float(lr), float(momentum), float(dampening), float(weight_decay)],
                 dict(P_DTYPE=_TL[params[indices[0]].dtype], G_DTYPE=_TL[grads[indices[0]].dtype],
                      HAS_MOMENTUM=momentum != 0, FIRST=first_step, NESTEROV=nesterov,
-                     DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize,
-                     HAS_SCALE=has_scale), device)
-
-
-def sgd_step_torch(params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov,
-                   weight_decay, decoupled_weight_decay=False, maximize=False, first_step=False,
-                   grad_scale=None, found_inf=None) -> None:
-    """The plain-torch twin of :func:`sgd_step`."""
-    if found_inf is not None and found_inf.item() != 0:
-        return
-    for i, (p, grad) in enumerate(zip(params, grads)):
-        w, g = p.float(), grad.float()
-        if grad_scale is not None:
-            g = g * (1.0 / grad_scale.float())
-        if maximize:
-            g = -g
-        if decoupled_weight_decay:
-            w = w * (1 - lr * weight_decay)
-        else:
-            g = g + weight_decay * w
-        u = g
-        if momentum != 0:
-            b = momentum_buffers[i]
-            b.copy_(g if first_step else b * momentum + (1 - dampening) * g)
-            u = g + momentum * b if nesterov else b
-        p.copy_(w - lr * u)
+                     DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize), device)
 
 
 # --- Adam-style (PreconditionedMomentum, §3) -------------------------------------------------
@@ -214,16 +164,15 @@ def sgd_step_torch(params, grads, momentum_buffers, *, lr, momentum, dampening, 
 
 @triton.jit
 def _adam_kernel(p_table, g_table, m_table, v_table, sizes, tensor_of_block, block_start,
-                 inv_scale_ptr, found_inf_ptr, step_size_ptr, bc2_sqrt_ptr, lr, beta1, beta2,
+                 step_size_ptr, bc2_sqrt_ptr, lr, beta1, beta2,
                  eps, weight_decay, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                  ADAM: tl.constexpr, VALUE: tl.constexpr, DECOUPLED: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
-                                BLOCK)
+                 MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     p_ptr = _ptr(p_table, t, P_DTYPE)
     m_ptr = _ptr(m_table, t, tl.float32)
-    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, inv_scale_ptr, lr,
-                            weight_decay, HAS_SCALE, MAXIMIZE, DECOUPLED)
+    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, lr,
+                            weight_decay, MAXIMIZE, DECOUPLED)
     step_size = tl.load(step_size_ptr + t)  # lr / (1 − β₁ᵗ)
     m = tl.load(m_ptr + offsets, mask=mask)
     if ADAM:
@@ -246,8 +195,10 @@ def _adam_kernel(p_table, g_table, m_table, v_table, sizes, tensor_of_block, blo
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps: Sequence[float], *, lr, beta1, beta2,
               eps, weight_decay, decoupled_weight_decay=True, precondition="readout",
-              preconditioner="adam", maximize=False, grad_scale=None, found_inf=None) -> None:
-    """§3 in one launch per group; ``steps`` are each tensor's t (already advanced)."""
+              preconditioner="adam", maximize=False) -> None:
+    """§3 in one launch per group: effective_gradients → second_moment_write →
+    preconditioner_denominators → (preconditioned_values) → ema_write → apply_updates of
+    ``functional.preconditioned_momentum``; ``steps`` are each tensor's t (already advanced)."""
     if not params:
         return
     adam = preconditioner == "adam"
@@ -257,7 +208,6 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps: Sequence[float], *, l
         _check("exp_avg_sqs", exp_avg_sqs, torch.float32)
     grads = [g.contiguous() for g in grads]
     device = params[0].device
-    inv, inf, has_scale = _scaler_args(grad_scale, found_inf, device)
     for indices in _groups(params, grads):
         step_size = torch.tensor([lr / (1 - beta1 ** steps[i]) for i in indices],
                                  dtype=torch.float32, device=device)
@@ -267,57 +217,20 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, steps: Sequence[float], *, l
         vs = exp_avg_sqs if adam else exp_avgs
         _launch(_adam_kernel, list(range(len(indices))),
                 [sub(params), sub(grads), sub(exp_avgs), sub(vs)],
-                [inv, inf, step_size, bc2_sqrt, float(lr), float(beta1), float(beta2),
+                [step_size, bc2_sqrt, float(lr), float(beta1), float(beta2),
                  float(eps), float(weight_decay)],
                 dict(P_DTYPE=_TL[params[indices[0]].dtype], G_DTYPE=_TL[grads[indices[0]].dtype],
                      ADAM=adam, VALUE=precondition == "value",
-                     DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize,
-                     HAS_SCALE=has_scale), device)
-
-
-def adam_step_torch(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-                    weight_decay, decoupled_weight_decay=True, precondition="readout",
-                    preconditioner="adam", maximize=False, grad_scale=None,
-                    found_inf=None) -> None:
-    """The plain-torch twin of :func:`adam_step`."""
-    if found_inf is not None and found_inf.item() != 0:
-        return
-    for i, (p, grad) in enumerate(zip(params, grads)):
-        w, g, m = p.float(), grad.float(), exp_avgs[i]
-        if grad_scale is not None:
-            g = g * (1.0 / grad_scale.float())
-        if maximize:
-            g = -g
-        if decoupled_weight_decay:
-            w = w * (1 - lr * weight_decay)
-        else:
-            g = g + weight_decay * w
-        step_size = lr / (1 - beta1 ** steps[i])
-        if preconditioner == "adam":
-            v = exp_avg_sqs[i]
-            v.copy_(v * beta2 + (1 - beta2) * g * g)
-            denom = v.sqrt() / math.sqrt(1 - beta2 ** steps[i]) + eps
-            if precondition == "value":
-                m.copy_(m + (1 - beta1) * (g / denom - m))
-                w = w - step_size * m
-            else:
-                m.copy_(m + (1 - beta1) * (g - m))
-                w = w - step_size * m / denom
-        else:
-            m.copy_(m + (1 - beta1) * (g - m))
-            w = w - step_size * m
-        p.copy_(w)
+                     DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize), device)
 
 
 # --- multi-frequency accumulation (§7) -------------------------------------------------------
 
 
 @triton.jit
-def _accumulate_kernel(a_table, g_table, sizes, tensor_of_block, block_start, found_inf_ptr,
-                       A_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
-                                BLOCK)
+def _accumulate_kernel(a_table, g_table, sizes, tensor_of_block, block_start,
+                       A_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     a_ptr = _ptr(a_table, t, A_DTYPE)
     a = tl.load(a_ptr + offsets, mask=mask).to(tl.float32)
     g = tl.load(_ptr(g_table, t, G_DTYPE) + offsets, mask=mask).to(tl.float32)
@@ -325,34 +238,27 @@ def _accumulate_kernel(a_table, g_table, sizes, tensor_of_block, block_start, fo
 
 
 def accumulate(accumulators, grads) -> None:
-    """``accumulators[i] += grads[i]`` for all tensors in one launch per dtype pair."""
+    """The stage ``functional.accumulate`` (``accumulators[i] += grads[i]``) for all tensors
+    in one launch per dtype pair."""
     if not accumulators:
         return
     _check("accumulators", accumulators)
     grads = [g.contiguous() for g in grads]
     device = accumulators[0].device
-    dummy = torch.zeros(1, dtype=torch.float32, device=device)
     for indices in _groups(accumulators, grads):
-        _launch(_accumulate_kernel, indices, [accumulators, grads], [dummy],
+        _launch(_accumulate_kernel, indices, [accumulators, grads], [],
                 dict(A_DTYPE=_TL[accumulators[indices[0]].dtype],
-                     G_DTYPE=_TL[grads[indices[0]].dtype], HAS_SCALE=False), device)
-
-
-def accumulate_torch(accumulators, grads) -> None:
-    """The plain-torch twin of :func:`accumulate`."""
-    for a, g in zip(accumulators, grads):
-        a.copy_(a.float() + g.float())
+                     G_DTYPE=_TL[grads[indices[0]].dtype]), device)
 
 
 # --- Muon's stages (§5): EMA momentum with nesterov, then the decayed, scaled apply -----------
 
 
 @triton.jit
-def _ema_kernel(b_table, g_table, u_table, sizes, tensor_of_block, block_start, found_inf_ptr,
+def _ema_kernel(b_table, g_table, u_table, sizes, tensor_of_block, block_start,
                 momentum, G_DTYPE: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
-                                BLOCK)
+                BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     b_ptr = _ptr(b_table, t, tl.float32)
     g = tl.load(_ptr(g_table, t, G_DTYPE) + offsets, mask=mask).to(tl.float32)
     if MAXIMIZE:
@@ -368,39 +274,28 @@ def _ema_kernel(b_table, g_table, u_table, sizes, tensor_of_block, block_start, 
 
 
 def ema_momentum(momentum_buffers, grads, *, momentum, nesterov, maximize=False) -> list[Tensor]:
-    """``b ← lerp(b, g, 1 − μ)``; returns new fp32 tensors ``U = lerp(g, b, μ)`` (nesterov) or
-    copies of ``b`` — never the buffers themselves, so NS cannot alias the state."""
+    """Muon's effective_gradients → ema_write → nesterov_readout(ema=True): ``b ← lerp(b, g,
+    1 − μ)``; returns new fp32 tensors ``U = lerp(g, b, μ)`` (nesterov) or copies of ``b`` —
+    never the buffers themselves, so NS cannot alias the state."""
     if not grads:
         return []
     _check("momentum_buffers", momentum_buffers, torch.float32)
     grads = [g.contiguous() for g in grads]
     updates = [torch.empty_like(b) for b in momentum_buffers]
     device = grads[0].device
-    dummy = torch.zeros(1, dtype=torch.float32, device=device)
     for indices in _groups(momentum_buffers, grads):
         _launch(_ema_kernel, indices, [momentum_buffers, grads, updates],
-                [dummy, float(momentum)],
+                [float(momentum)],
                 dict(G_DTYPE=_TL[grads[indices[0]].dtype], NESTEROV=nesterov,
-                     MAXIMIZE=maximize, HAS_SCALE=False), device)
+                     MAXIMIZE=maximize), device)
     return updates
 
 
-def ema_momentum_torch(momentum_buffers, grads, *, momentum, nesterov, maximize=False):
-    """The plain-torch twin of :func:`ema_momentum`."""
-    out = []
-    for b, grad in zip(momentum_buffers, grads):
-        g = -grad.float() if maximize else grad.float()
-        b.lerp_(g, 1 - momentum)
-        out.append(g.lerp(b, momentum) if nesterov else b.clone())
-    return out
-
-
 @triton.jit
-def _apply_kernel(p_table, u_table, sizes, tensor_of_block, block_start, found_inf_ptr,
+def _apply_kernel(p_table, u_table, sizes, tensor_of_block, block_start,
                   scale_ptr, lr, weight_decay, P_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr,
-                  HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
-                                BLOCK)
+                  BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     p_ptr = _ptr(p_table, t, P_DTYPE)
     w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
     u = tl.load(_ptr(u_table, t, U_DTYPE) + offsets, mask=mask).to(tl.float32)
@@ -409,26 +304,20 @@ def _apply_kernel(p_table, u_table, sizes, tensor_of_block, block_start, found_i
 
 
 def apply_update(params, updates, scales: Sequence[float], *, lr, weight_decay) -> None:
-    """``W ← W(1 − γλ) − γ·s_i·U_i`` for all tensors (decoupled decay, unadjusted γ)."""
+    """Muon's decoupled_decay → apply_updates: ``W ← W(1 − γλ) − γ·s_i·U_i`` for all tensors
+    (unadjusted γ in the decay)."""
     if not params:
         return
     _check("params", params)
     updates = [u.contiguous() for u in updates]
     device = params[0].device
-    dummy = torch.zeros(1, dtype=torch.float32, device=device)
     for indices in _groups(params, updates):
         scale = torch.tensor([scales[i] for i in indices], dtype=torch.float32, device=device)
         sub = lambda xs: [xs[i] for i in indices]  # noqa: E731
         _launch(_apply_kernel, list(range(len(indices))), [sub(params), sub(updates)],
-                [dummy, scale, float(lr), float(weight_decay)],
+                [scale, float(lr), float(weight_decay)],
                 dict(P_DTYPE=_TL[params[indices[0]].dtype],
-                     U_DTYPE=_TL[updates[indices[0]].dtype], HAS_SCALE=False), device)
-
-
-def apply_update_torch(params, updates, scales, *, lr, weight_decay) -> None:
-    """The plain-torch twin of :func:`apply_update`."""
-    for p, u, s in zip(params, updates, scales):
-        p.copy_(p.float() * (1 - lr * weight_decay) - lr * s * u.float())
+                     U_DTYPE=_TL[updates[indices[0]].dtype]), device)
 
 
 # --- DeltaMomentum / DMGD keyless stage (§2, §4): b, erase, read, read-out, apply ------------
@@ -436,16 +325,15 @@ def apply_update_torch(params, updates, scales, *, lr, weight_decay) -> None:
 
 @triton.jit
 def _memory_kernel(p_table, g_table, b_table, e_table, r_table, sizes, tensor_of_block,
-                   block_start, found_inf_ptr, lr, momentum, dampening, erase, weight_decay,
+                   block_start, lr, momentum, dampening, erase, weight_decay,
                    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                    FIRST: tl.constexpr, HAS_ERASE: tl.constexpr, HAS_READ: tl.constexpr,
                    NESTEROV: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
-                   SIGN: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
-                                BLOCK)
+                   SIGN: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     p_ptr = _ptr(p_table, t, P_DTYPE)
-    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, found_inf_ptr, lr,
-                            weight_decay, False, MAXIMIZE, DECOUPLED)
+    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, lr,
+                            weight_decay, MAXIMIZE, DECOUPLED)
     memory = g
     if HAS_MOMENTUM:
         b_ptr = _ptr(b_table, t, tl.float32)
@@ -471,7 +359,9 @@ def _memory_kernel(p_table, g_table, b_table, e_table, r_table, sizes, tensor_of
 def memory_step(params, grads, momentum_buffers, erase_terms=None, reads=None, *, lr, momentum,
                 dampening, nesterov, weight_decay, erase=0.0, decoupled_weight_decay=False,
                 maximize=False, first_step=False, sign=False) -> None:
-    """``b ← μb − β·E + (1 − τ)g`` (``b = g`` on the first step), ``M = b + R``,
+    """DeltaMomentum's and DMGD's elementwise stages — effective_gradients → momentum_write
+    (with erase) → ``M = b + R`` → nesterov_readout → sign_readout → apply_updates:
+    ``b ← μb − β·E + (1 − τ)g`` (``b = g`` on the first step), ``M = b + R``,
     ``U = σ(g + μM)`` (nesterov) or ``σ(M)`` with σ identity or sign, ``W ← W − γU``.
 
     ``erase_terms`` E (fp32, DeltaMomentum's ``b K``) and ``reads`` R (fp32, DMGD's keyed read)
@@ -485,48 +375,17 @@ def memory_step(params, grads, momentum_buffers, erase_terms=None, reads=None, *
         _check("momentum_buffers", bufs, torch.float32)
     grads = [g.contiguous() for g in grads]
     device = params[0].device
-    dummy = torch.zeros(1, dtype=torch.float32, device=device)
     erase_terms = [e.contiguous() for e in erase_terms] if erase_terms is not None else params
     reads = [r.contiguous() for r in reads] if reads is not None else params
     for indices in _groups(params, grads):
         _launch(_memory_kernel, indices, [params, grads, bufs, erase_terms, reads],
-                [dummy, float(lr), float(momentum), float(dampening), float(erase),
+                [float(lr), float(momentum), float(dampening), float(erase),
                  float(weight_decay)],
                 dict(P_DTYPE=_TL[params[indices[0]].dtype], G_DTYPE=_TL[grads[indices[0]].dtype],
                      HAS_MOMENTUM=has_momentum, FIRST=first_step,
                      HAS_ERASE=erase_terms is not params and erase != 0,
                      HAS_READ=reads is not params, NESTEROV=nesterov,
-                     DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize, SIGN=sign,
-                     HAS_SCALE=False), device)
-
-
-def memory_step_torch(params, grads, momentum_buffers, erase_terms=None, reads=None, *, lr,
-                      momentum, dampening, nesterov, weight_decay, erase=0.0,
-                      decoupled_weight_decay=False, maximize=False, first_step=False,
-                      sign=False) -> None:
-    """The plain-torch twin of :func:`memory_step`."""
-    for i, (p, grad) in enumerate(zip(params, grads)):
-        w, g = p.float(), grad.float()
-        g = -g if maximize else g
-        if decoupled_weight_decay:
-            w = w * (1 - lr * weight_decay)
-        else:
-            g = g + weight_decay * w
-        memory = g
-        if momentum != 0:
-            b = momentum_buffers[i]
-            if first_step:
-                b.copy_(g)
-            else:
-                new = b * momentum
-                if erase_terms is not None:
-                    new = new - erase * erase_terms[i]
-                b.copy_(new + (1 - dampening) * g)
-            memory = b
-        if reads is not None:
-            memory = memory + reads[i]
-        u = g + momentum * memory if nesterov else memory
-        p.copy_(w - lr * (torch.sign(u) if sign else u))
+                     DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize, SIGN=sign), device)
 
 
 # --- M3 (§6): the per-step memories, then the apply with the second-moment denominator -------
@@ -534,10 +393,9 @@ def memory_step_torch(params, grads, momentum_buffers, erase_terms=None, reads=N
 
 @triton.jit
 def _m3_write_kernel(g_table, m1_table, v_table, s_table, sizes, tensor_of_block, block_start,
-                     found_inf_ptr, beta1, beta2, mu1, mu2, G_DTYPE: tl.constexpr,
-                     MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
-                                BLOCK)
+                     beta1, beta2, mu1, mu2, G_DTYPE: tl.constexpr,
+                     MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     g = tl.load(_ptr(g_table, t, G_DTYPE) + offsets, mask=mask).to(tl.float32)
     if MAXIMIZE:
         g = -g
@@ -552,7 +410,8 @@ def _m3_write_kernel(g_table, m1_table, v_table, s_table, sizes, tensor_of_block
 
 def m3_write(grads, fast_buffers, second_moments, chunk_sums, *, betas, decays,
              maximize=False) -> None:
-    """``M¹ ← μ₁M¹ + β₁g``, ``V ← μ₂V + β₂g²``, ``S ← S + g`` in one launch per group."""
+    """M3's effective_gradients → momentum_write, second_moment_write, accumulate:
+    ``M¹ ← μ₁M¹ + β₁g``, ``V ← μ₂V + β₂g²``, ``S ← S + g`` in one launch per group."""
     if not grads:
         return
     for name, xs in (("fast_buffers", fast_buffers), ("second_moments", second_moments),
@@ -560,30 +419,17 @@ def m3_write(grads, fast_buffers, second_moments, chunk_sums, *, betas, decays,
         _check(name, xs, torch.float32)
     grads = [g.contiguous() for g in grads]
     device = grads[0].device
-    dummy = torch.zeros(1, dtype=torch.float32, device=device)
     for indices in _groups(fast_buffers, grads):
         _launch(_m3_write_kernel, indices, [grads, fast_buffers, second_moments, chunk_sums],
-                [dummy, float(betas[0]), float(betas[1]), float(decays[0]), float(decays[1])],
-                dict(G_DTYPE=_TL[grads[indices[0]].dtype], MAXIMIZE=maximize,
-                     HAS_SCALE=False), device)
-
-
-def m3_write_torch(grads, fast_buffers, second_moments, chunk_sums, *, betas, decays,
-                   maximize=False) -> None:
-    """The plain-torch twin of :func:`m3_write`."""
-    for g, m1, v, s in zip(grads, fast_buffers, second_moments, chunk_sums):
-        g = -g.float() if maximize else g.float()
-        m1.copy_(m1 * decays[0] + betas[0] * g)
-        v.copy_(v * decays[1] + betas[1] * g * g)
-        s.add_(g)
+                [float(betas[0]), float(betas[1]), float(decays[0]), float(decays[1])],
+                dict(G_DTYPE=_TL[grads[indices[0]].dtype], MAXIMIZE=maximize), device)
 
 
 @triton.jit
 def _m3_apply_kernel(p_table, o1_table, o2_table, v_table, sizes, tensor_of_block, block_start,
-                     found_inf_ptr, lr, alpha, eps, weight_decay, P_DTYPE: tl.constexpr,
-                     O_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, found_inf_ptr, HAS_SCALE,
-                                BLOCK)
+                     lr, alpha, eps, weight_decay, P_DTYPE: tl.constexpr,
+                     O_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     p_ptr = _ptr(p_table, t, P_DTYPE)
     w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
     o1 = tl.load(_ptr(o1_table, t, O_DTYPE) + offsets, mask=mask).to(tl.float32)
@@ -595,23 +441,15 @@ def _m3_apply_kernel(p_table, o1_table, o2_table, v_table, sizes, tensor_of_bloc
 
 def m3_apply(params, fast_updates, slow_updates, second_moments, *, lr, alpha, eps,
              weight_decay) -> None:
-    """``W ← W(1 − γλ) − γ(O¹ + αO²)/(√V + ε)`` in one launch per group."""
+    """M3's decoupled_decay → ``O¹ + αO²`` → preconditioner_denominators → apply_updates:
+    ``W ← W(1 − γλ) − γ(O¹ + αO²)/(√V + ε)`` in one launch per group."""
     if not params:
         return
     _check("params", params)
     fast_updates = [o.contiguous() for o in fast_updates]
     device = params[0].device
-    dummy = torch.zeros(1, dtype=torch.float32, device=device)
     for indices in _groups(params, fast_updates):
         _launch(_m3_apply_kernel, indices, [params, fast_updates, slow_updates, second_moments],
-                [dummy, float(lr), float(alpha), float(eps), float(weight_decay)],
+                [float(lr), float(alpha), float(eps), float(weight_decay)],
                 dict(P_DTYPE=_TL[params[indices[0]].dtype],
-                     O_DTYPE=_TL[fast_updates[indices[0]].dtype], HAS_SCALE=False), device)
-
-
-def m3_apply_torch(params, fast_updates, slow_updates, second_moments, *, lr, alpha, eps,
-                   weight_decay) -> None:
-    """The plain-torch twin of :func:`m3_apply`."""
-    for p, o1, o2, v in zip(params, fast_updates, slow_updates, second_moments):
-        p.copy_(p.float() * (1 - lr * weight_decay)
-                - lr * (o1.float() + alpha * o2) / (v.sqrt() + eps))
+                     O_DTYPE=_TL[fast_updates[indices[0]].dtype]), device)

@@ -8,8 +8,9 @@ One NS step on ``X`` (batch, r, c), r ≤ c::
     X' = a X + B X        ns_update(B, X, a)
 
 Inputs are bf16 (or fp16/fp32); products accumulate in fp32; outputs take the input's dtype.
-Each kernel has a plain-torch twin (``*_torch``) that tests compare against under
-``TRITON_INTERPRET=1``. :func:`newton_schulz_triton` runs the whole iteration with them.
+:func:`newton_schulz_triton` runs the whole iteration with them; tests/test_ns_kernels.py checks
+each kernel against the matrix products it computes and the iteration against
+:func:`deepmomentum.newton_schulz` (under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from torch import Tensor
 
 from ..newton_schulz import ns_coefficients, stable_norm
 
-__all__ = ["gram", "gram_torch", "ns_poly", "ns_poly_torch", "ns_update", "ns_update_torch",
-           "newton_schulz_triton"]
+__all__ = ["gram", "ns_poly", "ns_update", "newton_schulz_triton"]
 
 _TILE = 64
 
@@ -96,20 +96,9 @@ def gram(x: Tensor) -> Tensor:
     return _launch_gram(x, 1.0, 0.0, False)
 
 
-def gram_torch(x: Tensor) -> Tensor:
-    """The plain-torch twin of :func:`gram` (fp32 accumulation)."""
-    return (x.float() @ x.float().mT).to(x.dtype)
-
-
 def ns_poly(a: Tensor, b: float, c: float) -> Tensor:
     """``b·A + c·A²`` for symmetric ``A`` (…, r, r): A² = A Aᵀ by the symmetric Gram kernel."""
     return _launch_gram(a, c, b, True)
-
-
-def ns_poly_torch(a: Tensor, b: float, c: float) -> Tensor:
-    """The plain-torch twin of :func:`ns_poly`."""
-    af = a.float()
-    return (b * af + c * af @ af).to(a.dtype)
 
 
 @triton.jit
@@ -153,11 +142,6 @@ def ns_update(b: Tensor, x: Tensor, a: float) -> Tensor:
         b3, x3, out, r, c, *b3.stride(), *x3.stride(), *out.stride(), float(a),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_tile(r), UPCAST=_upcast(x))
     return out.reshape(x.shape)
-
-
-def ns_update_torch(b: Tensor, x: Tensor, a: float) -> Tensor:
-    """The plain-torch twin of :func:`ns_update`."""
-    return (a * x.float() + b.float() @ x.float()).to(x.dtype)
 
 
 def newton_schulz_triton(X: Tensor, steps: int = 5, coefficients="keller", eps: float = 1e-7,

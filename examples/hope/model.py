@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmomentum import functional as rules
+from deepmomentum import functional as dmf
 
 ARCHITECTURES = ("hope", "titans", "transformer")
 K, V, ETA, ALPHA, MEM = range(5)  # the self-modifying layer's memories, in this order
@@ -149,7 +149,7 @@ class InContextMemories(nn.Module):
         self.activation = activation
 
     def phi(self, z: Tensor) -> Tensor:
-        return rules._activation(self.activation, z)[0]
+        return dmf.activate(self.activation, z)[0]
 
     def clip_scale(self, norm: Tensor) -> Tensor:
         """``min(1, c/‖∇‖)``: with the momentum step bounded (``inner_lr_scale``) this bounds
@@ -188,12 +188,12 @@ class InContextMemories(nn.Module):
         if sequential:
             return self._learn_sequential(state, X, values, (eta, theta, alpha), queries)
         # ½‖M(k) − v̂‖² is ½‖φ(kA)B − y‖² with y = v̂ − k: the factors of every token's gradient
-        hidden, dZ, D = rules.deep_memory_gradient_factors(X, values - X, A, B, objective="l2",
+        hidden, dZ, D = dmf.deep_memory_gradient_factors(X, values - X, A, B, objective="l2",
                                                            activation=self.activation)
         # ‖x ⊗ δ‖_F = ‖x‖ ‖δ‖: each token's gradient is clipped on its factors
         dZ = dZ * self.clip_scale(X.norm(dim=-1, keepdim=True) * dZ.norm(dim=-1, keepdim=True))
         D = D * self.clip_scale(hidden.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
-        c = rules.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
+        c = dmf.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
 
         def end_of_chunk(W0, S0, x, delta):
             last_row = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731
@@ -220,7 +220,7 @@ class InContextMemories(nn.Module):
         At = A.unsqueeze(-3).expand(*A.shape[:-2], C, *A.shape[-2:])
         Bt = B.unsqueeze(-3).expand(*B.shape[:-2], C, *B.shape[-2:])
         e, h = A.shape[-2:]
-        gA, gB = rules.deep_memory_gradients(  # one row per token: its own gradient
+        gA, gB = dmf.deep_memory_gradients(  # one row per token: its own gradient
             X.reshape(-1, 1, e), (values - X).reshape(-1, 1, e), At.reshape(-1, e, h),
             Bt.reshape(-1, h, e), objective="l2", activation=self.activation)
         gA, gB = (g * self.clip_scale(g.norm(dim=(-2, -1), keepdim=True)) for g in (gA, gB))
