@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import time
 
 import torch
 
 import deepmomentum as dm
 
-from .dmgd import digits_tasks, summarize, train_sequentially
+from . import core
+from .dmgd import digits_tasks, train_sequentially
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 OPTIMIZERS = {
@@ -57,26 +55,23 @@ def main(argv=None):
     print("| optimizer | slow-level period | ACC (best lr) | BWT |\n|---|---:|---:|---:|")
     for name, make in OPTIMIZERS.items():
         for period in (1, 16, 64):
-            best = None
-            for lr in LRS:
-                runs = [run(make, lr, s, tasks, period, args.accumulate)
-                        for s in range(args.seeds)]
-                if all(r is not None for r in runs):
-                    acc, acc_sd = summarize([r["ACC"] for r in runs])
-                    if best is None or acc > best["ACC"]:
-                        bwt, bwt_sd = summarize([r["BWT"] for r in runs])
-                        best = {"lr": lr, "ACC": acc, "ACC_std": acc_sd, "BWT": bwt,
-                                "BWT_std": bwt_sd, "R_seed0": runs[0]["R"]}
+            # best mean ACC over the seeds, among the lrs where no seed diverged
+            best = core.grid(lambda lr, s: run(make, lr, s, tasks, period, args.accumulate),
+                             LRS, args.seeds, metric=lambda r: r["ACC"], maximize=True)
+            if best is None:
+                results[f"{name} / period {period}"] = None
+                print(f"| {name} | {period} | {core.DIVERGED} | {core.DIVERGED} |", flush=True)
+                continue
+            runs = best["runs"]
+            bwt, bwt_sd = core.summarize([r["BWT"] for r in runs])
+            best = {"lr": best["lr"], "ACC": best["mean"], "ACC_std": best["std"], "BWT": bwt,
+                    "BWT_std": bwt_sd, "R_seed0": runs[0]["R"]}
             results[f"{name} / period {period}"] = best
             print(f"| {name} | {period} | {best['ACC']:.3f} ± {best['ACC_std']:.3f} "
                   f"({best['lr']:g}) | {best['BWT']:+.3f} ± {best['BWT_std']:.3f} |", flush=True)
     if args.out:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
-        results["env"] = {"git_sha": sha, "torch": torch.__version__, "date": time.strftime(
-            "%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {args.threads} threads",
-            "accumulate": args.accumulate}
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        results["env"] = {**core.environment(device="cpu"), "accumulate": args.accumulate}
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 

@@ -330,7 +330,10 @@ def task_lrs(task_name: str, spec: OptimizerSpec) -> list[float]:
 # --- the runner ------------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
+def environment(device: Optional[str] = None) -> dict[str, Any]:
+    """The stamp every benchmark's JSON carries: git sha, torch/triton/deepmomentum versions,
+    device, dtype, python, date. ``device`` ("cpu" or "cuda") names the device the benchmark ran
+    on; by default the GPU where one is available, else the CPU and its thread count."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -342,7 +345,8 @@ def environment() -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+    on_gpu = torch.cuda.is_available() if device is None else device == "cuda"
+    device = torch.cuda.get_device_name() if on_gpu else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     return {"git_sha": sha, "torch": torch.__version__, "triton": triton_version,
             "deepmomentum": dm.__version__, "device": device, "dtype": "float32",
@@ -354,6 +358,44 @@ def _stats(values):
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+#: What :func:`summarize` reports for a setting where a seed diverged.
+DIVERGED = "diverged"
+
+
+def summarize(values):
+    """Mean ± std over the seeds of one setting: ``(mean, std)`` (population std; 0 for one
+    seed), or :data:`DIVERGED` when a run diverged — gave None (diverged, or never reached its
+    target) or a non-finite value — which is reported as such, never averaged in."""
+    values = list(values)
+    if any(v is None or not math.isfinite(v) for v in values):
+        return DIVERGED
+    return _stats(values)
+
+
+def grid(run, lrs, seeds, metric=None, maximize=False):
+    """The lr × seed sweep of the single-purpose scripts (delta, dmgd, cms) and its best lr.
+
+    ``run(lr, seed)`` is called for every lr (outer) and seed (``seeds``: a count or the seeds)
+    and returns the run's result, or None where it diverged or missed its target;
+    ``metric(result)`` is the number compared (default: the result itself). Each lr is
+    summarized over its seeds (:func:`summarize`); lrs with a diverged seed are out, and of the
+    others the smallest mean wins (the largest with ``maximize``; on a tie the first lr).
+    Returns ``{"lr", "mean", "std", "runs"}`` (``runs``: the seeds' results at that lr), or
+    None where every lr diverged."""
+    seeds = range(seeds) if isinstance(seeds, int) else list(seeds)
+    best = None
+    for lr in lrs:
+        runs = [run(lr, seed) for seed in seeds]
+        summary = summarize(None if r is None else (r if metric is None else metric(r))
+                            for r in runs)
+        if summary == DIVERGED or summary[0] is None:  # a diverged seed, or no seeds
+            continue
+        mean, std = summary
+        if best is None or (mean > best["mean"] if maximize else mean < best["mean"]):
+            best = {"lr": lr, "mean": mean, "std": std, "runs": runs}
+    return best
 
 
 def _mean_matrix(values):

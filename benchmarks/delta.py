@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import subprocess
-import time
 
 import torch
 import torch.utils.benchmark as tb
 
 import deepmomentum as dm
+
+from . import core
 
 LR_GRID = {"toy": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "regression": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]}
 MOMENTUM = 0.9
@@ -89,14 +87,11 @@ def run_regression(make, lr, seed, max_steps=3000, target=0.01):
 def steps_table(task, run, seeds):
     rows = {}
     for name, make in OPTIMIZERS.items():
-        best = None
-        for lr in LR_GRID[task]:
-            steps = [run(make, lr, seed) for seed in range(seeds)]
-            if all(s is not None for s in steps):
-                mean = sum(steps) / seeds
-                std = math.sqrt(sum((s - mean) ** 2 for s in steps) / seeds)
-                if best is None or mean < best["steps_mean"]:
-                    best = {"lr": lr, "steps_mean": mean, "steps_std": std, "steps": steps}
+        # fewest mean steps over the seeds, among the lrs where every seed reached the target
+        best = core.grid(lambda lr, seed: run(make, lr, seed), LR_GRID[task], seeds)
+        if best is not None:
+            best = {"lr": best["lr"], "steps_mean": best["mean"], "steps_std": best["std"],
+                    "steps": best["runs"]}
         rows[name] = best
         shown = "not reached at any lr" if best is None else (
             f"{best['steps_mean']:.0f} ± {best['steps_std']:.0f} steps at lr {best['lr']:g}")
@@ -146,12 +141,8 @@ def main(argv=None):
     print("\n| step (8.4M params, 64 × 1024×128) | ms | × AssociativeMomentum |\n|---|---:|---:|")
     results["step_seconds"] = step_times()
     if args.out:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
-        results["env"] = {"git_sha": sha, "torch": torch.__version__,
-                          "machine": f"{platform.machine()} CPU, {args.threads} threads",
-                          "date": time.strftime("%Y-%m-%d"), "psi": PSI, "seeds": args.seeds}
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        results["env"] = {**core.environment(device="cpu"), "psi": PSI, "seeds": args.seeds}
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 

@@ -23,8 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 
 import deepmomentum as dm
 
+from . import core
 from .delta import run_toy
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -121,11 +120,6 @@ def run_char(make, lr, seed, data, steps=800):
     return None if not math.isfinite(val_loss) else {"val_loss": val_loss, "steps_per_s": rate}
 
 
-def summarize(values):
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -150,61 +144,44 @@ def main(argv=None):
     for name, make in OPTIMIZERS.items():
         row = {}
         # toy: fewest mean steps
-        best = None
-        for lr in LRS:
-            steps = [run_toy(make, lr, s) for s in seeds]
-            if all(s is not None for s in steps):
-                m, sd = summarize(steps)
-                if best is None or m < best["mean"]:
-                    best = {"lr": lr, "mean": m, "std": sd, "runs": steps}
-        row["toy"] = best
+        row["toy"] = core.grid(lambda lr, s: run_toy(make, lr, s), LRS, seeds)
         # digits: best mean ACC
-        best = None
-        for lr in LRS:
-            runs = [run_digits(make, lr, s, tasks) for s in seeds]
-            if all(r is not None for r in runs):
-                m, sd = summarize([r["ACC"] for r in runs])
-                if best is None or m > best["ACC"]:
-                    bwt = summarize([r["BWT"] for r in runs])
-                    best = {"lr": lr, "ACC": m, "ACC_std": sd, "BWT": bwt[0], "BWT_std": bwt[1],
-                            "R_seed0": runs[0]["R"], "state_numel": runs[0]["state_numel"],
-                            "params": runs[0]["params"],
-                            "steps_per_s": summarize([r["steps_per_s"] for r in runs])[0]}
+        best = core.grid(lambda lr, s: run_digits(make, lr, s, tasks), LRS, seeds,
+                         metric=lambda r: r["ACC"], maximize=True)
+        if best is not None:
+            runs = best["runs"]
+            bwt = core.summarize([r["BWT"] for r in runs])
+            best = {"lr": best["lr"], "ACC": best["mean"], "ACC_std": best["std"],
+                    "BWT": bwt[0], "BWT_std": bwt[1], "R_seed0": runs[0]["R"],
+                    "state_numel": runs[0]["state_numel"], "params": runs[0]["params"],
+                    "steps_per_s": core.summarize([r["steps_per_s"] for r in runs])[0]}
         row["digits"] = best
         # char-LM: best mean validation loss
-        best = None
-        for lr in LRS:
-            runs = [run_char(make, lr, s, char_data) for s in seeds]
-            if all(r is not None for r in runs):
-                m, sd = summarize([r["val_loss"] for r in runs])
-                if best is None or m < best["val"]:
-                    best = {"lr": lr, "val": m, "val_std": sd,
-                            "steps_per_s": summarize([r["steps_per_s"] for r in runs])[0]}
+        best = core.grid(lambda lr, s: run_char(make, lr, s, char_data), LRS, seeds,
+                         metric=lambda r: r["val_loss"])
+        if best is not None:
+            best = {"lr": best["lr"], "val": best["mean"], "val_std": best["std"],
+                    "steps_per_s": core.summarize([r["steps_per_s"] for r in best["runs"]])[0]}
         row["char"] = best
         results[name] = row
         if name == "AdamW" and row["digits"]:
             adamw_state = row["digits"]["state_numel"]
 
-        def show(entry, key, fmt):
-            return "diverged" if entry is None else fmt(entry)
+        def show(entry, fmt):
+            return core.DIVERGED if entry is None else fmt(entry)
 
-        toy = show(row["toy"], "mean", lambda e: f"{e['mean']:.0f} ± {e['std']:.0f} ({e['lr']:g})")
-        acc = show(row["digits"], "ACC",
-                   lambda e: f"{e['ACC']:.3f} ± {e['ACC_std']:.3f} ({e['lr']:g})")
-        bwt = show(row["digits"], "BWT", lambda e: f"{e['BWT']:+.3f} ± {e['BWT_std']:.3f}")
-        char = show(row["char"], "val", lambda e: f"{e['val']:.3f} ± {e['val_std']:.3f} "
-                                                  f"({e['lr']:g})")
+        toy = show(row["toy"], lambda e: f"{e['mean']:.0f} ± {e['std']:.0f} ({e['lr']:g})")
+        acc = show(row["digits"], lambda e: f"{e['ACC']:.3f} ± {e['ACC_std']:.3f} ({e['lr']:g})")
+        bwt = show(row["digits"], lambda e: f"{e['BWT']:+.3f} ± {e['BWT_std']:.3f}")
+        char = show(row["char"], lambda e: f"{e['val']:.3f} ± {e['val_std']:.3f} ({e['lr']:g})")
         ratio = "n/a" if not (row["digits"] and adamw_state) else \
             f"{row['digits']['state_numel'] / adamw_state:.2f}"
         rate = "n/a" if not row["char"] else f"{row['char']['steps_per_s']:.0f}"
         print(f"| {name} | {toy} | {acc} | {bwt} | {char} | {ratio} | {rate} |", flush=True)
 
     if args.out:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
-        results["env"] = {"git_sha": sha, "torch": torch.__version__, "date": time.strftime(
-            "%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {args.threads} threads"}
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        results["env"] = core.environment(device="cpu")
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 

@@ -1,6 +1,6 @@
 """GPU: our Triton fused steps against torch's fused CUDA optimizers, and the copy bandwidth.
 
-    PYTHONPATH=. python benchmarks/fused_step_gpu.py [--params 5.12e8] [--tensors 64]
+    python -m benchmarks.fused_step_gpu [--params 5.12e8] [--tensors 64] [--out FILE]
 
 First checks correctness on the card (the Triton path of AssociativeMomentum,
 PreconditionedMomentum, Muon, DeltaMomentum, DMGD and M3 against their single-tensor
@@ -14,8 +14,8 @@ after warm-up, random data larger than L2) in one run on one card:
   (Triton) — 28 bytes per fp32 parameter.
 
 Prints effective TB/s (bytes that must move / time), ratios against torch and against the copy
-bandwidth, and writes JSON with ``--out``. Targets (issue): ≥ 1.05× torch's fused step and
-≥ 90% of the copy bandwidth.
+bandwidth, and writes JSON with ``--out`` (stamped with ``benchmarks.core.environment()``).
+Targets (issue): ≥ 1.05× torch's fused step and ≥ 90% of the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import argparse
 import json
 
 import torch
-import triton.testing
 
 import deepmomentum as dm
+from benchmarks import core
 
 
 def check_correctness():
@@ -62,6 +62,8 @@ def check_correctness():
 
 
 def bench(fn):
+    import triton.testing  # here, so that the module imports (and --help runs) without triton
+
     return triton.testing.do_bench(fn, warmup=25, rep=200) / 1e3  # seconds
 
 
@@ -91,7 +93,8 @@ def main(argv=None):
     print("| rule | implementation | ms | effective TB/s | × torch fused | % of copy |")
     print("|---|---|---:|---:|---:|---:|")
     results = {"card": card, "copy_TBps": copy_tbs, "params": args.params,
-               "tensors": args.tensors, "max_rel_err": worst, "rules": {}}
+               "tensors": args.tensors, "max_rel_err": worst, "rules": {},
+               "env": core.environment(device="cuda")}
     rules = {
         "SGD-momentum": (20, lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9,
                                                         nesterov=True, weight_decay=1e-4,

@@ -12,13 +12,14 @@ milliseconds, the ratio torch/ours, and the NS throughput in TFLOP/s (4r²c + 2r
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 import deepmomentum as dm
+from benchmarks import core
+
 
 def gpt2_like(width, layers=12):
     """The hidden matrices of a GPT-2-style model: qkv, attention out, MLP in, MLP out."""
@@ -71,9 +72,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    name = (torch.cuda.get_device_name() if args.device == "cuda"
-            else f"{platform.machine()} CPU, {args.threads} threads")
-    print(f"{name}; torch {torch.__version__}\n")
+    env = core.environment(device=args.device)
+    print(f"{env['device']}; torch {env['torch']}\n")
     print("| parameter set | torch.optim.Muon ms | deepmomentum.Muon ms | speed-up | our NS TFLOP/s |")
     print("|---|---:|---:|---:|---:|")
     for set_name in args.sets or DEFAULT_SETS[args.device]:

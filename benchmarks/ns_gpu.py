@@ -1,6 +1,6 @@
 """GPU: Triton Newton–Schulz against torch's bf16 matmul iteration, and Muon steps.
 
-    PYTHONPATH=. python benchmarks/ns_gpu.py [--out ns_gpu.json]
+    python -m benchmarks.ns_gpu [--out ns_gpu.json]
 
 In one run on one card: a correctness check (bf16 NS5 of both backends against the float64
 iteration), then NS5 time for 1024², 4096², 4096×16384, 8192² and a batch of 64 × 768×3072
@@ -8,7 +8,8 @@ iteration), then NS5 time for 1024², 4096², 4096×16384, 8192² and a batch of
 (square batches of 16), and a full ``deepmomentum.Muon`` step against ``torch.optim.Muon`` on a
 GPT-2-small-like set and on 16 × 4096². Reports ms, ratios and TFLOP/s (4r²c + 2r³ per step).
 Targets (issue): ≥ 1.3× on 4096² NS5, ≥ 2× on the batch of small matrices, ≥ 3× on the Muon
-step for the GPT-2-small-like set.
+step for the GPT-2-small-like set. The JSON (``--out``) is stamped with
+``benchmarks.core.environment()``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import argparse
 import json
 
 import torch
-import triton.testing
 
 import deepmomentum as dm
+from benchmarks import core
 from benchmarks.muon_step import gpt2_like
 
 
 def bench(fn):
+    import triton.testing  # here, so that the module imports (and --help runs) without triton
+
     return triton.testing.do_bench(fn, warmup=25, rep=100) / 1e3
 
 
@@ -41,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     card = torch.cuda.get_device_name()
-    out = {"card": card, "ns": {}, "muon": {}}
+    out = {"card": card, "ns": {}, "muon": {}, "env": core.environment(device="cuda")}
     x = torch.randn(4, 512, 1536, device="cuda")
     exact = dm.newton_schulz(x.double(), dtype=torch.float64)
     for backend in ("torch", "triton"):

@@ -229,3 +229,73 @@ def test_nearly_identical_curves_are_marked_as_such_and_distinct_ones_are_not():
     assert sgd.get_label() == "sgd (lr 0.01)" and sgd.get_linestyle() == "-"
     assert list(sgd.get_xdata()) == [1, 11, 21]
     plot.plt.close(fig)
+
+
+# --- one stamp, one summary, one sweep: the single-purpose scripts use benchmarks.core --------
+
+SCRIPTS = ["delta", "dmgd", "cms", "fused_step_gpu", "ns_gpu", "muon_step"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_each_script_imports_stamps_with_core_environment_and_has_help(name, capsys):
+    import importlib
+    import inspect
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.core is core
+    source = inspect.getsource(module)
+    assert "core.environment(" in source
+    # no stamp of its own: git, platform and dates come from core.environment only
+    assert not {"subprocess", "platform"} & set(vars(module))
+    assert "rev-parse" not in source and "strftime" not in source
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_summarize_reports_a_diverged_seed_instead_of_averaging_it():
+    assert core.summarize([1.0, 3.0]) == (2.0, 1.0)
+    assert core.summarize([5]) == (5.0, 0.0)
+    assert core.summarize([1.0, None, 3.0]) == core.DIVERGED == "diverged"
+    assert core.summarize([1.0, math.inf]) == core.DIVERGED
+    assert core.summarize([math.nan]) == core.DIVERGED
+
+
+def test_grid_picks_the_best_lr_among_those_where_no_seed_diverged():
+    calls = []
+
+    def run(lr, seed):
+        calls.append((lr, seed))
+        return None if (lr == 0.1 and seed == 1) else {"steps": 100 / lr + seed}
+
+    best = core.grid(run, [0.01, 0.03, 0.1], 2, metric=lambda r: r["steps"])
+    assert calls == [(lr, s) for lr in (0.01, 0.03, 0.1) for s in (0, 1)]  # lr outer, seed inner
+    assert best["lr"] == 0.03 and best["mean"] == pytest.approx(100 / 0.03 + 0.5)
+    assert best["std"] == 0.5 and len(best["runs"]) == 2  # 0.1 is fastest but a seed diverged
+    assert core.grid(run, [0.01, 0.03], [0, 1], metric=lambda r: r["steps"],
+                     maximize=True)["lr"] == 0.01
+    assert core.grid(lambda lr, seed: None, [0.01, 0.1], 3) is None
+
+
+def test_cms_json_carries_core_environment_and_keeps_its_keys(tmp_path, monkeypatch, capsys):
+    from benchmarks import cms
+
+    stamp = {"git_sha": "abc", "torch": "x", "device": "test device", "date": "today"}
+    monkeypatch.setattr(core, "environment", lambda device=None: dict(stamp))
+    monkeypatch.setattr(cms, "LRS", [3e-3])
+    monkeypatch.setattr(cms, "OPTIMIZERS", {"AdamW (MultiFrequency)": cms.OPTIMIZERS[
+        "AdamW (MultiFrequency)"]})
+    digits_tasks = cms.digits_tasks
+    monkeypatch.setattr(cms, "digits_tasks", lambda: digits_tasks(tasks=2))
+    out = tmp_path / "cms.json"
+    cms.main(["--seeds", "1", "--threads", "1", "--out", str(out)])
+    with open(out) as f:
+        result = json.load(f)
+    assert result.pop("env") == {**stamp, "accumulate": "sum"}
+    assert sorted(result) == [f"AdamW (MultiFrequency) / period {p}" for p in (1, 16, 64)]
+    for entry in result.values():
+        assert set(entry) == {"lr", "ACC", "ACC_std", "BWT", "BWT_std", "R_seed0"}
+        assert entry["lr"] == 3e-3 and entry["ACC_std"] == 0.0 and len(entry["R_seed0"]) == 2
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| AdamW (MultiFrequency) |")]
+    assert len(rows) == 3 and rows[0].endswith(" ± 0.000 |") and "(0.003)" in rows[0]

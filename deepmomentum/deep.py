@@ -40,28 +40,25 @@ class DeepMomentum(MemoryOptimizer):
     products (no autograd in ``step()``), batched over same-shape parameters. ``s`` is Muon's lr
     adjustment when ``output="newton_schulz"``, else 1.
 
-    Memory: ``b`` plus ``2·c·h`` numbers per parameter. For GPT-2 small at the defaults that is
-    about 1.05× a momentum buffer (see the README).
+    Memory: ``b`` plus ``2·c·h`` numbers per parameter (GPT-2 small at the defaults: see
+    README, Measured: DeepMomentum (DMGD)).
 
     Args:
         params: iterable of parameters, named parameters or group dicts.
         lr (float, default 1e-3): γ ≥ 0.
         momentum (float, default 0.9): μ in [0, 1), the decay of ``b`` and of θ.
         hidden (int, default 16): h ≥ 0, the MLP width; 0 removes the keyed memory.
-        memory_lr (float, default 0.01): η_m ≥ 0, the inner learning rate. From
-            ``benchmarks/dmgd.py`` (README): η = 0.003 and 0.01 tie (ψ toy 191 steps against 205
-            for plain momentum), η = 0.03 needs a 3× smaller lr and 548 steps; the "dot"
-            objective beat "l2" (308 steps) on the toy; all tie on Permuted-Digits and the
-            char-LM. ``hidden=16`` was not varied.
+        memory_lr (float, default 0.01): η_m ≥ 0, the inner learning rate; a larger one needs
+            a smaller ``lr``. The defaults (``memory_lr``, ``objective``) were chosen by
+            ``benchmarks/dmgd.py``; see README, Measured: DeepMomentum (DMGD).
         key_decay (float or None, default 1.0): the decay of ``A``, in [0, 1]; None decays it
             by μ like ``b`` and ``B`` (SPEC §4 to the letter). Decaying ``A`` by μ shrinks the
             feature map to zero within a few 1/(1 − μ) steps unless the inner gradient holds it
-            up, after which the keyed memory reads nothing (measured: a recurring-key stream's
-            read-out cosine fell to 1e-17 after 300 steps at μ = 0.9); so by default the key
-            projection learns without forgetting while ``b`` and the value layer ``B`` decay.
-            With an unbounded φ (relu, silu, gelu) and large gradients an undecayed ``A`` can
-            grow until the inner step is unstable (seen on Rosenbrock with silu and "l2"): use
-            the bounded default tanh there, or ``key_decay=None``.
+            up, after which the keyed memory reads nothing (see README, Measured: DeepMomentum
+            (DMGD)); so by default the key projection learns without forgetting while ``b`` and
+            the value layer ``B`` decay. With an unbounded φ (relu, silu, gelu) and large
+            gradients an undecayed ``A`` can grow until the inner step is unstable: use the
+            bounded default tanh there, or ``key_decay=None``.
         objective (str, default "dot"): "dot" or "l2".
         values (str, default "gradient"): "gradient" or "preconditioned" (uses ``beta2``,
             ``eps``).
@@ -74,8 +71,11 @@ class DeepMomentum(MemoryOptimizer):
             :class:`Muon`.
         seed (int, default 0): seeds the initial ``A`` (a function of seed, c and h only), so
             runs, groupings and implementations repeat exactly.
-        foreach (bool or None): default batched; False is the one-tensor reference.
-        fused: not available.
+        foreach (bool or None): torch's meaning for the elementwise stages; same-shape
+            matrices are always batched (``batched=False`` on
+            :func:`deepmomentum.functional.deep_memory_reads` is the reference loop).
+        fused: the Triton kernel (CUDA tensors only; not with the Newton–Schulz read-out),
+            picked by default where it applies.
         skip_nonfinite, update_period, accumulate, update_offset: the group options every
             optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
@@ -84,8 +84,9 @@ class DeepMomentum(MemoryOptimizer):
     ``skip_nonfinite=True`` skips such calls (parameters and state untouched, counted in the
     group's ``nonfinite_skips``). The keys are unit rows (overflow-safe norm), but the inner
     gradient for A grows like |G|²: with ``"l2"`` or an unbounded activation the inner step
-    diverges once |G| reaches ~1e2–1e3 at the default ``memory_lr`` (README, measured); scale
-    ``memory_lr`` with the gradients or use ``values="preconditioned"``.
+    diverges for large gradients at the default ``memory_lr`` (see README, Measured:
+    DeepMomentum (DMGD)); scale ``memory_lr`` with the gradients or use
+    ``values="preconditioned"``.
 
     Reductions (tested as properties): ``hidden=0`` or ``memory_lr=0`` equals
     ``torch.optim.SGD`` (R4a); ``hidden=0, output="newton_schulz"`` equals the Muon-style loop

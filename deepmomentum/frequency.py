@@ -13,7 +13,8 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .optimizer import MemoryOptimizer, check_schedule
+from .optimizer import MemoryOptimizer, accumulate_gradients, check_schedule, period_ends, \
+    release_gradients
 
 __all__ = ["MultiFrequency", "continuum_groups"]
 
@@ -106,8 +107,8 @@ class MultiFrequency(torch.optim.Optimizer):
         if getattr(self, "_sharing", False):  # __init__ passing the wrapped optimizer's groups
             self.param_groups.append(param_group)
             return
-        for key, value in (("update_period", 1), ("accumulate", "sum"), ("update_offset", 0)):
-            param_group.setdefault(key, value)
+        for key in ("update_period", "accumulate", "update_offset"):
+            param_group.setdefault(key, MemoryOptimizer.GROUP_DEFAULTS[key])
         check_schedule(param_group)
         self.optimizer.add_param_group(param_group)  # appends to the shared list
 
@@ -120,25 +121,19 @@ class MultiFrequency(torch.optim.Optimizer):
                 loss = closure()
         user_grads: dict[Tensor, Optional[Tensor]] = {}
         for group in self.param_groups:
-            period = group["update_period"]
-            if period == 1:
+            if group["update_period"] == 1:
                 continue
-            group["period_calls"] = group.get("period_calls", 0) + 1
-            boundary = (group["period_calls"] - group["update_offset"]) % period == 0
+            # The schedule of MemoryOptimizer.step (optimizer.py), on .grad of the wrapped one.
+            with_grads = [p for p in group["params"] if p.grad is not None]
+            accumulate_gradients(self.state, with_grads, [p.grad for p in with_grads],
+                                 torch.zeros_like)
+            ends = period_ends(group)
             for p in group["params"]:
-                state = self.state[p]
-                if p.grad is not None:
-                    if "grad_accumulator" not in state:
-                        state["grad_accumulator"] = torch.zeros_like(p)
-                    state["grad_accumulator"].add_(p.grad)
                 user_grads[p] = p.grad
-                if boundary and "grad_accumulator" in state:
-                    accumulated = state.pop("grad_accumulator")
-                    if group["accumulate"] == "mean":
-                        accumulated.div_(period)
+                p.grad = None  # the wrapped optimizer skips parameters without grads
+            if ends:
+                for p, accumulated in zip(*release_gradients(group, self.state)):
                     p.grad = accumulated
-                else:
-                    p.grad = None  # the wrapped optimizer skips parameters without grads
         try:
             self.optimizer.step()
         finally:

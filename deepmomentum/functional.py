@@ -41,6 +41,7 @@ Conventions shared by all rules:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections import defaultdict
 from typing import Callable, NamedTuple, Optional, Sequence, Union
@@ -121,20 +122,28 @@ def _kind_indices(params: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _one_kind_per_call(composition: Callable) -> Callable:
-    """Run a rule's composition once per (device, dtype) of its parameters under foreach (a
-    ``torch._foreach_*`` fast route takes one kind per call); list arguments are split, and
+def _by_kind(composition: Callable = None, *, per_tensor: bool = False) -> Callable:
+    """Run a rule's composition over parts of its tensor lists: under foreach once per
+    (device, dtype) of its parameters (a ``torch._foreach_*`` fast route takes one kind per
+    call); on the single-tensor path once per tensor where ``per_tensor`` (an elementwise rule:
+    each tensor's stages run back to back, so its temporaries are freed and their memory reused
+    before the next tensor, as torch's for-loop does), else once. List arguments are split and
     the entries the composition creates (first-step memories) are written back."""
+    if composition is None:
+        return functools.partial(_by_kind, per_tensor=per_tensor)
 
     @functools.wraps(composition)
     def run(params, *lists, foreach: bool, **options):
-        kinds = _kind_indices(params) if foreach else []
-        if len(kinds) <= 1:
+        if foreach:
+            parts = _kind_indices(params)
+        else:
+            parts = [[i] for i in range(len(params))] if per_tensor else []
+        if len(parts) <= 1:
             return composition(params, *lists, foreach=foreach, **options)
-        for idx in kinds:
-            parts = [None if xs is None else [xs[i] for i in idx] for xs in lists]
-            composition([params[i] for i in idx], *parts, foreach=True, **options)
-            for xs, part in zip(lists, parts):
+        for idx in parts:
+            sub = [None if xs is None else [xs[i] for i in idx] for xs in lists]
+            composition([params[i] for i in idx], *sub, foreach=foreach, **options)
+            for xs, part in zip(lists, sub):
                 if xs is not None:
                     for i, x in zip(idx, part):
                         xs[i] = x
@@ -476,7 +485,7 @@ def associative_momentum(
     _associative_momentum(params, grads, momentum_buffers, foreach=impl == "foreach", **options)
 
 
-@_one_kind_per_call
+@_by_kind(per_tensor=True)
 def _associative_momentum(params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov,
                           weight_decay, decoupled_weight_decay, maximize, foreach):
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
@@ -603,7 +612,7 @@ def delta_momentum(
                     **options)
 
 
-@_one_kind_per_call
+@_by_kind(per_tensor=True)
 def _delta_momentum(params, grads, momentum_buffers, input_keys, *, lr, momentum, erase,
                     dampening, nesterov, weight_decay, decoupled_weight_decay, maximize, foreach):
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
@@ -712,7 +721,7 @@ def preconditioned_momentum(
                              foreach=impl == "foreach", **options)
 
 
-@_one_kind_per_call
+@_by_kind(per_tensor=True)
 def _preconditioned_momentum(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1,
                              beta2, eps, weight_decay, decoupled_weight_decay, precondition,
                              preconditioner, maximize, foreach):
@@ -931,7 +940,7 @@ def _dmgd_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, *, values, bet
     return deep_memory_reads(gs, vs, memory_A, memory_B, **inner)
 
 
-@_one_kind_per_call
+@_by_kind
 def _deep_momentum(params, grads, momentum_buffers, memory_A, memory_B, exp_avg_sqs,
                    state_steps, *, lr, momentum, memory_lr, key_decay, objective, values, output,
                    activation, dampening, nesterov, weight_decay, decoupled_weight_decay, beta2,
@@ -1025,7 +1034,7 @@ def muon(
     _muon(params, grads, momentum_buffers, foreach=impl == "foreach", **options)
 
 
-@_one_kind_per_call
+@_by_kind
 def _muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay, adjust_lr_fn,
           batch_dims, maximize, ns, foreach):
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
@@ -1104,7 +1113,7 @@ def m3(
     _m3(params, grads, *memories, state_steps, foreach=impl == "foreach", **options)
 
 
-@_one_kind_per_call
+@_by_kind
 def _m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums,
         state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay, maximize, ns,
         foreach):
@@ -1149,6 +1158,19 @@ def _triton_m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_u
                          lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
     _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, chunk=chunk,
                     decay=decays[2], write=betas[2], ns=ns)
+
+
+#: The rules an optimizer class calls. Each carries what the class layer reads from its
+#: signature once, here, rather than on every step: ``options``, its keyword arguments (a
+#: group's options of these names reach it as they are), and ``takes_steps``, whether it takes
+#: the ``state_steps`` counters.
+RULES = (associative_momentum, delta_momentum, preconditioned_momentum, deep_momentum, muon, m3)
+for _rule in RULES:
+    _parameters = inspect.signature(_rule).parameters
+    _rule.options = tuple(name for name, p in _parameters.items()
+                          if p.kind is p.KEYWORD_ONLY and name not in ("foreach", "fused"))
+    _rule.takes_steps = "state_steps" in _parameters
+del _rule, _parameters
 
 
 # =============================================================================================

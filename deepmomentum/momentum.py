@@ -53,9 +53,10 @@ class AssociativeMomentum(MemoryOptimizer):
         decoupled_weight_decay (bool, default False): ``W ← W(1 − γλ)`` (AdamW style) instead of
             adding ``λW`` to the gradient (torch SGD style).
         maximize (bool, default False): ascend instead of descend.
-        foreach, fused (bool or None): torch's meaning. ``fused`` uses torch's fused SGD kernel
-            (CPU; parameters that keep their state in their own dtype); by default it is picked
-            where it applies, else the single-tensor loop on CPU and foreach elsewhere.
+        foreach, fused (bool or None): torch's meaning. ``fused`` is the Triton kernel for CUDA
+            tensors and torch's fused SGD kernel on the CPU (parameters that keep their state in
+            their own dtype); by default the fused kernel is picked where it applies, else the
+            single-tensor loop on CPU and foreach elsewhere.
         skip_nonfinite, update_period, accumulate, update_offset: the group options every
             optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
@@ -173,15 +174,15 @@ class DeltaMomentum(MemoryOptimizer):
         lr (float, default 1e-3): γ ≥ 0.
         momentum (float, default 0.9): μ in [0, 1).
         erase (float, default 0.1): β in [0, μ]; the eigenvalues of ``μI − βK`` stay in
-            [μ − β, μ], so the memory never grows faster than plain momentum (P2). The default
-            comes from ``benchmarks/delta.py`` (README): with μ = 0.9, β = 0.1 reached NL's ψ
-            toy target in 114 ± 25 steps against 171 (β = 0.5), 2271 (β = 0.9) and 205 for
-            plain momentum, and tied plain momentum on a teacher–student regression.
+            [μ − β, μ], so the memory never grows faster than plain momentum (P2). A large
+            erase (β near μ) hurts. The default was chosen by ``benchmarks/delta.py``; see
+            README, Measured: DeltaMomentum.
         keys (str, default "gradient"): "gradient" or "input".
         key_samples (int, default 256): most input rows kept per step (≥ 1).
         dampening, nesterov, weight_decay, decoupled_weight_decay, maximize: as
             :class:`AssociativeMomentum`.
-        foreach (bool or None): the final update as one foreach call; fused: not available.
+        foreach (bool or None): torch's meaning. fused: the Triton kernel (CUDA tensors only;
+            the erase terms by matmul around it), picked by default where it applies.
         skip_nonfinite, update_period, accumulate, update_offset: the group options every
             optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 

@@ -145,9 +145,10 @@ class Muon(_MatrixOptimizer):
 
     with ``s`` from ``adjust_lr_fn``: None/"original" √max(1, r/c), "match_rms_adamw"
     0.2·√max(r, c), "spectral" √(r/c). Same-shape matrices of a group are orthogonalized in one
-    batched call (``foreach=False``: one at a time, the reference). The NS input is always a
-    copy: unlike ``torch.optim.Muon`` with bf16 gradients, the momentum buffer is never
-    normalized in place.
+    batched call whatever ``foreach`` (``batched=False`` on
+    :func:`deepmomentum.functional.orthogonalize` is the one-matrix-at-a-time reference). The
+    NS input is always a copy: unlike ``torch.optim.Muon`` with bf16 gradients, the momentum
+    buffer is never normalized in place.
 
     Groups with ``use_muon=False`` (1-D tensors, embeddings, the output head) are updated by
     AdamW with their own ``lr``, ``betas``, ``eps`` and ``weight_decay`` — the ``adamw_*``
@@ -182,7 +183,9 @@ class Muon(_MatrixOptimizer):
         use_muon (bool, default True): False makes a group AdamW.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW-group defaults
             (1e-3, (0.9, 0.999), 1e-8, 0.01: ``torch.optim.AdamW``'s).
-        maximize, foreach, fused: as in torch; no fused path exists for NS groups yet.
+        maximize, foreach, fused: as in torch. ``fused``: the Triton kernels around the batched
+            NS for CUDA tensors (picked by default there); AdamW groups also take torch's fused
+            AdamW on the CPU.
         skip_nonfinite, update_period, accumulate, update_offset: the group options every
             optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 
@@ -313,8 +316,8 @@ class M3(_MatrixOptimizer):
     :class:`Muon`.
 
     Mind the scale: NS output has unit spectral scale while √V has the gradients' scale, so a
-    step is about γ/|G| per entry — γ must be set relative to the gradients (1e-4 trained the
-    char model of ``examples/replace_adam.py``, where Muon takes 5e-3; 1e-2 diverged).
+    step is about γ/|G| per entry — γ must be set relative to the gradients, far below Muon's
+    (see README, Measured: M3).
 
     Args:
         params: ≥2-D parameters (AdamW groups via ``use_muon=False`` as in :class:`Muon`).

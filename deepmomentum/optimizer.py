@@ -512,7 +512,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                         state[key] = self._initial_state(group, p, key)
         lists = [[None] * len(params) if key is None else
                  [self._real(state.get(key)) for state in states] for key in keys]
-        steps = [self._advance_steps(params)] if _takes_steps(rule) else []
+        steps = [self._advance_steps(params)] if rule.takes_steps else []
         rule([self._real(p) for p in params], [self._real(g) for g in grads], *lists, *inputs,
              *steps, **{**_rule_keywords(rule, group), **self._rule_options(group)},
              foreach=implementation == "foreach", fused=implementation in ("fused", "triton"))
@@ -643,20 +643,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     "parameter: the checkpoint belongs to other parameters")
 
 
-@functools.lru_cache(maxsize=None)
-def _keyword_names(rule: Callable) -> tuple[str, ...]:
-    return tuple(name for name, p in inspect.signature(rule).parameters.items()
-                 if p.kind is p.KEYWORD_ONLY and name not in ("foreach", "fused"))
-
-
 def _rule_keywords(rule: Callable, group: dict[str, Any]) -> dict[str, Any]:
-    """The group's options a rule takes, by the rule's own keyword names."""
-    return {name: group[name] for name in _keyword_names(rule) if name in group}
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_steps(rule: Callable) -> bool:
-    return "state_steps" in inspect.signature(rule).parameters
+    """The group's options a rule takes, by the rule's own keyword names
+    (``functional.RULES``)."""
+    return {name: group[name] for name in rule.options if name in group}
 
 
 def _optimizer_classes() -> list[type]:

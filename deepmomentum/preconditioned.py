@@ -38,10 +38,11 @@ class PreconditionedMomentum(MemoryOptimizer):
         preconditioner (str, default "adam"): "adam" or "none".
         decoupled_weight_decay (bool, default True): AdamW-style decay; False couples it.
         maximize (bool, default False): ascend instead of descend.
-        foreach, fused (bool or None): torch's meaning; ``fused`` uses torch's fused Adam(W)
-            kernel and exists for ``precondition="readout"``, ``preconditioner="adam"``; by
-            default it is picked where it applies, else the single-tensor loop on CPU and
-            foreach elsewhere.
+        foreach, fused (bool or None): torch's meaning; ``fused`` is the Triton kernel for CUDA
+            tensors (every setting) and torch's fused Adam(W) kernel on the CPU (for
+            ``precondition="readout"``, ``preconditioner="adam"``); by default the fused kernel
+            is picked where it applies, else the single-tensor loop on CPU and foreach
+            elsewhere.
         skip_nonfinite, update_period, accumulate, update_offset: the group options every
             optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
 

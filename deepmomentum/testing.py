@@ -205,23 +205,34 @@ def learning_rates(low: float = 1e-4, high: float = 0.5):
 
 
 def sgd_hyperparameters():
-    """Keyword arguments shared by ``torch.optim.SGD`` and :class:`AssociativeMomentum`."""
+    """Keyword arguments shared by ``torch.optim.SGD`` and :class:`AssociativeMomentum`.
+
+    The edge cases are drawn on purpose, not left to chance: momentum ``μ = 0`` (no buffer;
+    torch then ignores dampening) on about a third of the draws, and dampening ``τ`` exactly 0
+    or 1 on about half of the draws without Nesterov, also together with ``μ = 0``.
+    ``nesterov=True`` (about a third of the draws) comes only where torch accepts it:
+    ``μ > 0`` and ``τ = 0``.
+    """
     st = _st()
-
-    def valid(kw):
-        if kw["nesterov"]:
-            kw["dampening"] = 0.0
-            kw["momentum"] = max(kw["momentum"], 0.05)
-        return kw
-
-    return st.fixed_dictionaries({
+    shared = {
         "lr": learning_rates(),
-        "momentum": st.floats(0.0, 0.99),
-        "dampening": st.floats(0.0, 1.0),
-        "nesterov": st.booleans(),
         "weight_decay": st.one_of(st.just(0.0), st.floats(0.0, 0.1)),
         "maximize": st.booleans(),
-    }).map(valid)
+    }
+    plain = st.fixed_dictionaries({
+        **shared,
+        "momentum": st.one_of(st.just(0.0), st.floats(0.0, 0.99)),
+        "dampening": st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+        "nesterov": st.just(False),
+    })
+    nesterov = st.fixed_dictionaries({
+        **shared,
+        "momentum": st.one_of(st.sampled_from([0.5, 0.9, 0.99]), st.floats(0.05, 0.99)),
+        "dampening": st.just(0.0),
+        "nesterov": st.just(True),
+    })
+    # Two plain draws to one Nesterov draw: μ = 0 and τ = 1 occur only in the plain ones.
+    return st.sampled_from([False, False, True]).flatmap(lambda n: nesterov if n else plain)
 
 
 def adam_hyperparameters():

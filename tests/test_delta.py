@@ -22,10 +22,10 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-14), torch.float32: dict(rtol=1e-
 
 
 @given(shapes=parameter_shapes(), dtype=float_dtypes(), kwargs=sgd_hyperparameters(),
-       foreach=st.booleans(), no_memory=st.booleans())
-def test_R2a_no_erasing_equals_torch_sgd(shapes, dtype, kwargs, foreach, no_memory):
-    if no_memory:  # μ = 0 on half the draws: SGD then ignores dampening, and so must we
-        kwargs.update(momentum=0.0, nesterov=False)
+       foreach=st.booleans())
+def test_R2a_no_erasing_equals_torch_sgd(shapes, dtype, kwargs, foreach):
+    # sgd_hyperparameters draws μ = 0 (where SGD ignores dampening, and so must we) and
+    # τ ∈ {0, 1} on purpose; see tests/test_testing.py.
     assert_same_trajectory(
         lambda ps: dm.DeltaMomentum(ps, **kwargs, erase=0.0, foreach=foreach),
         lambda ps: torch.optim.SGD(ps, **kwargs, foreach=False),

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 
 import deepmomentum as dm
 from deepmomentum.testing import (
@@ -63,3 +63,30 @@ def test_strategies_draw_valid_inputs(shapes, dtype, sgd, adam):
     torch.optim.AdamW(params, **adam)
     dm.AssociativeMomentum(params, **sgd)
     dm.PreconditionedMomentum(params, **adam)
+
+
+def test_sgd_hyperparameters_draw_the_edge_cases_often():
+    # μ = 0 (where torch ignores dampening) and τ ∈ {0, 1} must come up within a CI-sized run,
+    # not once in hundreds of draws: a bug that only shows there (e.g. dampening applied at
+    # μ = 0) must be caught by R1/R2a/R4a under the "ci" profile. 50 draws, fixed seed.
+    draws = []
+
+    @settings(max_examples=50, derandomize=True, database=None, deadline=None)
+    @given(kw=sgd_hyperparameters())
+    def collect(kw):
+        draws.append(kw)
+
+    collect()
+    assert len(draws) == 50
+    for kw in draws:  # every draw valid for torch: Nesterov needs μ > 0 and τ = 0
+        assert 0.0 <= kw["momentum"] < 1.0 and 0.0 <= kw["dampening"] <= 1.0
+        if kw["nesterov"]:
+            assert kw["momentum"] > 0 and kw["dampening"] == 0
+    no_memory = [kw["dampening"] for kw in draws if kw["momentum"] == 0.0]
+    assert len(no_memory) >= 8, no_memory
+    assert sum(t > 0 for t in no_memory) >= 4, no_memory  # dampening that must be ignored
+    assert 1.0 in no_memory and 0.0 in no_memory, no_memory
+    dampenings = [kw["dampening"] for kw in draws]
+    assert dampenings.count(1.0) >= 3 and dampenings.count(0.0) >= 3, dampenings
+    assert any(0.0 < t < 1.0 for t in dampenings), dampenings
+    assert sum(kw["nesterov"] for kw in draws) >= 5

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for CUDA, each with a plain-torch twin.
+"""Fused Triton kernels for CUDA, reached through the rules' ``fused=True``.
 
 ``elementwise`` holds the multi-tensor kernels that fuse runs of the elementwise stages of
 :mod:`deepmomentum.functional` (SGD-momentum, Adam-style, the Delta/DMGD memory step, Muon's and

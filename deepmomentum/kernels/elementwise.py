@@ -109,56 +109,6 @@ def _weight_and_grad(p_ptr, g_ptr, offsets, mask, lr, weight_decay, MAXIMIZE: tl
     return w, g
 
 
-# --- SGD-momentum (AssociativeMomentum, §1) --------------------------------------------------
-
-
-@triton.jit
-def _sgd_kernel(p_table, g_table, b_table, sizes, tensor_of_block, block_start, lr, momentum,
-                dampening, weight_decay,
-                P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                FIRST: tl.constexpr, NESTEROV: tl.constexpr, DECOUPLED: tl.constexpr,
-                MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
-    t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
-    p_ptr = _ptr(p_table, t, P_DTYPE)
-    w, g = _weight_and_grad(p_ptr, _ptr(g_table, t, G_DTYPE), offsets, mask, lr,
-                            weight_decay, MAXIMIZE, DECOUPLED)
-    u = g
-    if HAS_MOMENTUM:
-        b_ptr = _ptr(b_table, t, tl.float32)
-        if FIRST:
-            b = g
-        else:
-            b = tl.load(b_ptr + offsets, mask=mask) * momentum + (1.0 - dampening) * g
-        tl.store(b_ptr + offsets, b, mask=mask)
-        if NESTEROV:
-            u = g + momentum * b
-        else:
-            u = b
-    tl.store(p_ptr + offsets, (w - lr * u).to(P_DTYPE), mask=mask)
-
-
-def sgd_step(params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov,
-             weight_decay, decoupled_weight_decay=False, maximize=False, first_step=False) -> None:
-    """§1 in one launch per group: the stages effective_gradients → momentum_write →
-    nesterov_readout → apply_updates of ``functional.associative_momentum``.
-    ``momentum_buffers`` are fp32 tensors of the parameters' shapes (ignored when
-    ``momentum == 0``); ``first_step`` writes ``b = g``."""
-    if not params:
-        return
-    _check("params", params)
-    bufs = momentum_buffers if momentum != 0 else params
-    if momentum != 0:
-        _check("momentum_buffers", bufs, torch.float32)
-    grads = [g.contiguous() for g in grads]
-    device = params[0].device
-    for indices in _groups(params, grads):
-        _launch(_sgd_kernel, indices, [params, grads, bufs],
-                [float(lr), float(momentum), float(dampening), float(weight_decay)],
-                dict(P_DTYPE=_TL[params[indices[0]].dtype], G_DTYPE=_TL[grads[indices[0]].dtype],
-                     HAS_MOMENTUM=momentum != 0, FIRST=first_step, NESTEROV=nesterov,
-                     DECOUPLED=decoupled_weight_decay, MAXIMIZE=maximize), device)
-
-
 # --- Adam-style (PreconditionedMomentum, §3) -------------------------------------------------
 
 
@@ -320,7 +270,7 @@ def apply_update(params, updates, scales: Sequence[float], *, lr, weight_decay) 
                      U_DTYPE=_TL[updates[indices[0]].dtype]), device)
 
 
-# --- DeltaMomentum / DMGD keyless stage (§2, §4): b, erase, read, read-out, apply ------------
+# --- the momentum memory step of §1 (SGD), §2 (Delta) and §4 (DMGD's keyless part) ----------
 
 
 @triton.jit
@@ -354,6 +304,19 @@ def _memory_kernel(p_table, g_table, b_table, e_table, r_table, sizes, tensor_of
     if SIGN:
         u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
     tl.store(p_ptr + offsets, (w - lr * u).to(P_DTYPE), mask=mask)
+
+
+def sgd_step(params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov,
+             weight_decay, decoupled_weight_decay=False, maximize=False,
+             first_step=False) -> None:
+    """§1 in one launch per group — the stages effective_gradients → momentum_write →
+    nesterov_readout → apply_updates of ``functional.associative_momentum``: the memory step
+    without erase terms or reads. ``momentum_buffers`` are fp32 tensors of the parameters'
+    shapes (ignored when ``momentum == 0``); ``first_step`` writes ``b = g``."""
+    memory_step(params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                nesterov=nesterov, weight_decay=weight_decay,
+                decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                first_step=first_step)
 
 
 def memory_step(params, grads, momentum_buffers, erase_terms=None, reads=None, *, lr, momentum,
