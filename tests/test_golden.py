@@ -83,3 +83,21 @@ def test_trajectory_matches_the_golden_one(request, info, variant, impl, dtype):
     for step, (got, want) in enumerate(zip(result["steps"], expected["steps"])):
         assert got == want, f"{case_id}: parameters differ from the golden ones at step {step + 1}"
     assert result["state"] == expected["state"], f"{case_id}: final optimizer state differs"
+
+
+CHECKPOINTS = torch.load(trajectories.CHECKPOINTS, weights_only=False)
+
+
+@pytest.mark.parametrize("info,variant,impl,dtype", [
+    pytest.param(*case[1:], id=case[0]) for case in trajectories.checkpoint_cases()])
+def test_a_checkpoint_of_the_previous_version_loads_and_continues(request, info, variant, impl,
+                                                                   dtype):
+    # Saved by the recording commit after 10 steps; the current code resumes it and must walk
+    # the recorded trajectory's last 10 steps.
+    case_id = request.node.callspec.id
+    hashes = trajectories.resume_checkpoint(info, variant, dtype,
+                                            CHECKPOINTS["checkpoints"][case_id])
+    if not SAME_MACHINE:
+        pytest.skip(f"golden trajectories were recorded on {GOLDEN['environment']}")
+    assert hashes == GOLDEN["cases"][case_id]["steps"][trajectories.CHECKPOINT_AT:], \
+        f"{case_id}: resumed from the previous version's checkpoint, the trajectory differs"

@@ -5,7 +5,9 @@
 
 ``--commit`` checks that commit out in a temporary git worktree and imports ``deepmomentum``
 from it, with this checkout's case definitions and registry: the way to regenerate the
-pre-refactor trajectories on another machine (then run tests/test_golden.py there).
+pre-refactor trajectories on another machine (then run tests/test_golden.py there). It also
+writes ``checkpoints.pt``: each registry setting's ``state_dict`` after 10 steps, saved by that
+code, which tests/test_golden.py loads into the current code and continues.
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ def main() -> None:
     with gzip.open(args.out, "wt") as f:
         json.dump(out, f, separators=(",", ":"))
     print(f"{len(out['cases'])} cases from {commit} -> {args.out}")
+    checkpoints = {case_id: trajectories.save_checkpoint(info, variant, dtype)
+                   for case_id, info, variant, _, dtype in trajectories.checkpoint_cases()}
+    torch.save({"commit": commit, "checkpoints": checkpoints}, args.out.parent /
+               trajectories.CHECKPOINTS.name)
+    print(f"{len(checkpoints)} checkpoints after {trajectories.CHECKPOINT_AT} steps -> "
+          f"{args.out.parent / trajectories.CHECKPOINTS.name}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ IMPLEMENTATIONS = {"default": {}, "single": {"foreach": False}, "foreach": {"for
                    "period3": {"update_period": 3, "accumulate": "mean"}}
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "trajectories.json.gz"
+CHECKPOINTS = HERE / "checkpoints.pt"
 
 
 def _registry():
@@ -89,17 +90,61 @@ def _grads(step, params, curvature, noise):
             for p, c, n in zip(params, curvature, noise)]
 
 
-def run_case(info, variant, impl, dtype, steps=STEPS):
-    """Run one case; None where the implementation does not exist for it (constructor or
-    first step refuses it)."""
-    from deepmomentum import kernels
-
+def _data(info, variant, dtype, steps=STEPS):
     shapes = info.shapes(variant)
     g = torch.Generator().manual_seed(1234)
     params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
               for s in shapes]
     curvature = [0.1 + 1.9 * torch.rand(s, generator=g, dtype=torch.float64) for s in shapes]
     noise = [torch.randn((steps, *s), generator=g, dtype=torch.float64) * 0.5 for s in shapes]
+    return params, curvature, noise
+
+
+#: Checkpoint cases: every registry setting on the default path in float64, saved after
+#: CHECKPOINT_AT steps by the recording code and resumed by the current code.
+CHECKPOINT_AT = 10
+
+
+def checkpoint_cases():
+    return [case for case in cases() if case[3] == "default" and case[4] == torch.float64]
+
+
+def save_checkpoint(info, variant, dtype):
+    """The parameters and ``optimizer.state_dict()`` after CHECKPOINT_AT steps (the recording
+    code's own format: what a user's checkpoint of that version holds)."""
+    params, curvature, noise = _data(info, variant, dtype)
+    opt = info.make(params, **variant)
+    for step in range(CHECKPOINT_AT):
+        for p, grad in zip(params, _grads(step, params, curvature, noise)):
+            p.grad = grad
+        opt.step()
+    return {"params": [p.detach().clone() for p in params], "optimizer": opt.state_dict()}
+
+
+def resume_checkpoint(info, variant, dtype, checkpoint):
+    """Load ``checkpoint`` into a fresh optimizer of the current code and run the remaining
+    steps on the same data; returns the step hashes from CHECKPOINT_AT + 1 on."""
+    params, curvature, noise = _data(info, variant, dtype)
+    with torch.no_grad():
+        for p, saved in zip(params, checkpoint["params"]):
+            p.copy_(saved)
+    opt = info.make(params, **variant)
+    opt.load_state_dict(checkpoint["optimizer"])
+    hashes = []
+    for step in range(CHECKPOINT_AT, STEPS):
+        for p, grad in zip(params, _grads(step, params, curvature, noise)):
+            p.grad = grad
+        opt.step()
+        hashes.append(digest(params))
+    return hashes
+
+
+def run_case(info, variant, impl, dtype, steps=STEPS):
+    """Run one case; None where the implementation does not exist for it (constructor or
+    first step refuses it)."""
+    from deepmomentum import kernels
+
+    params, curvature, noise = _data(info, variant, dtype, steps)
     patched = None
     if impl == "triton":
         if dtype != torch.float32 or not kernels.triton_available():
