@@ -114,6 +114,14 @@ def _implementation(params: Sequence[Tensor], foreach: Optional[bool], fused: Op
                      "kernels take contiguous fp32/bf16/fp16 CUDA tensors")
 
 
+def _options(rule: Callable, arguments: dict) -> dict:
+    """A rule's keyword arguments, from its ``locals()``, for its composition and kernels (the
+    names of ``rule.options``, set below ``RULES``); ``lr`` as a Python float."""
+    options = {name: arguments[name] for name in rule.options}
+    options["lr"] = _scalar(options["lr"])
+    return options
+
+
 def _kind_indices(params: Sequence[Tensor]) -> list[list[int]]:
     """Indices of ``params`` grouped by (device, dtype)."""
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -475,9 +483,7 @@ def associative_momentum(
     """
     impl = _implementation(params, foreach, fused, rule="associative_momentum",
                            torch_fused=True)
-    options = dict(lr=_scalar(lr), momentum=momentum, dampening=dampening, nesterov=nesterov,
-                   weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-                   maximize=maximize)
+    options = _options(associative_momentum, locals())
     if impl == "fused":
         return _torch_fused_sgd(params, grads, momentum_buffers, **options)
     if impl == "triton":
@@ -602,9 +608,7 @@ def delta_momentum(
     """
     impl = _implementation(params, foreach, fused, rule="delta_momentum")
     input_keys = input_keys if input_keys is not None else [None] * len(params)
-    options = dict(lr=_scalar(lr), momentum=momentum, erase=erase, dampening=dampening,
-                   nesterov=nesterov, weight_decay=weight_decay,
-                   decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    options = _options(delta_momentum, locals())
     if impl == "triton":
         return _triton_memory_step(params, grads, momentum_buffers, input_keys=input_keys,
                                    **options)
@@ -707,9 +711,7 @@ def preconditioned_momentum(
     if fused and impl != "triton" and not is_adam:
         raise ValueError(
             "fused=True is only available for precondition='readout', preconditioner='adam'")
-    options = dict(lr=_scalar(lr), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                   decoupled_weight_decay=decoupled_weight_decay, precondition=precondition,
-                   preconditioner=preconditioner, maximize=maximize)
+    options = _options(preconditioned_momentum, locals())
     if impl == "fused":
         return _torch_fused_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, **options)
     if impl == "triton":
@@ -914,12 +916,7 @@ def deep_momentum(
     """
     impl = _implementation(params, foreach, fused, rule="deep_momentum",
                            triton=output != "newton_schulz")
-    options = dict(lr=_scalar(lr), momentum=momentum, memory_lr=memory_lr, key_decay=key_decay,
-                   objective=objective, values=values, output=output, activation=activation,
-                   dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-                   decoupled_weight_decay=decoupled_weight_decay, beta2=beta2, eps=eps,
-                   adjust_lr_fn=adjust_lr_fn, ns_coefficients=ns_coefficients,
-                   ns_steps=ns_steps, ns_dtype=ns_dtype, maximize=maximize)
+    options = _options(deep_momentum, locals())
     if impl == "triton":
         return _triton_deep_momentum(params, grads, momentum_buffers, memory_A, memory_B,
                                      exp_avg_sqs, state_steps, **options)
@@ -1024,19 +1021,17 @@ def muon(
     if not params:
         return
     impl = _implementation(params, foreach, fused, rule="muon")
-    options = dict(lr=_scalar(lr), momentum=momentum, nesterov=nesterov,
-                   weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, batch_dims=batch_dims,
-                   maximize=maximize, ns=dict(batch_dims=batch_dims, steps=ns_steps,
-                                              coefficients=ns_coefficients, eps=eps,
-                                              dtype=ns_dtype))
+    options = _options(muon, locals())
     if impl == "triton":
         return _triton_muon(params, grads, momentum_buffers, **options)
     _muon(params, grads, momentum_buffers, foreach=impl == "foreach", **options)
 
 
 @_by_kind
-def _muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay, adjust_lr_fn,
-          batch_dims, maximize, ns, foreach):
+def _muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay,
+          ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr_fn, batch_dims, maximize, foreach):
+    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=eps,
+              dtype=ns_dtype)
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=True, maximize=maximize,
                                        foreach=foreach)
@@ -1049,9 +1044,11 @@ def _muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_dec
 
 
 def _triton_muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay,
-                 adjust_lr_fn, batch_dims, maximize, ns):
+                 ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr_fn, batch_dims, maximize):
     from .kernels import elementwise
 
+    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=eps,
+              dtype=ns_dtype)
     updates = elementwise.ema_momentum(momentum_buffers, grads, momentum=momentum,
                                        nesterov=nesterov, maximize=maximize)
     elementwise.apply_update(params, orthogonalize(updates, **ns),
@@ -1103,10 +1100,7 @@ def m3(
     if not params:
         return
     impl = _implementation(params, foreach, fused, rule="m3")
-    options = dict(lr=_scalar(lr), betas=tuple(betas), decays=tuple(decays), alpha=alpha,
-                   chunk=chunk, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                   ns=dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients,
-                           eps=ns_eps, dtype=ns_dtype))
+    options = _options(m3, locals())
     memories = (fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums)
     if impl == "triton":
         return _triton_m3(params, grads, *memories, state_steps, **options)
@@ -1115,8 +1109,10 @@ def m3(
 
 @_by_kind
 def _m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums,
-        state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay, maximize, ns,
-        foreach):
+        state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay, ns_coefficients,
+        ns_steps, ns_eps, ns_dtype, batch_dims, maximize, foreach):
+    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=ns_eps,
+              dtype=ns_dtype)
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=True, maximize=maximize,
                                        foreach=foreach)
@@ -1149,9 +1145,11 @@ def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chun
 
 def _triton_m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates,
                chunk_sums, state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay,
-               maximize, ns):
+               ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims, maximize):
     from .kernels import elementwise
 
+    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=ns_eps,
+              dtype=ns_dtype)
     elementwise.m3_write(grads, fast_buffers, second_moments, chunk_sums, betas=betas,
                          decays=decays, maximize=maximize)
     elementwise.m3_apply(params, orthogonalize(fast_buffers, **ns), slow_updates, second_moments,
