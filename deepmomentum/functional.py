@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .newton_schulz import adjusted_lr_scale, matrix_view, newton_schulz, stable_norm
+from .newton_schulz import adjusted_lr_scale, as_matrix, matrix_view, newton_schulz, stable_norm
 
 __all__ = [
     # stages
@@ -82,12 +82,6 @@ def _scalar(x) -> float:
     """A Python float from a number or a one-element tensor (a CPU read: no device sync for
     CPU tensors such as ``state['step']``)."""
     return x.item() if isinstance(x, Tensor) else float(x)
-
-
-def as_matrix(t: Tensor) -> Tensor:
-    """The matrix view ``r × c`` of one tensor (SPEC: matrix view): :func:`matrix_view` with no
-    batch dims — 2-D as is, ≥3-D as ``(shape[0], rest)``, 1-D and 0-D as one row."""
-    return matrix_view(t)[0]
 
 
 # =============================================================================================
@@ -130,22 +124,32 @@ def _kind_indices(params: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _by_kind(composition: Callable = None, *, per_tensor: bool = False) -> Callable:
+def _by_kind(composition: Callable = None, *, elementwise: bool = False) -> Callable:
     """Run a rule's composition over parts of its tensor lists: under foreach once per
     (device, dtype) of its parameters (a ``torch._foreach_*`` fast route takes one kind per
-    call); on the single-tensor path once per tensor where ``per_tensor`` (an elementwise rule:
-    each tensor's stages run back to back, so its temporaries are freed and their memory reused
-    before the next tensor, as torch's for-loop does), else once. List arguments are split and
-    the entries the composition creates (first-step memories) are written back."""
+    call); on the single-tensor path of an ``elementwise`` rule once per tensor (each tensor's
+    stages run back to back, so its temporaries are freed and their memory reused before the
+    next tensor, as in torch's for-loop: measured, taking even four tensors at a time makes the
+    value-preconditioned step 3× slower on the CPU, from fresh allocations), else once. List
+    arguments are split, and the entries the composition creates (first-step memories) are
+    written back."""
     if composition is None:
-        return functools.partial(_by_kind, per_tensor=per_tensor)
+        return functools.partial(_by_kind, elementwise=elementwise)
 
     @functools.wraps(composition)
     def run(params, *lists, foreach: bool, **options):
-        if foreach:
-            parts = _kind_indices(params)
-        else:
-            parts = [[i] for i in range(len(params))] if per_tensor else []
+        if elementwise and not foreach and len(params) > 1:
+            # Lists with missing entries: the composition may create them (first steps).
+            fill = [k for k, xs in enumerate(lists)
+                    if xs is not None and any(x is None for x in xs)]
+            for i, p in enumerate(params):
+                sub = [None if xs is None else [xs[i]] for xs in lists]
+                composition([p], *sub, foreach=False, **options)
+                for k in fill:
+                    if lists[k][i] is None:
+                        lists[k][i] = sub[k][0]
+            return
+        parts = _kind_indices(params) if foreach else []
         if len(parts) <= 1:
             return composition(params, *lists, foreach=foreach, **options)
         for idx in parts:
@@ -154,7 +158,8 @@ def _by_kind(composition: Callable = None, *, per_tensor: bool = False) -> Calla
             for xs, part in zip(lists, sub):
                 if xs is not None:
                     for i, x in zip(idx, part):
-                        xs[i] = x
+                        if xs[i] is None:  # created by the composition
+                            xs[i] = x
 
     return run
 
@@ -421,32 +426,31 @@ def apply_updates(params: Sequence[Tensor], weights: Sequence[Tensor],
     applied one ``_foreach_add_`` per distinct size, so the arithmetic (``add`` with ``alpha``)
     is the single-tensor path's.
     """
+    scalar = isinstance(step_sizes, (int, float))
+    if not foreach:
+        for i, (p, w, u) in enumerate(zip(params, weights, updates)):
+            size = step_sizes if scalar else step_sizes[i]
+            if denominators is None:
+                w.add_(u, alpha=size)
+            else:
+                w.addcdiv_(u, denominators[i], value=size)
+            if w is not p:
+                p.copy_(w)
+        return
     weights, updates = list(weights), list(updates)
-    sizes = [float(step_sizes)] * len(weights) if isinstance(step_sizes, (int, float)) \
-        else [float(s) for s in step_sizes]
-    if foreach and denominators is not None:
+    sizes = [float(step_sizes)] * len(weights) if scalar else [float(s) for s in step_sizes]
+    if denominators is not None:
         torch._foreach_addcdiv_(weights, updates, list(denominators),
-                                sizes if not isinstance(step_sizes, (int, float))
-                                else float(step_sizes))
-    elif foreach:
+                                float(step_sizes) if scalar else sizes)
+    else:
         by_size: dict[float, list[int]] = defaultdict(list)
         for i, s in enumerate(sizes):
             by_size[s].append(i)
         for s, idx in by_size.items():
             torch._foreach_add_([weights[i] for i in idx], [updates[i] for i in idx], alpha=s)
-    else:
-        for i, (w, u) in enumerate(zip(weights, updates)):
-            if denominators is not None:
-                w.addcdiv_(u, denominators[i], value=sizes[i])
-            else:
-                w.add_(u, alpha=sizes[i])
     rounded = [(p, w) for p, w in zip(params, weights) if w is not p]
     if rounded:
-        if foreach:
-            torch._foreach_copy_([p for p, _ in rounded], [w for _, w in rounded])
-        else:
-            for p, w in rounded:
-                p.copy_(w)
+        torch._foreach_copy_([p for p, _ in rounded], [w for _, w in rounded])
 
 
 # =============================================================================================
@@ -491,7 +495,7 @@ def associative_momentum(
     _associative_momentum(params, grads, momentum_buffers, foreach=impl == "foreach", **options)
 
 
-@_by_kind(per_tensor=True)
+@_by_kind(elementwise=True)
 def _associative_momentum(params, grads, momentum_buffers, *, lr, momentum, dampening, nesterov,
                           weight_decay, decoupled_weight_decay, maximize, foreach):
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
@@ -616,7 +620,7 @@ def delta_momentum(
                     **options)
 
 
-@_by_kind(per_tensor=True)
+@_by_kind(elementwise=True)
 def _delta_momentum(params, grads, momentum_buffers, input_keys, *, lr, momentum, erase,
                     dampening, nesterov, weight_decay, decoupled_weight_decay, maximize, foreach):
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
@@ -723,7 +727,7 @@ def preconditioned_momentum(
                              foreach=impl == "foreach", **options)
 
 
-@_by_kind(per_tensor=True)
+@_by_kind(elementwise=True)
 def _preconditioned_momentum(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1,
                              beta2, eps, weight_decay, decoupled_weight_decay, precondition,
                              preconditioner, maximize, foreach):

@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["newton_schulz", "NS_PRESETS", "ns_coefficients", "matrix_view", "adjusted_lr_scale",
-           "ADJUST_LR_FNS", "stable_norm"]
+__all__ = ["newton_schulz", "NS_PRESETS", "ns_coefficients", "as_matrix", "matrix_view",
+           "adjusted_lr_scale", "ADJUST_LR_FNS", "stable_norm"]
 
 Coefficients = Union[str, Sequence[Sequence[float]]]
 
@@ -187,18 +187,21 @@ def newton_schulz(X: Tensor, steps: int = 5, coefficients: Coefficients = "kelle
     return Y.to(X.dtype)
 
 
-def matrix_view(t: Tensor, batch_dims: int = 0) -> Tensor:
-    """``t`` as a batch of matrices ``(n, r, c)`` (SPEC: matrix view); the one definition of
-    the matrix view in the package (``functional.as_matrix`` is its single matrix).
+def as_matrix(t: Tensor) -> Tensor:
+    """The matrix view ``r × c`` of one tensor (SPEC: matrix view), the one definition in the
+    package: 2-D as is, ≥3-D as ``(shape[0], prod(shape[1:]))`` (a conv kernel), 1-D and 0-D
+    as one row ``1 × numel``."""
+    return t.reshape(1, -1) if t.ndim < 2 else t.reshape(t.shape[0], -1)
 
-    With ``batch_dims = 0``: a 2-D tensor is one matrix; a ≥3-D tensor (a conv kernel) is
-    ``(shape[0], prod(shape[1:]))``; a 1-D or 0-D tensor is one row ``1 × numel``. With
-    ``batch_dims = k``: the first k dims index independent matrices
+
+def matrix_view(t: Tensor, batch_dims: int = 0) -> Tensor:
+    """``t`` as a batch of matrices ``(n, r, c)``: with ``batch_dims = 0`` the one matrix
+    :func:`as_matrix`; with ``batch_dims = k`` the first k dims index independent matrices
     ``(shape[k], prod(shape[k+1:]))`` (stacked experts or heads).
     """
     k = batch_dims
-    if k == 0 and t.ndim < 2:
-        return t.reshape(1, 1, -1)
+    if k == 0:
+        return as_matrix(t).unsqueeze(0)
     if t.ndim < k + 2:
         raise ValueError(f"a tensor of shape {tuple(t.shape)} has no matrix view with "
                          f"batch_dims={k}: it needs at least {k + 2} dims")

@@ -349,8 +349,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """The one dispatcher: 'triton', 'fused', 'foreach' or 'single' for this group's
         tensors, with torch's meaning of the flags, among the implementations the class
         declares (``supported_impls``, :meth:`_impl_unsupported`). The Triton kernels where
-        the tensors take them (CUDA) and ``fused`` is not False. Default: torch's fused CPU kernel where the rule is torch's and dtypes allow it;
-        otherwise the single-tensor loop on CPU (torch's foreach ops are slower there: see
+        the tensors take them (CUDA) and ``fused`` is not False. Default: torch's fused CPU
+        kernel where the rule is torch's and dtypes allow it; otherwise the single-tensor
+        loop on CPU (torch's foreach ops are slower there: see
         benchmarks/step_time_cpu.py) and foreach on accelerators. Under ``torch.compile`` the
         automatic choice is foreach: torch's fused kernels cannot be traced."""
         if group["fused"] is not False and self._has_triton_path(group) and \
