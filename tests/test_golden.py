@@ -101,3 +101,13 @@ def test_a_checkpoint_of_the_previous_version_loads_and_continues(request, info,
         pytest.skip(f"golden trajectories were recorded on {GOLDEN['environment']}")
     assert hashes == GOLDEN["cases"][case_id]["steps"][trajectories.CHECKPOINT_AT:], \
         f"{case_id}: resumed from the previous version's checkpoint, the trajectory differs"
+
+
+@pytest.mark.parametrize("info,variant,impl,dtype", [
+    pytest.param(*case[1:], id=case[0]) for case in trajectories.cases() if case[3] == "foreach"])
+def test_foreach_equals_the_single_tensor_path_bit_for_bit(info, variant, impl, dtype):
+    # The stages' foreach forms make the same calls as their loops (functional.py): on the CPU
+    # a rule's foreach path is its single-tensor reference to the bit, on every setting.
+    foreach = trajectories.run_case(info, variant, "foreach", dtype)
+    single = trajectories.run_case(info, variant, "single", dtype)
+    assert foreach["steps"] == single["steps"] and foreach["state"] == single["state"]
