@@ -90,12 +90,13 @@ def _scalar(x) -> float:
 
 
 def _implementation(params: Sequence[Tensor], foreach: Optional[bool], fused: Optional[bool],
-                    *, rule: str, torch_fused: bool = False, triton: bool = True) -> str:
+                    *, rule: str, torch_fused: bool = False, triton: bool = True,
+                    note: str = "") -> str:
     """'single', 'foreach', 'fused' (torch's CPU kernel) or 'triton' for a functional call.
 
     ``fused=True`` takes the rule's Triton kernel where :func:`deepmomentum.kernels.usable`
     accepts the tensors (``triton``: the rule has one), else torch's fused kernel where the rule
-    is torch's (``torch_fused``), else raises ``ValueError``."""
+    is torch's (``torch_fused``), else raises ``ValueError`` (ending with ``note``)."""
     if foreach and fused:
         raise ValueError("foreach and fused cannot both be True")
     if not fused:
@@ -105,7 +106,7 @@ def _implementation(params: Sequence[Tensor], foreach: Optional[bool], fused: Op
     if torch_fused:
         return "fused"
     raise ValueError(f"fused=True: {rule} has no fused kernel for these tensors; its Triton "
-                     "kernels take contiguous fp32/bf16/fp16 CUDA tensors")
+                     f"kernels take contiguous fp32/bf16/fp16 CUDA tensors{note}")
 
 
 def _options(rule: Callable, arguments: dict) -> dict:
@@ -647,19 +648,21 @@ def _triton_memory_step(params, grads, momentum_buffers, *, input_keys=None, rea
                                  else options["weight_decay"])
     for is_first, idx in _first_step_split(params, momentum_buffers, options["momentum"],
                                            _fp32_like):
-        erased = None
+        erased = None  # index → b K (Delta's later steps)
         if gs is not None and not is_first:
-            erased = erase_terms([momentum_buffers[i] for i in idx], [gs[i] for i in idx],
-                                 [input_keys[i] for i in idx], erase=options["erase"])
-        split = [idx] if reads is None else [[i for i in idx if reads[i] is not None],
+            erased = dict(zip(idx, erase_terms(
+                [momentum_buffers[i] for i in idx], [gs[i] for i in idx],
+                [input_keys[i] for i in idx], erase=options["erase"])))
+        # A launch takes reads for all of its tensors or for none (DMGD's hidden=0 tensors).
+        parts = [idx] if reads is None else [[i for i in idx if reads[i] is not None],
                                              [i for i in idx if reads[i] is None]]
-        for part in split:
-            part_reads = None if reads is None or not part or reads[part[0]] is None \
-                else [reads[i] for i in part]
-            part_erased = None if erased is None else [erased[idx.index(i)] for i in part]
-            elementwise.memory_step([params[i] for i in part], [grads[i] for i in part],
-                                    [momentum_buffers[i] for i in part], part_erased,
-                                    part_reads, first_step=is_first, sign=sign, **options)
+        for part in filter(None, parts):
+            elementwise.memory_step(
+                [params[i] for i in part], [grads[i] for i in part],
+                [momentum_buffers[i] for i in part],
+                None if erased is None else [erased[i] for i in part],
+                None if reads is None or reads[part[0]] is None else [reads[i] for i in part],
+                first_step=is_first, sign=sign, **options)
 
 
 # =============================================================================================
@@ -709,12 +712,10 @@ def preconditioned_momentum(
         raise ValueError(f"precondition must be one of {PRECONDITION_MODES}, got {precondition!r}")
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
-    is_adam = precondition == "readout" and preconditioner == "adam"
     impl = _implementation(params, foreach, fused, rule="preconditioned_momentum",
-                           torch_fused=is_adam)
-    if fused and impl != "triton" and not is_adam:
-        raise ValueError(
-            "fused=True is only available for precondition='readout', preconditioner='adam'")
+                           torch_fused=precondition == "readout" and preconditioner == "adam",
+                           note="; torch's fused CPU kernel (Adam/AdamW) takes only "
+                                "precondition='readout', preconditioner='adam'")
     options = _options(preconditioned_momentum, locals())
     if impl == "fused":
         return _torch_fused_adam(params, grads, exp_avgs, exp_avg_sqs, state_steps, **options)
@@ -983,6 +984,13 @@ def _triton_deep_momentum(params, grads, momentum_buffers, memory_A, memory_B, e
                         erase=0.0, **options)
 
 
+def _ns_options(batch_dims, steps, coefficients, eps, dtype) -> dict:
+    """:func:`orthogonalize`'s arguments from a rule's ``ns_*`` options (Muon's NS guard is its
+    ``eps``, M3's is ``ns_eps``)."""
+    return dict(batch_dims=batch_dims, steps=steps, coefficients=coefficients, eps=eps,
+                dtype=dtype)
+
+
 def _shape_scales(tensors: Sequence[Tensor], adjust_lr_fn, batch_dims: int) -> list[float]:
     """Muon's lr factor s(r, c) of each tensor's matrix view (§5)."""
     return [adjusted_lr_scale(adjust_lr_fn, *matrix_view(t, batch_dims).shape[-2:])
@@ -1034,8 +1042,7 @@ def muon(
 @_by_kind
 def _muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay,
           ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr_fn, batch_dims, maximize, foreach):
-    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=eps,
-              dtype=ns_dtype)
+    ns = _ns_options(batch_dims, ns_steps, ns_coefficients, eps, ns_dtype)
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=True, maximize=maximize,
                                        foreach=foreach)
@@ -1051,8 +1058,7 @@ def _triton_muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, wei
                  ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr_fn, batch_dims, maximize):
     from .kernels import elementwise
 
-    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=eps,
-              dtype=ns_dtype)
+    ns = _ns_options(batch_dims, ns_steps, ns_coefficients, eps, ns_dtype)
     updates = elementwise.ema_momentum(momentum_buffers, grads, momentum=momentum,
                                        nesterov=nesterov, maximize=maximize)
     elementwise.apply_update(params, orthogonalize(updates, **ns),
@@ -1115,8 +1121,7 @@ def m3(
 def _m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums,
         state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay, ns_coefficients,
         ns_steps, ns_eps, ns_dtype, batch_dims, maximize, foreach):
-    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=ns_eps,
-              dtype=ns_dtype)
+    ns = _ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype)
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=True, maximize=maximize,
                                        foreach=foreach)
@@ -1152,8 +1157,7 @@ def _triton_m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_u
                ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims, maximize):
     from .kernels import elementwise
 
-    ns = dict(batch_dims=batch_dims, steps=ns_steps, coefficients=ns_coefficients, eps=ns_eps,
-              dtype=ns_dtype)
+    ns = _ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype)
     elementwise.m3_write(grads, fast_buffers, second_moments, chunk_sums, betas=betas,
                          decays=decays, maximize=maximize)
     elementwise.m3_apply(params, orthogonalize(fast_buffers, **ns), slow_updates, second_moments,
