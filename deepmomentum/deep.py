@@ -161,7 +161,7 @@ class DeepMomentum(MemoryOptimizer):
         shape = tuple(param.shape)
         shapes = {**super()._state_shapes(group, param), "step": (), "momentum_buffer": shape}
         if group["hidden"] > 0:
-            cols = dmf.as_matrix(param).shape[1]
+            cols = dmf.matrix_shape(param.shape)[1]
             shapes.update(memory_A=(cols, group["hidden"]), memory_B=(group["hidden"], cols))
         if group["values"] == "preconditioned":
             shapes["exp_avg_sq"] = shape
@@ -184,7 +184,7 @@ class DeepMomentum(MemoryOptimizer):
     def _initial_state(self, group, param, key):
         if key not in ("memory_A", "memory_B"):
             return super()._initial_state(group, param, key)
-        cols, hidden = dmf.as_matrix(param).shape[1], group["hidden"]
+        cols, hidden = dmf.matrix_shape(param.shape)[1], group["hidden"]
         dtype = dmf.state_dtype(param.dtype)
         if key == "memory_B":  # B₀ = 0: the keyed part reads zero until it has learned
             return torch.zeros(hidden, cols, device=param.device, dtype=dtype)

@@ -50,7 +50,8 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .newton_schulz import adjusted_lr_scale, as_matrix, matrix_view, newton_schulz, stable_norm
+from .newton_schulz import (adjusted_lr_scale, as_matrix, matrix_shape, matrix_view,
+                            newton_schulz, stable_norm)
 
 __all__ = [
     # stages
@@ -61,7 +62,7 @@ __all__ = [
     "associative_momentum", "delta_momentum", "preconditioned_momentum", "deep_momentum",
     "muon", "m3",
     # keys, DMGD's memory, the gated scan of the HOPE memories
-    "as_matrix", "gradient_keys", "input_keys_matrix", "erase_along_keys", "delta_keys",
+    "as_matrix", "matrix_shape", "gradient_keys", "input_keys_matrix", "erase_along_keys", "delta_keys",
     "unit_rows", "activate", "deep_memory_gradient_factors", "deep_memory_gradients",
     "deep_memory_reads", "momentum_scan", "scan_coefficients",
     "state_dtype", "LOW_PRECISION_DTYPES",
@@ -139,23 +140,33 @@ def _by_kind(composition: Callable = None, *, elementwise: bool = False) -> Call
 
     @functools.wraps(composition)
     def run(params, *lists, foreach: bool, **options):
+        # ``shards`` (FSDP2: :mod:`deepmomentum.distributed`) is split with the lists.
+        shards = options.pop("shards", None) if "shards" in options else False
+
+        def part_of(idx):
+            if shards is False:
+                return {}
+            return {"shards": None if shards is None else [shards[i] for i in idx]}
+
         if elementwise and not foreach and len(params) > 1:
             # Lists with missing entries: the composition may create them (first steps).
             fill = [k for k, xs in enumerate(lists)
                     if xs is not None and any(x is None for x in xs)]
             for i, p in enumerate(params):
                 sub = [None if xs is None else [xs[i]] for xs in lists]
-                composition([p], *sub, foreach=False, **options)
+                composition([p], *sub, foreach=False, **options, **part_of([i]))
                 for k in fill:
                     if lists[k][i] is None:
                         lists[k][i] = sub[k][0]
             return
         parts = _kind_indices(params) if foreach else []
         if len(parts) <= 1:
-            return composition(params, *lists, foreach=foreach, **options)
+            return composition(params, *lists, foreach=foreach, **options,
+                               **part_of(range(len(params))))
         for idx in parts:
             sub = [None if xs is None else [xs[i] for i in idx] for xs in lists]
-            composition([params[i] for i in idx], *sub, foreach=foreach, **options)
+            composition([params[i] for i in idx], *sub, foreach=foreach, **options,
+                        **part_of(idx))
             for xs, part in zip(lists, sub):
                 if xs is not None:
                     for i, x in zip(idx, part):
@@ -317,14 +328,55 @@ def accumulate(accumulators: Sequence[Tensor], grads: Sequence[Tensor], *,
 
 
 def erase_terms(buffers: Sequence[Optional[Tensor]], grads: Sequence[Tensor],
-                input_keys: Sequence[Optional[Tensor]], *, erase: float
-                ) -> list[Optional[Tensor]]:
+                input_keys: Sequence[Optional[Tensor]], *, erase: float,
+                shards: Optional[Sequence] = None) -> list[Optional[Tensor]]:
     r"""Stage (§2, NL Eq 48–49): :math:`E_t = b_{t-1} K_t` on each memory's matrix view, with
     the key Gram of :func:`delta_keys` (the gradient's own rows, or the captured input rows).
-    ``None`` where there is no memory yet or β = 0 erases nothing."""
-    return [None if b is None or erase == 0 else
-            erase_along_keys(as_matrix(b), delta_keys(g, k)).view_as(b)
-            for b, g, k in zip(buffers, grads, input_keys)]
+    ``None`` where there is no memory yet or β = 0 erases nothing.
+
+    ``shards`` (FSDP2): the tensors are local shards. Rows of :math:`bK` are local, so a
+    sharded matrix all-reduces only its gradient's norm and its Gram :math:`k^\top k`
+    (c × c), a sharded vector (one row) its norm and :math:`b k^\top`; input keys are the
+    same on every rank already (gathered by :meth:`DeltaMomentum.attach`)."""
+    out = [None if b is None or erase == 0 or (shards is not None and shards[i] is not None
+                                                and k is None) else
+           erase_along_keys(as_matrix(b), delta_keys(g, k)).view_as(b)
+           for i, (b, g, k) in enumerate(zip(buffers, grads, input_keys))]
+    if shards is None:
+        return out
+    sharded = [i for i, (b, k) in enumerate(zip(buffers, input_keys))
+               if shards[i] is not None and b is not None and erase != 0 and k is None]
+    if sharded:
+        for i, e in zip(sharded, _sharded_gradient_key_erase(
+                [buffers[i] for i in sharded], [grads[i] for i in sharded],
+                [shards[i] for i in sharded])):
+            out[i] = e
+    return out
+
+
+def _sharded_gradient_key_erase(buffers, grads, shards) -> list[Tensor]:
+    r""":math:`bK` with :math:`K = G^\top G/\lVert G\rVert^2` for row shards of ``b`` and
+    ``G``: the overflow-safe norm (global max and sum of squares) and then the Gram (or, for
+    a vector, :math:`bk^\top`) are all-reduced, one collective each for all tensors."""
+    from . import distributed
+
+    group = shards[0].group
+    gs = [as_matrix(g) for g in grads]
+    scales = distributed.all_reduce_max(
+        [g.abs().amax() if g.numel() else g.new_zeros(()) for g in gs], group)
+    scales = [torch.where(m > 0, m, torch.ones_like(m)) for m in scales]
+    sums = distributed.all_reduce_sum([(g / m).square().sum() for g, m in zip(gs, scales)],
+                                      group)
+    keys = []
+    for g, m, total in zip(gs, scales, sums):
+        norm = total.sqrt() * m
+        keys.append(g / torch.where(norm > 0, norm, torch.ones_like(norm)))
+    vector = [len(s.shape) < 2 for s in shards]  # a 1-D tensor: one row, columns sharded
+    partial = [as_matrix(b) @ k.mT if v else k.mT @ k
+               for b, k, v in zip(buffers, keys, vector)]
+    reduced = distributed.all_reduce_sum(partial, group)
+    return [(r @ k if v else as_matrix(b) @ r).view_as(b)
+            for b, k, r, v in zip(buffers, keys, reduced, vector)]
 
 
 def preconditioner_denominators(second_moments: Sequence[Tensor], *, eps: float,
@@ -385,6 +437,7 @@ def orthogonalize(
     eps: float = 1e-7,
     dtype: torch.dtype = torch.bfloat16,
     batched: bool = True,
+    shards: Optional[Sequence] = None,
 ) -> list[Tensor]:
     r"""Stage (§5, NL Eq 42, 52): :math:`\sigma(U) = \mathrm{NS}(U)`, Newton–Schulz of each
     tensor's matrix view (:func:`matrix_view` with ``batch_dims``), returned in each tensor's
@@ -392,8 +445,22 @@ def orthogonalize(
 
     ``batched=True`` stacks all matrices of the same (rows, cols, dtype, device) and
     orthogonalizes them in one batched call; ``batched=False`` is the reference loop, one
-    matrix at a time.
+    matrix at a time. ``shards`` (FSDP2, :func:`deepmomentum.distributed.shards_of`): the
+    tensors are local shards; each whole matrix is assembled on its owner rank, orthogonalized
+    there (batched with the owner's other matrices) and its rows sent back.
     """
+    if shards is not None and any(s is not None for s in shards):
+        from . import distributed
+
+        fulls = distributed.gather_to_owners(tensors, shards)
+        plain = [i for i, s in enumerate(shards) if s is None]  # whole on every rank
+        owned = sorted(fulls)
+        done = orthogonalize([fulls[i] for i in owned] + [tensors[i] for i in plain],
+                             batch_dims=batch_dims, steps=steps, coefficients=coefficients,
+                             eps=eps, dtype=dtype, batched=batched)
+        back = distributed.scatter_from_owners(dict(zip(owned, done)), tensors, shards)
+        back.update(zip(plain, done[len(owned):]))
+        return [back[i] for i in range(len(tensors))]
     views = [matrix_view(t, batch_dims) for t in tensors]  # (n, r, c) each
     ns = dict(steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
     out: list[Optional[Tensor]] = [None] * len(views)
@@ -595,6 +662,7 @@ def delta_momentum(
     weight_decay: float,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    shards: Optional[Sequence] = None,
     foreach: Optional[bool] = None,
     fused: Optional[bool] = None,
 ) -> None:
@@ -608,7 +676,8 @@ def delta_momentum(
     (c × c, PSD, trace ≤ 1) on each tensor's matrix view (:func:`as_matrix`): the gradient's
     ``GᵀG/‖G‖²`` by default, or ``X̂ᵀX̂/n`` from ``input_keys[i]`` (rows already unit-normalized)
     where given. Since its eigenvalues lie in [0, 1] and β ∈ [0, μ], the memory never grows
-    faster than plain momentum: ‖b_t‖ ≤ μ‖b_{t−1}‖ + (1−τ)‖g_t‖. ``fused``: the erase terms by
+    faster than plain momentum: ‖b_t‖ ≤ μ‖b_{t−1}‖ + (1−τ)‖g_t‖. ``shards``: FSDP2 shards
+    (:func:`erase_terms`). ``fused``: the erase terms by
     matmul, the rest in one Triton kernel (CUDA).
     """
     impl = _implementation(params, foreach, fused, rule="delta_momentum")
@@ -623,20 +692,22 @@ def delta_momentum(
 
 @_by_kind(elementwise=True)
 def _delta_momentum(params, grads, momentum_buffers, input_keys, *, lr, momentum, erase,
-                    dampening, nesterov, weight_decay, decoupled_weight_decay, maximize, foreach):
+                    dampening, nesterov, weight_decay, decoupled_weight_decay, maximize, shards,
+                    foreach):
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=decoupled_weight_decay,
                                        maximize=maximize, foreach=foreach)
     memories = gs if momentum == 0 else momentum_write(  # μ = 0 (so β = 0): no memory, U = g
         momentum_buffers, gs, momentum=momentum, write=1 - dampening, erase=erase,
-        erased=erase_terms(momentum_buffers, gs, input_keys, erase=erase), foreach=foreach)
+        erased=erase_terms(momentum_buffers, gs, input_keys, erase=erase, shards=shards),
+        foreach=foreach)
     if nesterov:
         memories = nesterov_readout(gs, memories, momentum=momentum, foreach=foreach)
     apply_updates(params, works, memories, -lr, foreach=foreach)
 
 
 def _triton_memory_step(params, grads, momentum_buffers, *, input_keys=None, reads=None,
-                        sign=False, **options):
+                        sign=False, shards=None, **options):
     """DeltaMomentum's and DMGD's fused path: the erase terms (matmuls) or the keyed reads come
     in from the stages, :func:`deepmomentum.kernels.elementwise.memory_step` fuses the rest."""
     from .kernels import elementwise
@@ -652,7 +723,8 @@ def _triton_memory_step(params, grads, momentum_buffers, *, input_keys=None, rea
         if gs is not None and not is_first:
             erased = dict(zip(idx, erase_terms(
                 [momentum_buffers[i] for i in idx], [gs[i] for i in idx],
-                [input_keys[i] for i in idx], erase=options["erase"])))
+                [input_keys[i] for i in idx], erase=options["erase"],
+                shards=None if shards is None else [shards[i] for i in idx])))
         # A launch takes reads for all of its tensors or for none (DMGD's hidden=0 tensors).
         parts = [idx] if reads is None else [[i for i in idx if reads[i] is not None],
                                              [i for i in idx if reads[i] is None]]
@@ -833,8 +905,8 @@ def deep_memory_gradients(keys: Tensor, values: Tensor, A: Tensor, B: Tensor, *,
 def deep_memory_reads(keys_from: Sequence[Tensor], values: Sequence[Tensor],
                       memory_A: Sequence[Optional[Tensor]], memory_B: Sequence[Optional[Tensor]],
                       *, momentum: float, memory_lr: float, key_decay: Optional[float],
-                      objective: str, activation: str, batched: bool = True
-                      ) -> list[Optional[Tensor]]:
+                      objective: str, activation: str, batched: bool = True,
+                      shards: Optional[Sequence] = None) -> list[Optional[Tensor]]:
     r"""Stage (§4, NL Eq 23–24, 50): DMGD's keyed memory, written then read, in place on (A, B).
 
     Keys ``X`` are the unit rows of each effective gradient's matrix view (``keys_from``),
@@ -843,10 +915,28 @@ def deep_memory_reads(keys_from: Sequence[Tensor], values: Sequence[Tensor],
     (:func:`deep_memory_gradients`; ``μ_A`` = ``key_decay``, None: μ), then the read
     :math:`\varphi(X A_t) B_t` in each gradient's shape (None where the entry has no memory).
     ``batched`` stacks same-shape tensors into one batched product; False is the
-    one-tensor-at-a-time reference.
+    one-tensor-at-a-time reference. ``shards`` (FSDP2): the tensors are local shards and the
+    memories replicated; see :func:`_sharded_deep_memory_reads`.
     """
     n = len(keys_from)
     reads: list[Optional[Tensor]] = [None] * n
+    inner = dict(momentum=momentum, memory_lr=memory_lr, key_decay=key_decay,
+                 objective=objective, activation=activation)
+    if shards is not None and any(s is not None for s in shards):
+        sharded = [i for i in range(n) if shards[i] is not None and memory_A[i] is not None]
+        if sharded:
+            pick = (lambda xs: [xs[i] for i in sharded])
+            for i, r in zip(sharded, _sharded_deep_memory_reads(
+                    pick(keys_from), pick(values), pick(memory_A), pick(memory_B),
+                    pick(shards), **inner)):
+                reads[i] = r
+        rest = [i for i in range(n) if shards[i] is None]
+        for i, r in zip(rest, deep_memory_reads(
+                [keys_from[i] for i in rest], [values[i] for i in rest],
+                [memory_A[i] for i in rest], [memory_B[i] for i in rest],
+                batched=batched, **inner)):
+            reads[i] = r
+        return reads
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i in range(n):
         if memory_A[i] is not None:
@@ -867,6 +957,43 @@ def deep_memory_reads(keys_from: Sequence[Tensor], values: Sequence[Tensor],
             memory_A[i].copy_(A[j])
             memory_B[i].copy_(B[j])
             reads[i] = read[j].view_as(keys_from[i])
+    return reads
+
+
+def _sharded_deep_memory_reads(keys_from, values, memory_A, memory_B, shards, *, momentum,
+                               memory_lr, key_decay, objective, activation) -> list[Tensor]:
+    """:func:`deep_memory_reads` on FSDP2 row shards with replicated memories ``(A, B)``.
+
+    A matrix's keys, values and read are row-local and its inner gradient is a sum over rows:
+    each rank computes its rows' part and one all-reduce (all tensors at once) gives every
+    rank the same gradient, so the replicated memories stay identical. A vector (one row,
+    its columns sharded) is small: it is all-gathered and its step computed whole on every
+    rank."""
+    from . import distributed
+
+    inner = dict(objective=objective, activation=activation)
+    xs, partial, whole = [], [], set()
+    for i, (g, v, A, B, s) in enumerate(zip(keys_from, values, memory_A, memory_B, shards)):
+        if len(s.shape) < 2:  # a vector: gathered, its whole step computed like unsharded
+            g, v = distributed.full(g, s), distributed.full(v, s)
+            whole.add(i)
+        X, V = unit_rows(as_matrix(g)), as_matrix(v)
+        H, dZ, D = deep_memory_gradient_factors(X, V, A, B, **inner)
+        rows = distributed.matrix_shape(s.shape)[0]
+        xs.append(X)
+        partial += [X.mT @ dZ / rows, H.mT @ D / rows]
+    reduced = iter(distributed.all_reduce_sum(
+        [p for k, p in enumerate(partial) if k // 2 not in whole], shards[0].group))
+    reads = []
+    for i, (g, A, B, s, X) in enumerate(zip(keys_from, memory_A, memory_B, shards, xs)):
+        grad_A, grad_B = (partial[2 * i], partial[2 * i + 1]) if i in whole else (
+            next(reduced), next(reduced))
+        A.mul_(momentum if key_decay is None else key_decay).sub_(grad_A, alpha=memory_lr)
+        B.mul_(momentum).sub_(grad_B, alpha=memory_lr)
+        read = activate(activation, X @ A)[0] @ B
+        if i in whole:  # this rank's columns of the vector
+            read = read.reshape(-1)[s.offset:s.offset + s.rows[s.rank]]
+        reads.append(read.reshape(g.shape))
     return reads
 
 
@@ -898,6 +1025,7 @@ def deep_momentum(
     ns_steps: int = 5,
     ns_dtype: torch.dtype = torch.bfloat16,
     maximize: bool = False,
+    shards: Optional[Sequence] = None,
     foreach: Optional[bool] = None,
     fused: Optional[bool] = None,
 ) -> None:
@@ -916,7 +1044,8 @@ def deep_momentum(
 
     ``μ_A`` is ``key_decay`` (None: μ, SPEC §4 to the letter). ``s`` is Muon's lr adjustment
     when σ is Newton–Schulz, else 1. Tensors whose ``memory_A`` entry is None have no keyed
-    part (``hidden=0``): the rule is then §1's. ``fused``: the inner step by batched matmul,
+    part (``hidden=0``): the rule is then §1's. ``shards``: FSDP2 shards
+    (:func:`deep_memory_reads`, :func:`orthogonalize`). ``fused``: the inner step by batched matmul,
     the rest in one Triton kernel (CUDA; not with the Newton–Schulz read-out).
     """
     impl = _implementation(params, foreach, fused, rule="deep_momentum",
@@ -946,14 +1075,15 @@ def _dmgd_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, *, values, bet
 def _deep_momentum(params, grads, momentum_buffers, memory_A, memory_B, exp_avg_sqs,
                    state_steps, *, lr, momentum, memory_lr, key_decay, objective, values, output,
                    activation, dampening, nesterov, weight_decay, decoupled_weight_decay, beta2,
-                   eps, adjust_lr_fn, ns_coefficients, ns_steps, ns_dtype, maximize, foreach):
+                   eps, adjust_lr_fn, ns_coefficients, ns_steps, ns_dtype, maximize, shards,
+                   foreach):
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=decoupled_weight_decay,
                                        maximize=maximize, foreach=foreach)
     reads = _dmgd_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, values=values,
                         beta2=beta2, eps=eps, foreach=foreach, momentum=momentum,
                         memory_lr=memory_lr, key_decay=key_decay, objective=objective,
-                        activation=activation)
+                        activation=activation, shards=shards)
     memories = gs if momentum == 0 else momentum_write(
         momentum_buffers, gs, momentum=momentum, write=1 - dampening, foreach=foreach)
     memories = [m if r is None else m + r for m, r in zip(memories, reads)]
@@ -964,22 +1094,22 @@ def _deep_momentum(params, grads, momentum_buffers, memory_A, memory_B, exp_avg_
         memories = sign_readout(memories, foreach=foreach)
     elif output == "newton_schulz":
         memories = orthogonalize(memories, steps=ns_steps, coefficients=ns_coefficients,
-                                 dtype=ns_dtype)
-        step_sizes = [-lr * s for s in _shape_scales(gs, adjust_lr_fn, 0)]
+                                 dtype=ns_dtype, shards=shards)
+        step_sizes = [-lr * s for s in _shape_scales(gs, adjust_lr_fn, 0, shards)]
     apply_updates(params, works, memories, step_sizes, foreach=foreach)
 
 
 def _triton_deep_momentum(params, grads, momentum_buffers, memory_A, memory_B, exp_avg_sqs,
                           state_steps, *, memory_lr, key_decay, objective, values, output,
                           activation, beta2, eps, adjust_lr_fn, ns_coefficients, ns_steps,
-                          ns_dtype, **options):
+                          ns_dtype, shards, **options):
     gs = effective_gradients(params, grads, maximize=options["maximize"],
                              weight_decay=0.0 if options["decoupled_weight_decay"]
                              else options["weight_decay"])
     reads = _dmgd_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, values=values,
                         beta2=beta2, eps=eps, foreach=False, momentum=options["momentum"],
                         memory_lr=memory_lr, key_decay=key_decay, objective=objective,
-                        activation=activation)
+                        activation=activation, shards=shards)
     _triton_memory_step(params, grads, momentum_buffers, reads=reads, sign=output == "sign",
                         erase=0.0, **options)
 
@@ -991,10 +1121,14 @@ def _ns_options(batch_dims, steps, coefficients, eps, dtype) -> dict:
                 dtype=dtype)
 
 
-def _shape_scales(tensors: Sequence[Tensor], adjust_lr_fn, batch_dims: int) -> list[float]:
-    """Muon's lr factor s(r, c) of each tensor's matrix view (§5)."""
-    return [adjusted_lr_scale(adjust_lr_fn, *matrix_view(t, batch_dims).shape[-2:])
-            for t in tensors]
+def _shape_scales(tensors: Sequence[Tensor], adjust_lr_fn, batch_dims: int,
+                  shards: Optional[Sequence] = None) -> list[float]:
+    """Muon's lr factor s(r, c) of each tensor's matrix view (§5): of the whole tensor where
+    ``tensors`` are FSDP2 shards."""
+    shapes = [t.shape if shards is None or shards[i] is None else shards[i].shape
+              for i, t in enumerate(tensors)]
+    return [adjusted_lr_scale(adjust_lr_fn, *matrix_view(
+        torch.empty(shape, device="meta"), batch_dims).shape[-2:]) for shape in shapes]
 
 
 # =============================================================================================
@@ -1018,6 +1152,7 @@ def muon(
     adjust_lr_fn: Optional[str] = None,
     batch_dims: int = 0,
     maximize: bool = False,
+    shards: Optional[Sequence] = None,
     foreach: Optional[bool] = None,
     fused: Optional[bool] = None,
 ) -> None:
@@ -1028,7 +1163,8 @@ def muon(
         \text{ else } b_t,\quad W \leftarrow W(1-\gamma\lambda) - \gamma\, s(r, c)\, \mathrm{NS}(U)
 
     ``momentum_buffers`` start at zero; same-shape matrices are orthogonalized in one batched
-    call. ``fused``: the momentum and the apply in Triton kernels around the batched NS (CUDA).
+    call. ``shards``: the tensors are FSDP2 shards (:mod:`deepmomentum.distributed`); each
+    matrix is orthogonalized on its owner rank. ``fused``: the momentum and the apply in Triton kernels around the batched NS (CUDA).
     """
     if not params:
         return
@@ -1041,7 +1177,8 @@ def muon(
 
 @_by_kind
 def _muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay,
-          ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr_fn, batch_dims, maximize, foreach):
+          ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr_fn, batch_dims, maximize, shards,
+          foreach):
     ns = _ns_options(batch_dims, ns_steps, ns_coefficients, eps, ns_dtype)
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=True, maximize=maximize,
@@ -1049,20 +1186,21 @@ def _muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_dec
     memories = ema_write(momentum_buffers, gs, beta=momentum, foreach=foreach)
     if nesterov:
         memories = nesterov_readout(gs, memories, momentum=momentum, ema=True, foreach=foreach)
-    apply_updates(params, works, orthogonalize(memories, **ns),
-                  [-lr * s for s in _shape_scales(params, adjust_lr_fn, batch_dims)],
+    apply_updates(params, works, orthogonalize(memories, **ns, shards=shards),
+                  [-lr * s for s in _shape_scales(params, adjust_lr_fn, batch_dims, shards)],
                   foreach=foreach)
 
 
 def _triton_muon(params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay,
-                 ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr_fn, batch_dims, maximize):
+                 ns_coefficients, ns_steps, eps, ns_dtype, adjust_lr_fn, batch_dims, maximize,
+                 shards):
     from .kernels import elementwise
 
     ns = _ns_options(batch_dims, ns_steps, ns_coefficients, eps, ns_dtype)
     updates = elementwise.ema_momentum(momentum_buffers, grads, momentum=momentum,
                                        nesterov=nesterov, maximize=maximize)
-    elementwise.apply_update(params, orthogonalize(updates, **ns),
-                             _shape_scales(params, adjust_lr_fn, batch_dims), lr=lr,
+    elementwise.apply_update(params, orthogonalize(updates, **ns, shards=shards),
+                             _shape_scales(params, adjust_lr_fn, batch_dims, shards), lr=lr,
                              weight_decay=weight_decay)
 
 
@@ -1089,6 +1227,7 @@ def m3(
     ns_dtype: torch.dtype = torch.bfloat16,
     batch_dims: int = 0,
     maximize: bool = False,
+    shards: Optional[Sequence] = None,
     foreach: Optional[bool] = None,
     fused: Optional[bool] = None,
 ) -> None:
@@ -1104,7 +1243,8 @@ def m3(
     and at the end of every chunk of Ĉ steps (``t % chunk == 0``) the slow memory takes the
     chunk's summed gradients, :math:`M^2 \leftarrow \mu_3 M^2 + \beta_3 \sum_{chunk} G`,
     :math:`O^2 = \mathrm{NS}(M^2)`, which the next chunk reads (the first chunk reads
-    :math:`O^2 = 0`). With decays (1, 1, 1) this is SPEC §6 to the letter. ``fused``: the
+    :math:`O^2 = 0`). With decays (1, 1, 1) this is SPEC §6 to the letter. ``shards``: FSDP2
+    shards, as :func:`muon`. ``fused``: the
     memory writes and the apply in Triton kernels around the batched NS (CUDA).
     """
     if not params:
@@ -1120,8 +1260,9 @@ def m3(
 @_by_kind
 def _m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums,
         state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay, ns_coefficients,
-        ns_steps, ns_eps, ns_dtype, batch_dims, maximize, foreach):
-    ns = _ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype)
+        ns_steps, ns_eps, ns_dtype, batch_dims, maximize, shards, foreach):
+    ns = dict(_ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype),
+              shards=shards)
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=True, maximize=maximize,
                                        foreach=foreach)
@@ -1144,6 +1285,8 @@ def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chun
     boundary = [i for i, t in enumerate(state_steps) if int(_scalar(t)) % chunk == 0]
     if not boundary:
         return
+    if ns.get("shards") is not None:
+        ns = dict(ns, shards=[ns["shards"][i] for i in boundary])
     slow = [slow_buffers[i] for i in boundary]
     momentum_write(slow, [chunk_sums[i] for i in boundary], momentum=decay, write=write)
     for i in boundary:
@@ -1154,10 +1297,11 @@ def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chun
 
 def _triton_m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates,
                chunk_sums, state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay,
-               ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims, maximize):
+               ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims, maximize, shards):
     from .kernels import elementwise
 
-    ns = _ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype)
+    ns = dict(_ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype),
+              shards=shards)
     elementwise.m3_write(grads, fast_buffers, second_moments, chunk_sums, betas=betas,
                          decays=decays, maximize=maximize)
     elementwise.m3_apply(params, orthogonalize(fast_buffers, **ns), slow_updates, second_moments,

@@ -254,7 +254,8 @@ class DeltaMomentum(MemoryOptimizer):
         Under data parallelism each rank captures its own inputs; the keys are all-gathered at
         every update so the replicas stay identical. ``model`` may be the
         ``torch.nn.parallel.DistributedDataParallel`` wrapper (keys are gathered over its
-        process group and the hooks go on ``model.module``), or pass ``process_group=``
+        process group and the hooks go on ``model.module``), a model sharded by FSDP2's
+        ``fully_shard`` (over the ranks its parameters are sharded on), or pass ``process_group=``
         explicitly (it takes precedence). With ``torch.distributed`` initialized over more than
         one rank and neither given, this raises ``ValueError``: rank-local keys would make the
         replicas drift apart. Every rank must then call ``step()`` (a collective).
@@ -263,6 +264,8 @@ class DeltaMomentum(MemoryOptimizer):
             if process_group is None:
                 process_group = model.process_group
             model = model.module
+        if process_group is None:  # FSDP2: over the ranks that shard the parameters
+            process_group = _sharding_group(model)
         if process_group is None and _distributed_world_size() > 1:
             raise ValueError(
                 "DeltaMomentum.attach: torch.distributed is running with "
@@ -445,7 +448,8 @@ class _InputKeyHook:
         if not torch.is_grad_enabled():
             return  # evaluation passes leave no keys
         target = self._target()
-        if target is None or getattr(module, "weight", None) is not target[1]:
+        weight = getattr(module, "weight", None)
+        if target is None or weight is not target[1] and not _unsharded_view(weight, target[1]):
             return  # optimizer gone, or a module that is not the one hooked (a copy)
         target[0]._capture(target[1], inputs[0], self.samples)
 
@@ -455,6 +459,15 @@ class _InputKeyHook:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._optimizer = self._weight = None
         self.samples = state["samples"]
+
+
+def _unsharded_view(weight: Optional[Tensor], hooked: Tensor) -> bool:
+    """Whether ``weight`` is FSDP2's unsharded form of the DTensor parameter ``hooked`` (during
+    a forward, ``fully_shard`` puts the whole tensor in the module's place)."""
+    from .distributed import is_dtensor
+
+    return weight is not None and is_dtensor(hooked) and not is_dtensor(weight) and \
+        tuple(weight.shape) == tuple(hooked.shape)
 
 
 def _remove_hooks(handles: list) -> None:
@@ -470,6 +483,19 @@ def _drop_inert_hooks(module: nn.Module) -> None:
             del module._forward_hooks[hook_id]
             module._forward_hooks_with_kwargs.pop(hook_id, None)
             module._forward_hooks_always_called.pop(hook_id, None)
+
+
+def _sharding_group(model: nn.Module) -> Any:
+    """The process group a ``fully_shard``-ed model's parameters are sharded over (the shard
+    dim of their device mesh), or None for a model without DTensor parameters."""
+    from .distributed import is_dtensor
+
+    for p in model.parameters():
+        if is_dtensor(p):
+            mesh = p.device_mesh
+            dims = [d for d, pl in enumerate(p.placements) if pl.is_shard()]
+            return mesh.get_group(dims[0] if dims else mesh.ndim - 1)
+    return None
 
 
 def _distributed_world_size() -> int:

@@ -191,7 +191,14 @@ def as_matrix(t: Tensor) -> Tensor:
     """The matrix view ``r × c`` of one tensor (SPEC: matrix view), the one definition in the
     package: 2-D as is, ≥3-D as ``(shape[0], prod(shape[1:]))`` (a conv kernel), 1-D and 0-D
     as one row ``1 × numel``."""
-    return t.reshape(1, -1) if t.ndim < 2 else t.reshape(t.shape[0], -1)
+    return t.reshape(matrix_shape(t.shape))  # explicit sizes: an empty FSDP2 shard too
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """The (rows, cols) of :func:`as_matrix` for a tensor of ``shape``, read from the shape
+    alone (an FSDP2 parameter's global shape: reshaping the DTensor itself would move data)."""
+    shape = tuple(shape)
+    return (1, math.prod(shape)) if len(shape) < 2 else (shape[0], math.prod(shape[1:]))
 
 
 def matrix_view(t: Tensor, batch_dims: int = 0) -> Tensor:

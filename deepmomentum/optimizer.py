@@ -22,8 +22,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
+from . import distributed
 from . import functional as dmf
 from . import kernels
+from .distributed import local
 from .functional import LOW_PRECISION_DTYPES, state_dtype
 
 __all__ = ["MemoryOptimizer", "UnsupportedTensorError", "check_schedule", "IMPLEMENTATIONS"]
@@ -106,7 +108,10 @@ def accumulate_gradients(state, params: list[Tensor], grads: list[Tensor],
     for p in params:
         if "grad_accumulator" not in state[p]:
             state[p]["grad_accumulator"] = new_accumulator(p)
-    accumulators = [state[p]["grad_accumulator"] for p in params]
+    # FSDP2: each rank adds its own shards (DTensors with the same placement: no communication).
+    accumulators = [local(state[p]["grad_accumulator"]) for p in params]
+    grads = [local(g) for g in grads]
+    params = [local(p) for p in params]
     if kernels.usable(params):
         from .kernels import elementwise
 
@@ -154,6 +159,7 @@ def _fused_layout_fits(param: Tensor, grad: Tensor, state: Optional[dict]) -> bo
     shape, state is created in it and ``load_state_dict`` refuses any other, and two dense
     tensors with the same strides and element count walk memory in the same index order.
     """
+    param = local(param)
     strides = param.stride()
     if grad.stride() != strides or not _non_overlapping_and_dense(param):
         return False
@@ -161,15 +167,19 @@ def _fused_layout_fits(param: Tensor, grad: Tensor, state: Optional[dict]) -> bo
         numel = param.numel()
         for key, value in state.items():
             if key != "step" and isinstance(value, Tensor) and (
-                    value.stride() != strides or value.numel() != numel):
+                    local(value).stride() != strides or local(value).numel() != numel):
                 return False
     return True
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one reduction per device, one read)."""
+def _all_finite(tensors: list[Tensor], shards=None) -> bool:
+    """Whether every entry of every tensor is finite (one reduction per device, one read).
+    FSDP2 shards: of every rank's shards (one all-reduce), so all ranks skip together."""
     flags = [torch.isfinite(t).all() for t in tensors]
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).all()
+    for group in {s.group for s in shards or () if s is not None}:
+        finite = distributed.all_reduce_max([(~finite).to(torch.float32)], group)[0] == 0
+    return bool(finite)
 
 
 class MemoryOptimizer(torch.optim.Optimizer):
@@ -434,35 +444,44 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     params.append(p)
                     grads.append(grad)
             self._check_params(index, params, grads)
+            # FSDP2: the rule sees each rank's local shards (deepmomentum.distributed).
+            shards = distributed.shards_of(params, functools.partial(self._param_name, index))
+            if shards is not None:
+                grads = [local(g) for g in grads]
             if grad_scale is not None and grads:
                 inverse = grad_scale.double().reciprocal().float()  # on its device: no sync
                 grads = [g * inverse.to(g.device) for g in grads]
-            if group["skip_nonfinite"] and params and not _all_finite(grads):
+            if group["skip_nonfinite"] and params and not _all_finite(grads, shards):
                 group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + 1
                 continue  # a poisoned gradient never reaches the memories
             if group["update_period"] > 1:
-                params, grads = self._accumulate(group, params, grads)
+                ready, grads = self._accumulate(group, params, grads)
+                if shards is not None and len(ready) != len(params):
+                    keep = {id(p) for p in ready}
+                    shards = [s for p, s in zip(params, shards) if id(p) in keep]
+                params = ready
             if params:
-                implementation = self._implementation(group, params)
+                implementation = self._implementation(
+                    group, params if shards is None else [local(p) for p in params])
                 if implementation == "fused":
-                    self._update_fused(group, params, grads)
+                    self._update_fused(group, params, grads, shards)
                 else:
-                    self._update(group, params, grads, implementation)
+                    self._update(group, params, grads, implementation, shards)
         return loss
 
-    def _update_fused(self, group, params, grads) -> None:
+    def _update_fused(self, group, params, grads, shards=None) -> None:
         """torch's fused kernels walk raw memory and check neither shapes nor strides: they
         get only the tensors that are dense and non-overlapping with gradient and state in the
         parameter's exact layout; the others take the single-tensor reference."""
         fits = [_fused_layout_fits(p, g, self.state.get(p)) for p, g in zip(params, grads)]
         if all(fits):
-            self._update(group, params, grads, "fused")
+            self._update(group, params, grads, "fused", shards)
             return
         for take, implementation in ((True, "fused"), (False, "single")):
             idx = [i for i, fit in enumerate(fits) if fit == take]
             if idx:
                 self._update(group, [params[i] for i in idx], [grads[i] for i in idx],
-                             implementation)
+                             implementation, None if shards is None else [shards[i] for i in idx])
 
     #: GradScaler may pass grad_scale/found_inf instead of unscaling (see step()).
     _step_supports_amp_scaling = True
@@ -475,6 +494,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         if not period_ends(group):
             return [], []
         ready, grads = release_gradients(group, self.state)
+        grads = [local(g) for g in grads]
         # Torch's fused kernels want the gradient in the parameter's dtype.
         grads = [g if g.dtype == p.dtype or p.dtype in LOW_PRECISION_DTYPES else g.to(p.dtype)
                  for p, g in zip(ready, grads)]
@@ -500,9 +520,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         return self._new_state_tensor(param)
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                implementation: str) -> None:
+                implementation: str, shards: Optional[list] = None) -> None:
         """One update of ``params`` by the group's rule (:meth:`_rule`), with the group's
-        options by the rule's keyword names."""
+        options by the rule's keyword names.
+
+        FSDP2 (``shards``, :func:`deepmomentum.distributed.shards_of`): ``grads`` are local
+        shards, the rule runs on the local shards of the parameters and their state, and the
+        rules with matrix stages get ``shards`` to do their communication."""
         rule, keys = self._rule(group)
         inputs = self._rule_inputs(group, params)
         states = [self.state[p] for p in params]
@@ -510,18 +534,23 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if key is not None and key not in self.LAZY_STATE:
                 for p, state in zip(params, states):
                     if key not in state:
-                        state[key] = self._initial_state(group, p, key)
+                        state[key] = distributed.state_like(self._initial_state(group, p, key),
+                                                            p)
         lists = [[None] * len(params) if key is None else
-                 [self._real(state.get(key)) for state in states] for key in keys]
+                 [self._real(local(state.get(key))) for state in states] for key in keys]
         steps = [self._advance_steps(params)] if rule.takes_steps else []
-        rule([self._real(p) for p in params], [self._real(g) for g in grads], *lists, *inputs,
-             *steps, **{**_rule_keywords(rule, group), **self._rule_options(group)},
-             foreach=implementation == "foreach", fused=implementation in ("fused", "triton"))
+        extra = {"shards": shards} if shards is not None and "shards" in rule.options else {}
+        rule([self._real(local(p)) for p in params], [self._real(g) for g in grads], *lists,
+             *inputs, *steps, **{**_rule_keywords(rule, group), **self._rule_options(group)},
+             **extra, foreach=implementation == "foreach",
+             fused=implementation in ("fused", "triton"))
         for key, values in zip(keys, lists):
             if key in self.LAZY_STATE:  # created by the rule on a first update
-                for p, state, value in zip(params, states, values):
+                for i, (p, state, value) in enumerate(zip(params, states, values)):
                     if value is not None and key not in state:
-                        state[key] = self._like_param(value, p)
+                        state[key] = distributed.like_param(
+                            self._like_param(value, local(p)), p,
+                            None if shards is None else shards[i])
 
     def _advance_steps(self, params: list[Tensor]) -> list[Tensor]:
         """Create (at 0) and advance each parameter's ``step`` counter; return the counters.
@@ -610,6 +639,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                                                        dtype=torch.float32)
                 elif isinstance(value, Tensor):
                     # From the saved tensor (not torch's cast copy): no double rounding.
+                    value = distributed.load_like(value, param)  # FSDP2: as the param is
                     like = param if value.shape == param.shape else value
                     state[key] = torch.empty_like(
                         like, dtype=self._state_dtype(key, value, param), device=param.device,

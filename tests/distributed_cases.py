@@ -1,0 +1,127 @@
+"""What the distributed tests train: a small model whose parameters cover FSDP2's layouts, the
+optimizer settings, and the spawn helper (gloo on the CPU). Shared by test_distributed.py and
+test_dcp.py; each worker returns plain tensors, which the tests compare in the parent."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import deepmomentum as dm
+
+STEPS = 10
+BATCH = 8  # the global batch: every world size (1, 2, 4) splits it evenly
+
+
+class Net(nn.Module):
+    """Parameters whose Shard(0) is uneven (5 rows over 2 or 4 ranks), empty on some ranks
+    (1 row), 1-D (biases) and 3-D (``conv``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.conv = nn.Parameter(torch.randn(5, 3, 2) * 0.4)
+        self.b = nn.Linear(6, 4)
+        self.c = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.einsum("bi,ijk->bjk", h, self.conv).flatten(1)
+        return self.c(torch.tanh(self.b(torch.tanh(h))))
+
+
+def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(BATCH, 6, generator=g), torch.randn(BATCH, 1, generator=g)
+
+
+def muon_groups(model, **options):
+    return dm.muon_param_groups(model, muon_options=options)
+
+
+F32 = dict(ns_dtype=torch.float32)  # compared within float32 tolerance
+
+#: name → (optimizer factory on a model, whether it needs attach()). Representative settings of
+#: every optimizer: defaults, the options whose stages differ, update_period > 1.
+SETTINGS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "AssociativeMomentum": lambda m: dm.AssociativeMomentum(m.parameters(), lr=0.05),
+    "AssociativeMomentum-nesterov-period2": lambda m: dm.AssociativeMomentum(
+        m.parameters(), lr=0.05, nesterov=True, weight_decay=0.01, update_period=2),
+    "DeltaMomentum": lambda m: dm.DeltaMomentum(m.parameters(), lr=0.05, erase=0.5),
+    "DeltaMomentum-input": lambda m: dm.DeltaMomentum(
+        m.parameters(), lr=0.05, erase=0.5, keys="input", key_samples=64).attach(m),
+    "PreconditionedMomentum": lambda m: dm.PreconditionedMomentum(m.parameters(), lr=0.01),
+    "PreconditionedMomentum-value-period2": lambda m: dm.PreconditionedMomentum(
+        m.parameters(), lr=0.01, precondition="value", update_period=2, accumulate="mean"),
+    "DMGD": lambda m: dm.DMGD(m.parameters(), lr=0.05, hidden=3, memory_lr=0.1),
+    "DMGD-preconditioned-ns": lambda m: dm.DMGD(
+        m.parameters(), lr=0.02, hidden=3, memory_lr=0.1, values="preconditioned",
+        output="newton_schulz", ns_dtype=torch.float32),
+    "Muon": lambda m: dm.Muon(muon_groups(m), lr=0.02, **F32),
+    "Muon-bf16-ns-period2": lambda m: dm.Muon(muon_groups(m, update_period=2), lr=0.02),
+    # eps: M3 divides by √V + ε; at the default a last-bit change of the gradient (the
+    # reduce-scatter's order of summation) is amplified by 1/|g| and no tolerance holds.
+    "M3": lambda m: dm.M3(muon_groups(m), lr=0.01, chunk=3, eps=1e-2, **F32),
+}
+
+
+def make(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    return SETTINGS[name](model)
+
+
+def train(model: nn.Module, opt, steps: range, rank: int = 0, world: int = 1) -> None:
+    """Steps on this rank's slice of the global batch (mean loss: FSDP's averaged gradient is
+    the whole batch's)."""
+    per = BATCH // world
+    for step in steps:
+        x, y = data(step)
+        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        opt.zero_grad()
+        (model(x) - y).pow(2).mean().backward()
+        opt.step()
+
+
+def whole(t: Any) -> Any:
+    """A DTensor's whole tensor (a collective), anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    return t.clone() if isinstance(t, torch.Tensor) else t
+
+
+def snapshot(model: nn.Module, opt) -> dict[str, Any]:
+    """Whole parameters and whole optimizer state by parameter name (every rank calls it)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = {n: whole(p.detach()) for n, p in model.named_parameters()}
+    state = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in sorted(opt.state.get(p, {}).items()):
+                state[f"{names[id(p)]}.{key}"] = whole(value)
+    return {"params": params, "state": state}
+
+
+def spawn(worker: Callable, world: int, *args) -> list[Any]:
+    """Run ``worker(rank, world, *args)`` in ``world`` gloo processes; their return values."""
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(_run, args=(world, out, worker, args), nprocs=world)
+        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=False)
+                for r in range(world)]
+
+
+def _run(rank: int, world: int, out: str, worker: Callable, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(out, "rendezvous"),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    try:
+        torch.set_num_threads(1)
+        result = worker(rank, world, *args)
+        torch.save(result, os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
