@@ -13,8 +13,9 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .optimizer import MemoryOptimizer, accumulate_gradients, check_schedule, period_ends, \
-    release_gradients
+from .distributed import load_like
+from .optimizer import MemoryOptimizer, accumulate_gradients, check_schedule, \
+    initializes_state, period_ends, release_gradients
 
 __all__ = ["MultiFrequency", "continuum_groups"]
 
@@ -92,6 +93,7 @@ class MultiFrequency(torch.optim.Optimizer):
         for group in optimizer.param_groups:
             for key, value in schedule.items():
                 group.setdefault(key, value)
+            group.setdefault("period_calls", 0)  # present from the start, for DCP's template
             check_schedule(group)
         self._sharing = True
         super().__init__(optimizer.param_groups, {})
@@ -109,6 +111,7 @@ class MultiFrequency(torch.optim.Optimizer):
             return
         for key in ("update_period", "accumulate", "update_offset"):
             param_group.setdefault(key, MemoryOptimizer.GROUP_DEFAULTS[key])
+        param_group.setdefault("period_calls", 0)
         check_schedule(param_group)
         self.optimizer.add_param_group(param_group)  # appends to the shared list
 
@@ -120,8 +123,15 @@ class MultiFrequency(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         user_grads: dict[Tensor, Optional[Tensor]] = {}
+        # DCP's state-initializing call (zero gradients, lr 0, no state) reaches every group.
+        initializing = not self.optimizer.state and initializes_state(self)
         for group in self.param_groups:
             if group["update_period"] == 1:
+                continue
+            if initializing:  # accumulators (zeros) exist; the wrapped optimizer steps too
+                with_grads = [p for p in group["params"] if p.grad is not None]
+                accumulate_gradients(self.state, with_grads, [p.grad for p in with_grads],
+                                     torch.zeros_like)
                 continue
             # The schedule of MemoryOptimizer.step (optimizer.py), on .grad of the wrapped one.
             with_grads = [p for p in group["params"] if p.grad is not None]
@@ -145,24 +155,50 @@ class MultiFrequency(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(),
-                "multi_frequency": super().state_dict()}
+        """The wrapped optimizer's ``state_dict`` with each parameter's accumulator added to its
+        state as ``grad_accumulator`` (the call counters are in the shared groups): torch's
+        layout, so ``torch.distributed.checkpoint.state_dict`` can save and reshard it."""
+        inner = self.optimizer.state_dict()
+        ids = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state = {k: dict(v) for k, v in inner["state"].items()}
+        for p, entries in self.state.items():
+            if "grad_accumulator" in entries:
+                state.setdefault(ids[id(p)], {})["grad_accumulator"] = entries["grad_accumulator"]
+        return {"state": state, "param_groups": inner["param_groups"]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`; an accumulator whose shape is not its
+        """Load a state saved by :meth:`state_dict` (or by versions ≤ 0.1, which nested the
+        wrapped optimizer's under ``"optimizer"``); an accumulator whose shape is not its
         parameter's is refused (``ValueError``) before anything is loaded."""
-        own = state_dict["multi_frequency"]
-        saved_ids = [i for g in own["param_groups"] for i in g["params"]]
+        if "multi_frequency" in state_dict:  # the layout of versions ≤ 0.1
+            own, inner = state_dict["multi_frequency"], state_dict["optimizer"]
+            saved_ids = [i for g in own["param_groups"] for i in g["params"]]
+            accumulators = {i: own["state"].get(i, {}).get("grad_accumulator") for i in saved_ids}
+            groups = own["param_groups"]
+        else:
+            inner = {"state": {}, "param_groups": state_dict["param_groups"]}
+            accumulators = {}
+            for i, entries in state_dict["state"].items():
+                entries = dict(entries)
+                accumulators[i] = entries.pop("grad_accumulator", None)
+                if entries:
+                    inner["state"][i] = entries
+            groups = state_dict["param_groups"]
+        saved_ids = [i for g in groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
-            accumulator = own["state"].get(saved_id, {}).get("grad_accumulator")
+            accumulator = accumulators.get(saved_id)
             if accumulator is not None and tuple(accumulator.shape) != tuple(p.shape):
                 raise ValueError(
                     f"state_dict entry 'grad_accumulator' of parameter {index} has shape "
                     f"{tuple(accumulator.shape)}; its parameter has shape {tuple(p.shape)}: the "
                     "checkpoint belongs to other parameters")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.optimizer.load_state_dict(inner)
         # The wrapped optimizer's loader replaced its group dicts: share the new ones.
         self.param_groups = self.optimizer.param_groups
-        super().load_state_dict(state_dict["multi_frequency"])
-        self.param_groups = self.optimizer.param_groups
+        self.state.clear()
+        for saved_id, p in zip(saved_ids, params):
+            accumulator = accumulators.get(saved_id)
+            if accumulator is not None:
+                accumulator = load_like(accumulator, p)  # FSDP2: sharded as its parameter
+                self.state[p]["grad_accumulator"] = torch.empty_like(p).copy_(accumulator)

@@ -138,6 +138,28 @@ def release_gradients(group: dict[str, Any], state) -> tuple[list[Tensor], list[
     return ready, grads
 
 
+def initializes_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this ``step()`` is a state-initializing call: an optimizer with no state yet,
+    every group at ``lr == 0`` and every gradient exactly zero — what
+    ``torch.distributed.checkpoint.state_dict`` does to make a fresh optimizer's state exist
+    before loading into it (``_init_optim_state``). Such a call initializes every group's
+    state as torch's optimizers' first step does, whatever the group's ``update_period``: a
+    group in the middle of its first period would otherwise hold only its accumulator, and
+    DCP would load nothing else. (One host read, on an optimizer's first call only; under
+    FSDP2 the ranks agree by one all-reduce.)"""
+    if optimizer.state or any(float(g["lr"]) != 0 for g in optimizer.param_groups):
+        return False
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return False
+    nonzero = torch.stack([local(g).count_nonzero().cpu() for g in grads]).sum()
+    groups = {p.device_mesh.get_group(d) for p in grads if distributed.is_dtensor(p)
+              for d in range(p.device_mesh.ndim)}
+    for process_group in groups:
+        nonzero = distributed.all_reduce_sum([nonzero.to(torch.float64)], process_group)[0]
+    return int(nonzero) == 0
+
+
 def _non_overlapping_and_dense(t: Tensor) -> bool:
     """Whether ``t``'s elements fill one block of memory exactly once (any dim order)."""
     if t.is_contiguous():
@@ -244,9 +266,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
 
     # --- groups ------------------------------------------------------------------------------
 
+    #: Counters a group keeps (its schedule's calls, its skipped calls), present from the
+    #: start so that a checkpoint template (DCP loads only the keys a fresh optimizer has)
+    #: carries them.
+    GROUP_COUNTERS = ("period_calls", "nonfinite_skips")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        for counter in self.GROUP_COUNTERS:
+            group.setdefault(counter, 0)
         try:
             self._validate_common(group)
             self._validate_group(group)
@@ -436,6 +465,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and found_inf.item() != 0:
             return loss
+        initializing = initializes_state(self)
         for index, group in enumerate(self.param_groups):
             params, grads = [], []
             for p in group["params"]:
@@ -454,7 +484,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if group["skip_nonfinite"] and params and not _all_finite(grads, shards):
                 group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + 1
                 continue  # a poisoned gradient never reaches the memories
-            if group["update_period"] > 1:
+            if group["update_period"] > 1 and initializing:  # accumulators (zeros) too
+                accumulate_gradients(self.state, params, grads, self._new_state_tensor)
+            elif group["update_period"] > 1:
                 ready, grads = self._accumulate(group, params, grads)
                 if shards is not None and len(ready) != len(params):
                     keep = {id(p) for p in ready}
