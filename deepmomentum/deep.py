@@ -181,6 +181,9 @@ class DeepMomentum(MemoryOptimizer):
                                    "memory_B" if keyed else None,
                                    "exp_avg_sq" if group["values"] == "preconditioned" else None)
 
+    def _has_matrix_stages(self, group):
+        return group["hidden"] > 0 or group["output"] == "newton_schulz"
+
     def _initial_state(self, group, param, key):
         if key not in ("memory_A", "memory_B"):
             return super()._initial_state(group, param, key)

@@ -148,14 +148,18 @@ def _describe(name: str, t: Tensor) -> str:
 
 
 def shards_of(params: Sequence[Tensor], names: Callable[[Tensor], str],
+              grads: Optional[Sequence[Tensor]] = None, *, matrices: bool = True,
               cost: Callable[[torch.Size], float] = None) -> Optional[list[Optional[Shard0]]]:
-    """Each parameter's :class:`Shard0` (None for an ordinary tensor or a replicated DTensor),
-    or None where no parameter is a DTensor. Owners are assigned greedily, largest ``cost``
-    first (default: ``r·c·min(r, c)``, Newton–Schulz's flops), each to the least loaded rank
-    (ties: lowest rank): the same on every rank, since it reads only global shapes.
+    """Each parameter's :class:`Shard0` (None for an ordinary tensor, a replicated DTensor, or
+    — for an elementwise rule — a DTensor sharded along another dim), or None where no
+    parameter is a DTensor. Owners are assigned greedily, largest ``cost`` first (default:
+    ``r·c·min(r, c)``, Newton–Schulz's flops), each to the least loaded rank (ties: lowest
+    rank): the same on every rank, since it reads only global shapes.
 
-    Raises ``ValueError`` naming the tensor (``names(p)``) for a placement a rule cannot
-    take: anything but ``Shard(0)``/``Replicate()``, or a mesh other than the first DTensor's.
+    Raises ``ValueError`` naming the tensor (``names(p)``) and its placement for what the
+    rule cannot take: with ``matrices`` (a rule with matrix stages) anything but ``Shard(0)``
+    or ``Replicate()``, for any rule ``Partial`` or strided placements, a mesh other than the
+    group's first DTensor's, or a gradient placed otherwise than its parameter.
     """
     if DTensor is None or not any(isinstance(p, DTensor) for p in params):
         return None
@@ -173,18 +177,30 @@ def shards_of(params: Sequence[Tensor], names: Callable[[Tensor], str],
                 f"{_describe(names(p), p)} lives on another device mesh than the group's other "
                 f"DTensor parameters (mesh {tuple(mesh.shape)}, dims {mesh.mesh_dim_names}): "
                 "put parameters of different meshes in different param groups")
-        dims = [d for d, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
-        bad = [pl for pl in p.placements if not isinstance(pl, (Replicate, Shard))] or [
-            pl for pl in p.placements if isinstance(pl, Shard) and (
-                pl.dim != 0 or type(pl) is not Shard)]
-        if bad or len(dims) > 1:
+        if grads is not None:
+            g = grads[i]
+            if not isinstance(g, DTensor) or g.device_mesh != mesh or \
+                    tuple(g.placements) != tuple(p.placements):
+                where = (f"placements {tuple(g.placements)}" if isinstance(g, DTensor)
+                         else "a plain tensor")
+                raise ValueError(f"the gradient of {_describe(names(p), p)} has {where}; it "
+                                 "must be placed as its parameter (FSDP2 reduce-scatters it so)")
+        strange = [pl for pl in p.placements
+                   if not isinstance(pl, (Replicate, Shard)) or
+                   (isinstance(pl, Shard) and type(pl) is not Shard)]
+        dims = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+        row_sharded = len(dims) == 1 and p.placements[dims[0]].dim == 0
+        if strange or (matrices and dims and not row_sharded):
             raise ValueError(
-                f"{_describe(names(p), p)}: deepmomentum's rules take parameters sharded along "
-                "dim 0 over one mesh dim (FSDP2's Shard(0), HSDP's (Replicate(), Shard(0))) or "
-                "replicated; a tensor-parallel Shard(1), Partial or strided placement is not "
-                "supported")
-        if not dims:
-            continue  # replicated everywhere: every rank holds the whole tensor
+                f"{_describe(names(p), p)}: "
+                + ("this rule has matrix stages and takes parameters sharded along dim 0 over "
+                   "one mesh dim (FSDP2's Shard(0), HSDP's (Replicate(), Shard(0))) or "
+                   "replicated; a tensor-parallel Shard(1) is not supported"
+                   if not strange else
+                   "Partial and strided placements are not supported (only Shard and "
+                   "Replicate)"))
+        if not row_sharded:
+            continue  # replicated, or an elementwise rule's other sharding: local only
         group = mesh.get_group(dims[0])
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         rows = _chunk_rows(p.shape[0], world)
@@ -200,6 +216,19 @@ def shards_of(params: Sequence[Tensor], names: Callable[[Tensor], str],
         load[owner] = load.get(owner, 0.0) + cost(p.shape)
         out[i] = Shard0(p.shape, mesh, placements, group, rank, world, rows, owner)
     return out
+
+
+def process_groups(tensors: Sequence[Tensor]) -> list:
+    """The process groups of every mesh dim of the DTensors among ``tensors`` (where ranks
+    must agree on a host-side decision)."""
+    groups = []
+    for t in tensors:
+        if is_dtensor(t):
+            for d in range(t.device_mesh.ndim):
+                g = t.device_mesh.get_group(d)
+                if all(g is not h for h in groups):
+                    groups.append(g)
+    return groups
 
 
 def _ns_cost(shape: torch.Size) -> float:

@@ -397,6 +397,9 @@ class DeltaMomentum(MemoryOptimizer):
     def _rule(self, group):
         return dmf.delta_momentum, ("momentum_buffer",)
 
+    def _has_matrix_stages(self, group):
+        return group["erase"] != 0
+
     def _rule_inputs(self, group, params):
         """The input keys captured for each parameter, consumed by this update."""
         keys = [None] * len(params)

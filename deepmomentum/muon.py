@@ -121,6 +121,9 @@ class _MatrixOptimizer(MemoryOptimizer):
     def _rule(self, group):
         return self._matrix_rule(group) if group["use_muon"] else adam_rule(group)
 
+    def _has_matrix_stages(self, group):
+        return group["use_muon"]
+
     def _rule_options(self, group):
         return self._matrix_options(group) if group["use_muon"] else adam_options(group)
 

@@ -153,9 +153,7 @@ def initializes_state(optimizer: torch.optim.Optimizer) -> bool:
     if not grads:
         return False
     nonzero = torch.stack([local(g).count_nonzero().cpu() for g in grads]).sum()
-    groups = {p.device_mesh.get_group(d) for p in grads if distributed.is_dtensor(p)
-              for d in range(p.device_mesh.ndim)}
-    for process_group in groups:
+    for process_group in distributed.process_groups(grads):
         nonzero = distributed.all_reduce_sum([nonzero.to(torch.float64)], process_group)[0]
     return int(nonzero) == 0
 
@@ -194,12 +192,13 @@ def _fused_layout_fits(param: Tensor, grad: Tensor, state: Optional[dict]) -> bo
     return True
 
 
-def _all_finite(tensors: list[Tensor], shards=None) -> bool:
+def _all_finite(tensors: list[Tensor], process_groups=()) -> bool:
     """Whether every entry of every tensor is finite (one reduction per device, one read).
-    FSDP2 shards: of every rank's shards (one all-reduce), so all ranks skip together."""
+    FSDP2 shards: of every rank's shards (an all-reduce per mesh dim), so all ranks skip
+    together."""
     flags = [torch.isfinite(t).all() for t in tensors]
     finite = torch.stack([f.to(flags[0].device) for f in flags]).all()
-    for group in {s.group for s in shards or () if s is not None}:
+    for group in process_groups:
         finite = distributed.all_reduce_max([(~finite).to(torch.float32)], group)[0] == 0
     return bool(finite)
 
@@ -475,13 +474,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     grads.append(grad)
             self._check_params(index, params, grads)
             # FSDP2: the rule sees each rank's local shards (deepmomentum.distributed).
-            shards = distributed.shards_of(params, functools.partial(self._param_name, index))
+            shards = distributed.shards_of(params, functools.partial(self._param_name, index),
+                                           grads, matrices=self._has_matrix_stages(group))
+            ranks = distributed.process_groups(params) if shards is not None else ()
             if shards is not None:
                 grads = [local(g) for g in grads]
             if grad_scale is not None and grads:
                 inverse = grad_scale.double().reciprocal().float()  # on its device: no sync
                 grads = [g * inverse.to(g.device) for g in grads]
-            if group["skip_nonfinite"] and params and not _all_finite(grads, shards):
+            if group["skip_nonfinite"] and params and not _all_finite(grads, ranks):
                 group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + 1
                 continue  # a poisoned gradient never reaches the memories
             if group["update_period"] > 1 and initializing:  # accumulators (zeros) too
@@ -531,6 +532,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
         grads = [g if g.dtype == p.dtype or p.dtype in LOW_PRECISION_DTYPES else g.to(p.dtype)
                  for p, g in zip(ready, grads)]
         return ready, grads
+
+    def _has_matrix_stages(self, group: dict[str, Any]) -> bool:
+        """Whether the group's rule has stages that need a whole matrix (Newton–Schulz, key
+        Grams, DMGD's inner step): under FSDP2 these take only Shard(0) parameters, while an
+        elementwise rule takes any Shard/Replicate placement."""
+        return False
 
     def _rule(self, group: dict[str, Any]) -> tuple[Callable, tuple[Optional[str], ...]]:
         """The functional rule that updates ``group`` and the state entries it takes after

@@ -71,6 +71,17 @@ SETTINGS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 }
 
 
+#: Settings trained on a bfloat16 model (fp32 state; bf16 gradients, so the reduce-scatter's
+#: bf16 rounding differs from one process's and the tolerance is bf16's).
+BF16 = {"AssociativeMomentum-bf16": lambda m: dm.AssociativeMomentum(m.parameters(), lr=0.05),
+        "Muon-bf16": lambda m: dm.Muon(muon_groups(m), lr=0.02, **F32)}
+SETTINGS.update(BF16)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return torch.bfloat16 if name in BF16 else torch.float32
+
+
 def make(name: str, model: nn.Module) -> torch.optim.Optimizer:
     return SETTINGS[name](model)
 
@@ -81,7 +92,8 @@ def train(model: nn.Module, opt, steps: range, rank: int = 0, world: int = 1) ->
     per = BATCH // world
     for step in steps:
         x, y = data(step)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        dtype = next(model.parameters()).dtype
+        x, y = (t[rank * per:(rank + 1) * per].to(dtype) for t in (x, y))
         opt.zero_grad()
         (model(x) - y).pow(2).mean().backward()
         opt.step()

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
 import deepmomentum as dm
-from distributed_cases import SETTINGS, STEPS, Net, make, snapshot, spawn, train
+from distributed_cases import SETTINGS, STEPS, Net, dtype_of, make, snapshot, spawn, train
 from registry import cases
 
 SAVE_AT = 5  # mid-period for update_period 2 and 3 (5 calls)
@@ -121,11 +121,11 @@ def test_multi_frequency_state_dict_has_torch_layout():
 
 # --- FSDP2: save at world size 2, load at 1 and 4 --------------------------------------------
 
-def _sharded_model():
+def _sharded_model(dtype=torch.float32):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = Net()
+    model = Net().to(dtype)
     fully_shard(model.a)
     fully_shard(model)
     return model
@@ -135,7 +135,7 @@ def _save_worker(rank, world, path):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     for name in SETTINGS:
-        model = _sharded_model()
+        model = _sharded_model(dtype_of(name))
         opt = make(name, model)
         train(model, opt, range(SAVE_AT), rank, world)
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -149,7 +149,7 @@ def _load_worker(rank, world, path):
 
     out = {}
     for name in SETTINGS:
-        model = _sharded_model()
+        model = _sharded_model(dtype_of(name))
         opt = make(name, model)
         model_sd, optim_sd = get_state_dict(model, opt)
         state = {"model": model_sd, "optim": optim_sd}

@@ -1,0 +1,162 @@
+"""DDP keeps every optimizer's replicas bit-identical; HSDP (a 2-D mesh) trains as one process;
+placements a rule cannot take are refused by name before anything changes (issue 16, items 1,
+2, 4). gloo on the CPU in spawned processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deepmomentum as dm
+from distributed_cases import Net, data, snapshot, spawn, train
+from registry import REGISTRY
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+DDP_STEPS = 5
+
+
+def _ddp_optimizer(info, variant, module):
+    """``info``'s optimizer with ``variant`` on ``module``: matrix optimizers take the
+    matrices (with enough dims for ``batch_dims``) and an AdamW group for the rest."""
+    params = list(module.parameters())
+    if info.matrix_only and variant.get("use_muon") is not False:
+        dims = 2 + variant.get("batch_dims", 0)
+        groups = [{"params": [p for p in params if p.ndim >= dims]},
+                  {"params": [p for p in params if p.ndim < dims], "use_muon": False}]
+        return info.make(groups, **variant)
+    return info.make(params, **variant)
+
+
+def _ddp_worker(rank, world):
+    out = {}
+    for info in REGISTRY:
+        for k, variant in enumerate(info.variants):
+            torch.manual_seed(0)
+            ddp = torch.nn.parallel.DistributedDataParallel(Net())
+            opt = _ddp_optimizer(info, variant, ddp.module)
+            if variant.get("keys") == "input":
+                opt.attach(ddp)
+            for step in range(DDP_STEPS):
+                x, y = data(100 * rank + step)  # every rank its own data
+                opt.zero_grad()
+                (ddp(x) - y).pow(2).mean().backward()
+                opt.step()
+            mine = torch.cat([p.detach().flatten() for p in ddp.module.parameters()])
+            everyone = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(everyone, mine)
+            out[f"{info.name}-{k}"] = everyone
+    return out
+
+
+def test_ddp_keeps_every_optimizer_bit_identical_across_ranks():
+    results = spawn(_ddp_worker, 2)[0]
+    assert len(results) == sum(len(info.variants) for info in REGISTRY)
+    for name, (zero, one) in results.items():
+        assert torch.isfinite(zero).all(), name
+        assert torch.equal(zero, one), name
+
+
+# --- HSDP: a (replicate, shard) mesh --------------------------------------------------------
+
+HSDP_SETTINGS = {
+    "Muon": lambda m: dm.Muon(dm.muon_param_groups(m), lr=0.02, ns_dtype=torch.float32),
+    "DMGD": lambda m: dm.DMGD(m.parameters(), lr=0.05, hidden=3, memory_lr=0.1),
+    "DeltaMomentum": lambda m: dm.DeltaMomentum(m.parameters(), lr=0.05, erase=0.5),
+    "PreconditionedMomentum": lambda m: dm.PreconditionedMomentum(m.parameters(), lr=0.01),
+}
+
+
+def _hsdp_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    out = {}
+    for name, build in HSDP_SETTINGS.items():
+        torch.manual_seed(0)
+        model = Net()
+        fully_shard(model, mesh=mesh)
+        opt = build(model)
+        train(model, opt, range(6), rank, world)
+        out[name] = snapshot(model, opt)
+    out["placements"] = tuple(model.a.weight.placements)
+    return out
+
+
+def _one_process(build):
+    torch.manual_seed(0)
+    model = Net()
+    opt = build(model)
+    train(model, opt, range(6))
+    return snapshot(model, opt)
+
+
+def test_hsdp_trains_as_one_process():
+    from torch.distributed.tensor import Replicate, Shard
+
+    ranks = spawn(_hsdp_worker, 4)
+    assert ranks[0]["placements"] == (Replicate(), Shard(0))
+    for name, build in HSDP_SETTINGS.items():
+        ref = _one_process(build)
+        for rank, result in enumerate(ranks):
+            for key, value in ref["params"].items():
+                torch.testing.assert_close(result[name]["params"][key], value, atol=2e-5,
+                                           rtol=1e-5, msg=lambda m: f"{name}, rank {rank}, {key}: {m}")
+
+
+# --- refused placements ---------------------------------------------------------------------
+
+def _refusal_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    other = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    messages = {}
+
+    def attempt(label, params_and_grads, build=lambda ps: dm.Muon(ps, lr=0.02)):
+        params = []
+        for value, placements, grad_placements, on in params_and_grads:
+            p = torch.nn.Parameter(distribute_tensor(value, on, placements))
+            p.grad = distribute_tensor(torch.ones_like(value), on, grad_placements) \
+                if grad_placements else None
+            params.append(p)
+        before = [p.detach().full_tensor().clone() for p in params]
+        try:
+            build([{"params": params, "param_names": [f"w{i}" for i in range(len(params))]}]
+                  ).step()
+        except ValueError as error:
+            messages[label] = str(error)
+        after = [p.detach().full_tensor() for p in params]
+        messages[label + " unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after))
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 6)
+    attempt("Shard(1)", [(w, [Shard(1)], [Shard(1)], mesh)])
+    # An elementwise rule takes any sharding: a tensor-parallel Shard(1) steps on its shard.
+    p = torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(1)]))
+    p.grad = distribute_tensor(w.sin(), mesh, [Shard(1)])
+    plain = torch.nn.Parameter(w.clone())
+    plain.grad = w.sin()
+    for params in ([p], [plain]):
+        opt = dm.PreconditionedMomentum(params, lr=0.1)
+        opt.step()
+        opt.step()
+    messages["Shard(1) elementwise"] = torch.equal(p.detach().full_tensor(), plain.detach())
+    attempt("mixed mesh", [(w, [Shard(0)], [Shard(0)], mesh),
+                           (w.clone(), [Shard(0), Shard(0)], [Shard(0), Shard(0)], other)])
+    attempt("Partial grad", [(w, [Shard(0)], [Partial()], mesh)])
+    return messages
+
+
+def test_unsupported_placements_are_refused_by_name():
+    messages = spawn(_refusal_worker, 2)[0]
+    assert "w0" in messages["Shard(1)"] and "Shard(dim=1)" in messages["Shard(1)"]
+    assert messages["Shard(1) elementwise"] is True
+    assert "w1" in messages["mixed mesh"] and "mesh" in messages["mixed mesh"]
+    assert "w0" in messages["Partial grad"] and "Partial" in messages["Partial grad"]
+    for label in ("Shard(1)", "mixed mesh", "Partial grad"):
+        assert messages[label + " unchanged"], label
