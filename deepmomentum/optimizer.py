@@ -462,8 +462,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
         # leaves the gradients scaled: skip the step on inf, else unscale out of place.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item() != 0:
-            return loss
+        if found_inf is not None:
+            # FSDP2: a rank's shards may hold the inf alone; every rank must skip with it (a
+            # rank that stepped alone would wait in the matrix stages' collectives).
+            everyone = distributed.process_groups(
+                [p for g in self.param_groups for p in g["params"]])
+            for process_group in everyone:
+                found_inf = distributed.all_reduce_max([found_inf.float().reshape(())],
+                                                       process_group)[0]
+            if found_inf.item() != 0:
+                return loss
         initializing = initializes_state(self)
         for index, group in enumerate(self.param_groups):
             params, grads = [], []

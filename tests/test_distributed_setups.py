@@ -160,3 +160,124 @@ def test_unsupported_placements_are_refused_by_name():
     assert "w0" in messages["Partial grad"] and "Partial" in messages["Partial grad"]
     for label in ("Shard(1)", "mixed mesh", "Partial grad"):
         assert messages[label + " unchanged"], label
+
+
+# --- GradScaler and MultiFrequency under FSDP2 and DDP --------------------------------------
+
+def _multi_frequency(model):
+    params = list(model.parameters())
+    return dm.MultiFrequency(torch.optim.AdamW(
+        [{"params": params[:2], "update_period": 1},
+         {"params": params[2:], "update_period": 2, "accumulate": "mean"}], lr=0.01))
+
+
+def _muon(model):
+    return dm.Muon(dm.muon_param_groups(model), lr=0.02, ns_dtype=torch.float32)
+
+
+def _scaled_steps(model, opt, scaler, steps, rank, world, poison=None):
+    """``train`` with a GradScaler; ``poison = (step, rank)`` puts an inf into that rank's
+    first gradient shard holding entries at that step."""
+    from torch.distributed.tensor import DTensor
+
+    per = 8 // world
+    for step in steps:
+        x, y = data(step)
+        opt.zero_grad()
+        scaler.scale((model(x[rank * per:(rank + 1) * per]) - y[rank * per:(rank + 1) * per])
+                     .pow(2).mean()).backward()
+        if poison == (step, rank):
+            for p in model.parameters():
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                if g.numel():
+                    g.view(-1)[0] = float("inf")
+                    break
+        scaler.step(opt)
+        scaler.update()
+
+
+def _amp_worker(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for name, build in {"Muon": _muon, "MultiFrequency": _multi_frequency}.items():
+        torch.manual_seed(0)
+        model = Net()
+        fully_shard(model)
+        opt = build(model)
+        _scaled_steps(model, opt, torch.amp.GradScaler("cpu", init_scale=1024.0), range(6),
+                      rank, world)
+        out[name] = snapshot(model, opt)["params"]
+    # An inf in rank 1's shards only: every rank skips that step (and none waits for another).
+    torch.manual_seed(0)
+    model = Net()
+    fully_shard(model)
+    opt = _muon(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    _scaled_steps(model, opt, scaler, range(2), rank, world)
+    before = snapshot(model, opt)["params"]
+    _scaled_steps(model, opt, scaler, range(2, 3), rank, world, poison=(2, 1))
+    out["after poisoned step"] = snapshot(model, opt)["params"]
+    out["before poisoned step"] = before
+    _scaled_steps(model, opt, scaler, range(3, 4), rank, world)  # and training goes on
+    # torch's GradScaler finds the inf on every rank (DTensor reduces its check); a found_inf
+    # that only one rank raises must stop every rank too.
+    opt.zero_grad()
+    x, y = data(5)
+    (model(x[rank * 4:(rank + 1) * 4]) - y[rank * 4:(rank + 1) * 4]).pow(2).mean().backward()
+    before = snapshot(model, opt)["params"]
+    opt.grad_scale, opt.found_inf = None, torch.tensor(float(rank == 1))
+    opt.step()
+    del opt.grad_scale, opt.found_inf
+    out["after rank-local inf"] = snapshot(model, opt)["params"]
+    out["before rank-local inf"] = before
+    return out
+
+
+def test_grad_scaler_and_multi_frequency_under_fsdp2():
+    ranks = spawn(_amp_worker, 2)
+    for name, build in {"Muon": _muon, "MultiFrequency": _multi_frequency}.items():
+        torch.manual_seed(0)
+        model = Net()
+        opt = build(model)
+        train(model, opt, range(6))
+        for rank, result in enumerate(ranks):
+            for key, p in model.named_parameters():
+                torch.testing.assert_close(result[name][key], p.detach(), atol=2e-5, rtol=1e-5,
+                                           msg=lambda m: f"{name}, rank {rank}, {key}: {m}")
+    for rank, result in enumerate(ranks):
+        for when in ("poisoned step", "rank-local inf"):
+            for key, value in result[f"before {when}"].items():
+                assert torch.equal(result[f"after {when}"][key], value), (when, rank, key)
+
+
+def _ddp_schedule_worker(rank, world):
+    out = {}
+    builds = {
+        "AssociativeMomentum-period3": lambda m: dm.AssociativeMomentum(
+            m.parameters(), lr=0.05, update_period=3, accumulate="mean"),
+        "Muon-period2": lambda m: dm.Muon(dm.muon_param_groups(m, muon_options=dict(
+            update_period=2)), lr=0.02),
+        "MultiFrequency": _multi_frequency,
+    }
+    for name, build in builds.items():
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(Net())
+        opt = build(ddp.module)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(5):
+            x, y = data(100 * rank + step)
+            opt.zero_grad()
+            scaler.scale((ddp(x) - y).pow(2).mean()).backward()
+            scaler.step(opt)
+            scaler.update()
+        mine = torch.cat([p.detach().flatten() for p in ddp.module.parameters()])
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
+        out[name] = everyone
+    return out
+
+
+def test_ddp_schedules_and_grad_scaler_keep_ranks_identical():
+    for name, (zero, one) in spawn(_ddp_schedule_worker, 2)[0].items():
+        assert torch.equal(zero, one), name
