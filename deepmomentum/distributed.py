@@ -39,8 +39,9 @@ from torch import Tensor
 
 from .newton_schulz import matrix_shape
 
-__all__ = ["Shard0", "shards_of", "is_dtensor", "local", "gather_to_owners",
-           "scatter_from_owners", "all_reduce_sum", "all_reduce_max", "full"]
+__all__ = ["Shard0", "shards_of", "process_groups", "is_dtensor", "local", "replicated",
+           "like_param", "state_like", "load_like", "gather_to_owners", "scatter_from_owners",
+           "all_reduce_sum", "all_reduce_max", "full"]
 
 try:  # torch.distributed may be absent (some builds); then nothing is ever a DTensor
     import torch.distributed as dist
@@ -63,7 +64,7 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
 @dataclass(frozen=True, eq=False)
 class Shard0:
     """Where one DTensor parameter's local shard sits in the whole tensor: rows
-    ``offsets[rank] : offsets[rank] + rows[rank]`` of dim 0 of ``shape``, over the process
+    ``offset : offset + rows[rank]`` of dim 0 of ``shape``, over the process
     ``group`` of the mesh dim it is sharded on, with ``owner`` the rank that does its matrix
     work (its index in ``group``)."""
 
@@ -79,10 +80,6 @@ class Shard0:
     @property
     def offset(self) -> int:
         return sum(self.rows[: self.rank])
-
-    @property
-    def mine(self) -> bool:
-        return self.owner == self.rank
 
     def wrap(self, t: Tensor) -> Tensor:
         """This rank's shard ``t`` of a tensor of the parameter's shape as a DTensor with the
@@ -120,11 +117,10 @@ def load_like(value: Tensor, param: Tensor) -> Tensor:
     replicated."""
     if is_dtensor(value) or not is_dtensor(param):
         return value
-    if tuple(value.shape) == tuple(param.shape):
-        shard = shards_of([param], lambda _: "the parameter")[0]
-        if shard is not None:
-            return shard.wrap(value[shard.offset:shard.offset + shard.rows[shard.rank]])
-        return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False)
+    if tuple(value.shape) == tuple(param.shape):  # every rank loads the same whole tensor
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
     return replicated(value, param.device_mesh)
 
 
@@ -288,7 +284,7 @@ def scatter_from_owners(fulls: dict[int, Tensor], like: Sequence[Tensor],
                         shards: Sequence[Optional[Shard0]]) -> dict[int, Tensor]:
     """The inverse of :func:`gather_to_owners`: each owner sends every rank its rows of each
     whole tensor in ``fulls``; returns this rank's shard of every sharded entry, by index, in
-    the dtype of ``fulls`` (``like`` gives each entry's local shape)."""
+    the dtype and local shape of its entry of ``like`` (the tensors that were gathered)."""
     shard_out: dict[int, Tensor] = {}
     for group, indices in _by_group(shards).items():
         by_dtype: dict[torch.dtype, list[int]] = {}
@@ -297,8 +293,7 @@ def scatter_from_owners(fulls: dict[int, Tensor], like: Sequence[Tensor],
         for _, idx in by_dtype.items():
             world, rank = shards[idx[0]].world, shards[idx[0]].rank
             mine = [i for i in idx if shards[i].owner == rank]
-            dtypes = {fulls[i].dtype for i in mine}
-            out_dtype = _agree_dtype(dtypes, like[idx[0]].dtype)
+            out_dtype = like[idx[0]].dtype  # results in their inputs' dtype (as NS returns)
             per_row = {i: math.prod(shards[i].shape[1:]) for i in idx}
             send_chunks, send_sizes = [], []
             for k in range(world):
@@ -324,11 +319,6 @@ def scatter_from_owners(fulls: dict[int, Tensor], like: Sequence[Tensor],
                     shard_out[i] = received[offset:offset + n].view(like[i].shape)
                     offset += n
     return shard_out
-
-
-def _agree_dtype(dtypes: set, default: torch.dtype) -> torch.dtype:
-    # Results come back in the dtype of the inputs (Newton–Schulz returns its input's dtype).
-    return next(iter(dtypes)) if len(dtypes) == 1 else default
 
 
 def all_reduce_sum(tensors: Sequence[Tensor], group) -> list[Tensor]:

@@ -281,3 +281,41 @@ def _ddp_schedule_worker(rank, world):
 def test_ddp_schedules_and_grad_scaler_keep_ranks_identical():
     for name, (zero, one) in spawn(_ddp_schedule_worker, 2)[0].items():
         assert torch.equal(zero, one), name
+
+
+# --- a one-process checkpoint loaded under FSDP2 --------------------------------------------
+
+def _one_process_checkpoint():
+    torch.manual_seed(0)
+    model = Net()
+    opt = dm.DMGD(model.parameters(), lr=0.05, hidden=3, memory_lr=0.1)
+    train(model, opt, range(3))
+    return model.state_dict(), opt.state_dict()
+
+
+def _load_plain_worker(rank, world, model_sd, optim_sd):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Net()
+    model.load_state_dict(model_sd)
+    fully_shard(model)
+    opt = dm.DMGD(model.parameters(), lr=0.05, hidden=3, memory_lr=0.1)
+    opt.load_state_dict(optim_sd)  # whole tensors: each rank keeps its rows
+    train(model, opt, range(3, 6), rank, world)
+    return snapshot(model, opt)
+
+
+def test_a_one_process_state_dict_loads_into_fsdp2():
+    model_sd, optim_sd = _one_process_checkpoint()
+    got = spawn(_load_plain_worker, 2, model_sd, optim_sd)[1]
+    torch.manual_seed(0)
+    model = Net()
+    opt = dm.DMGD(model.parameters(), lr=0.05, hidden=3, memory_lr=0.1)
+    train(model, opt, range(6))
+    ref = snapshot(model, opt)
+    for kind in ("params", "state"):
+        assert set(got[kind]) == set(ref[kind])
+        for key, value in ref[kind].items():
+            torch.testing.assert_close(got[kind][key], value, atol=2e-5, rtol=1e-5,
+                                       msg=lambda m: f"{key}: {m}")
