@@ -199,6 +199,8 @@ def shards_of(params: Sequence[Tensor], names: Callable[[Tensor], str],
             continue  # replicated, or an elementwise rule's other sharding: local only
         group = mesh.get_group(dims[0])
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if world == 1:
+            continue  # the whole tensor is local: nothing to communicate
         rows = _chunk_rows(p.shape[0], world)
         if p.to_local().shape[0] != rows[rank]:
             raise ValueError(f"{_describe(names(p), p)} holds {p.to_local().shape[0]} rows on "

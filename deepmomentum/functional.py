@@ -148,7 +148,8 @@ def _by_kind(composition: Callable = None, *, elementwise: bool = False) -> Call
                 return {}
             return {"shards": None if shards is None else [shards[i] for i in idx]}
 
-        if elementwise and not foreach and len(params) > 1:
+        sharded = shards and any(x is not None for x in shards)  # collectives: one call
+        if elementwise and not foreach and len(params) > 1 and not sharded:
             # Lists with missing entries: the composition may create them (first steps).
             fill = [k for k, xs in enumerate(lists)
                     if xs is not None and any(x is None for x in xs)]
@@ -447,20 +448,23 @@ def orthogonalize(
     orthogonalizes them in one batched call; ``batched=False`` is the reference loop, one
     matrix at a time. ``shards`` (FSDP2, :func:`deepmomentum.distributed.shards_of`): the
     tensors are local shards; each whole matrix is assembled on its owner rank, orthogonalized
-    there (batched with the owner's other matrices) and its rows sent back.
+    there (batched with the owner's other matrices) and its rows sent back. Both ways travel
+    in ``dtype`` where it is the narrower (Newton–Schulz's first step casts to it, and its
+    result is that cast back), so the result is the same and the bytes are half for bf16.
     """
     if shards is not None and any(s is not None for s in shards):
         from . import distributed
 
-        fulls = distributed.gather_to_owners(tensors, shards)
+        wire = [t.to(dtype) if dtype.itemsize < t.dtype.itemsize else t for t in tensors]
+        fulls = distributed.gather_to_owners(wire, shards)
         plain = [i for i, s in enumerate(shards) if s is None]  # whole on every rank
         owned = sorted(fulls)
         done = orthogonalize([fulls[i] for i in owned] + [tensors[i] for i in plain],
                              batch_dims=batch_dims, steps=steps, coefficients=coefficients,
                              eps=eps, dtype=dtype, batched=batched)
-        back = distributed.scatter_from_owners(dict(zip(owned, done)), tensors, shards)
+        back = distributed.scatter_from_owners(dict(zip(owned, done)), wire, shards)
         back.update(zip(plain, done[len(owned):]))
-        return [back[i] for i in range(len(tensors))]
+        return [back[i].to(t.dtype) for i, t in enumerate(tensors)]
     views = [matrix_view(t, batch_dims) for t in tensors]  # (n, r, c) each
     ns = dict(steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
     out: list[Optional[Tensor]] = [None] * len(views)
@@ -975,7 +979,8 @@ def _sharded_deep_memory_reads(keys_from, values, memory_A, memory_B, shards, *,
     xs, partial, whole = [], [], set()
     for i, (g, v, A, B, s) in enumerate(zip(keys_from, values, memory_A, memory_B, shards)):
         if len(s.shape) < 2:  # a vector: gathered, its whole step computed like unsharded
-            g, v = distributed.full(g, s), distributed.full(v, s)
+            g, v = (distributed.full(g, s),) * 2 if v is g else (
+                distributed.full(g, s), distributed.full(v, s))
             whole.add(i)
         X, V = unit_rows(as_matrix(g)), as_matrix(v)
         H, dZ, D = deep_memory_gradient_factors(X, V, A, B, **inner)
