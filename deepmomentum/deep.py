@@ -181,6 +181,8 @@ class DeepMomentum(MemoryOptimizer):
                                    "memory_B" if keyed else None,
                                    "exp_avg_sq" if group["values"] == "preconditioned" else None)
 
+    REPLICATED_STATE = ("memory_A", "memory_B")
+
     def _has_matrix_stages(self, group):
         return group["hidden"] > 0 or group["output"] == "newton_schulz"
 

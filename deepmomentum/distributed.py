@@ -93,6 +93,9 @@ def replicated(t: Tensor, mesh) -> Tensor:
     return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
+_replicate = replicated  # for functions whose argument of that name shadows it
+
+
 def like_param(t: Tensor, param: Tensor, shard: Optional[Shard0]) -> Tensor:
     """State ``t`` computed on ``param``'s local shard, stored as ``param`` is stored: a
     DTensor with its placement (sharded or replicated), or ``t`` itself."""
@@ -111,17 +114,17 @@ def state_like(t: Tensor, param: Tensor) -> Tensor:
     return replicated(t, param.device_mesh)
 
 
-def load_like(value: Tensor, param: Tensor) -> Tensor:
+def load_like(value: Tensor, param: Tensor, replicated: bool = False) -> Tensor:
     """A loaded state tensor for the DTensor ``param``: a DTensor as it is; a whole tensor of
-    the parameter's shape (a one-process checkpoint) cut to this rank's rows; any other
-    replicated."""
+    the parameter's shape (a one-process checkpoint) placed as the parameter, unless it is
+    a ``replicated`` entry; any other replicated."""
     if is_dtensor(value) or not is_dtensor(param):
         return value
-    if tuple(value.shape) == tuple(param.shape):  # every rank loads the same whole tensor
+    if tuple(value.shape) == tuple(param.shape) and not replicated:  # the same on every rank
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-    return replicated(value, param.device_mesh)
+    return _replicate(value, param.device_mesh)
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ the groups of a CMS-style chain of levels.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -53,6 +54,21 @@ def continuum_groups(levels: Iterable[Level], accumulate: str = "sum", stagger: 
         check_schedule(group)
         groups.append(group)
     return groups
+
+
+class _State(defaultdict):
+    """MultiFrequency's own state (the accumulators), which counts as non-empty while the
+    wrapped optimizer has state: ``torch.distributed.checkpoint.state_dict`` re-runs its
+    state-initializing step on an optimizer whose ``state`` is empty, and with only period-1
+    groups (no accumulators) it would step the wrapped optimizer again, on state DCP has just
+    loaded in place."""
+
+    def __init__(self, wrapped: torch.optim.Optimizer):
+        super().__init__(dict)
+        self.wrapped = wrapped
+
+    def __bool__(self) -> bool:
+        return dict.__len__(self) > 0 or bool(self.wrapped.state)
 
 
 class MultiFrequency(torch.optim.Optimizer):
@@ -101,6 +117,7 @@ class MultiFrequency(torch.optim.Optimizer):
         # One list of group dicts for both, so schedulers and the wrapped optimizer agree.
         self.param_groups = optimizer.param_groups
         self.defaults = optimizer.defaults
+        self.state = _State(optimizer)
 
     def __repr__(self) -> str:
         return f"MultiFrequency({self.optimizer!r})"
@@ -124,7 +141,7 @@ class MultiFrequency(torch.optim.Optimizer):
                 loss = closure()
         user_grads: dict[Tensor, Optional[Tensor]] = {}
         # DCP's state-initializing call (zero gradients, lr 0, no state) reaches every group.
-        initializing = not self.optimizer.state and initializes_state(self)
+        initializing = initializes_state(self)  # its state counts the wrapped one's
         for group in self.param_groups:
             if group["update_period"] == 1:
                 continue
@@ -196,7 +213,7 @@ class MultiFrequency(torch.optim.Optimizer):
         self.optimizer.load_state_dict(inner)
         # The wrapped optimizer's loader replaced its group dicts: share the new ones.
         self.param_groups = self.optimizer.param_groups
-        self.state.clear()
+        self.state = _State(self.optimizer)
         for saved_id, p in zip(saved_ids, params):
             accumulator = accumulators.get(saved_id)
             if accumulator is not None:

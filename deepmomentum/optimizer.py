@@ -237,6 +237,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
     supported_impls: tuple[str, ...] = ("foreach",)
     #: State entries the rule creates itself on a parameter's first update.
     LAZY_STATE: tuple[str, ...] = ()
+    #: State entries that are not of the parameter's shape in kind (DMGD's memories), whatever
+    #: their shape: under FSDP2 every rank holds them whole (replicated), never a shard.
+    REPLICATED_STATE: tuple[str, ...] = ()
 
     #: Group options every optimizer takes. SPEC §7: a group with ``update_period = C``
     #: accumulates its gradients and applies its rule once every C ``step()`` calls.
@@ -686,8 +689,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                                                        dtype=torch.float32)
                 elif isinstance(value, Tensor):
                     # From the saved tensor (not torch's cast copy): no double rounding.
-                    value = distributed.load_like(value, param)  # FSDP2: as the param is
-                    like = param if value.shape == param.shape else value
+                    whole = key in self.REPLICATED_STATE  # even where its shape is param's
+                    value = distributed.load_like(value, param, replicated=whole)  # FSDP2
+                    like = param if value.shape == param.shape and not whole else value
                     state[key] = torch.empty_like(
                         like, dtype=self._state_dtype(key, value, param), device=param.device,
                         memory_format=torch.preserve_format).copy_(value)

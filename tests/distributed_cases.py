@@ -60,6 +60,8 @@ SETTINGS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "PreconditionedMomentum-value-period2": lambda m: dm.PreconditionedMomentum(
         m.parameters(), lr=0.01, precondition="value", update_period=2, accumulate="mean"),
     "DMGD": lambda m: dm.DMGD(m.parameters(), lr=0.05, hidden=3, memory_lr=0.1),
+    # hidden 5: a.weight's memory_B (5 × 6) has the parameter's shape, and stays replicated.
+    "DMGD-hidden5": lambda m: dm.DMGD(m.parameters(), lr=0.05, hidden=5, memory_lr=0.1),
     "DMGD-preconditioned-ns": lambda m: dm.DMGD(
         m.parameters(), lr=0.02, hidden=3, memory_lr=0.1, values="preconditioned",
         output="newton_schulz", ns_dtype=torch.float32),
