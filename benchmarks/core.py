@@ -237,31 +237,66 @@ def corpus(name="shakespeare"):
     return _CORPUS[name]
 
 
-def _lm(spec, lr, seed, quick, corpus_name="shakespeare"):
+#: The LM task's (steps, batch, context) with ``quick`` (True) and without.
+LM_SIZES = {True: (150, 16, 64), False: (600, 32, 64)}
+
+
+def lm_data(corpus_name="shakespeare"):
+    """The LM task's corpus record, its ids and the train/validation split (90%)."""
     data = corpus(corpus_name)
-    ids, split = data["ids"], int(0.9 * len(data["ids"]))
-    torch.manual_seed(seed)
-    model = CharGPT(data["vocab"])
-    opt = spec.build(model, lr)
+    return data, data["ids"], int(0.9 * len(data["ids"]))
+
+
+def lm_batches(ids, split, seed, batch, T):
+    """The LM task's training windows, ``(batch, T + 1)`` each, from ``ids[:split]``: an endless
+    stream drawn by its own generator seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    steps, batch, T = (150, 16, 64) if quick else (600, 32, 64)
-    losses, t0 = [], time.perf_counter()
-    for _ in range(steps):
+    while True:
         start = torch.randint(split - T - 1, (batch,), generator=g)
-        window = ids[start[:, None] + torch.arange(T + 1)]
-        loss = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
-        losses.append(loss.item())
+        yield ids[start[:, None] + torch.arange(T + 1)]
+
+
+def lm_validation_windows(ids, split, T, count=64):
+    """The LM task's fixed validation windows from ``ids[split:]``."""
+    gv = torch.Generator().manual_seed(1234)
+    start = split + torch.randint(len(ids) - split - T - 1, (count,), generator=gv)
+    return ids[start[:, None] + torch.arange(T + 1)]
+
+
+def lm_loss(model, window):
+    """Mean next-character cross-entropy of ``model`` on ``window`` (rows of T + 1 ids)."""
+    window = window.to(next(model.parameters()).device)
+    return F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+
+
+def lm_train(model, opt, batches, steps, rows=slice(None), mean=None):
+    """The LM task's training loop: ``steps`` steps, each on rows ``rows`` of ``next(batches)``
+    (all of them in one process; under FSDP2 a rank's equal share, so that FSDP's averaged
+    gradient is the whole batch's). Returns each step's loss — ``mean(loss)``, by default
+    ``loss.item()`` (under FSDP2: its mean over the ranks) — up to the first non-finite one."""
+    losses = []
+    for _ in range(steps):
+        loss = lm_loss(model, next(batches)[rows])
+        losses.append(loss.item() if mean is None else mean(loss))
         if not math.isfinite(losses[-1]):
             break
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return losses
+
+
+def _lm(spec, lr, seed, quick, corpus_name="shakespeare"):
+    data, ids, split = lm_data(corpus_name)
+    torch.manual_seed(seed)
+    model = CharGPT(data["vocab"])
+    opt = spec.build(model, lr)
+    steps, batch, T = LM_SIZES[quick]
+    t0 = time.perf_counter()
+    losses = lm_train(model, opt, lm_batches(ids, split, seed, batch, T), steps)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        gv = torch.Generator().manual_seed(1234)
-        start = split + torch.randint(len(ids) - split - T - 1, (64,), generator=gv)
-        window = ids[start[:, None] + torch.arange(T + 1)]
-        val = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+        val = lm_loss(model, lm_validation_windows(ids, split, T))
     val_bpc = val.item() / math.log(2)
     return Run(losses, seconds, None, {"val_bits_per_char": val_bpc, "final_metric": val_bpc,
                                        "corpus": data["name"], "corpus_sha256": data["sha256"]})

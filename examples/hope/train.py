@@ -11,6 +11,19 @@ get deepmomentum's matrix/AdamW split). HOPE's CMS levels are param groups with
 holds the model, optimizer, scheduler and data-sampler state, so a resumed run follows the same
 trajectory; ``OUT/metrics.json`` holds the config, the loss curve, validation bits per byte
 (= bits per char: the texts are ASCII) and the environment.
+
+**Several processes (FSDP2).** ``torchrun --nproc-per-node N examples/hope/train.py ... --fsdp``
+(or ``torchrun ... -m examples.hope.train ... --fsdp``) trains one model on N ranks: the process
+group comes from torchrun's environment (gloo on the CPU, nccl on CUDA, one GPU per rank), each
+block and then the whole model is a ``fully_shard`` unit (parameters are DTensors ``Shard(0)``),
+and every rank takes its ``batch/N`` rows of the same global batch, so the trajectory is the
+one-process run's (up to float rounding of FSDP's averaged gradients). Logging, validation
+results and files come from rank 0 (every rank runs the validation forward on all windows: an
+FSDP forward is collective). Checkpoints are ``torch.distributed.checkpoint`` directories,
+``OUT/checkpoint/`` (sharded model and optimizer, plus ``trainer.pt`` with the schedule, sampler
+and metrics); ``--resume`` continues from one, on any number of ranks. Without ``--fsdp`` the
+script is the one-process run it always was; under torchrun with ``WORLD_SIZE > 1`` it refuses
+to start without ``--fsdp`` (N independent runs would write the same files).
 """
 
 from __future__ import annotations
@@ -19,9 +32,16 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
+
+if __package__ in (None, ""):  # run as a file (torchrun examples/hope/train.py): the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))))
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +241,144 @@ class Progress:
             print(file=sys.stderr)
 
 
+# --- several processes: torchrun + FSDP2 --------------------------------------------------------
+
+CHECKPOINT_DIR = "checkpoint"  # a distributed run's torch.distributed.checkpoint directory
+TRAINER_FILE = "trainer.pt"  # in it: what is not model or optimizer (schedule, sampler, metrics)
+
+
+@dataclass
+class Ranks:
+    """Where this process stands: rank ``rank`` of ``world``; ``fsdp`` when the model is
+    sharded over them (``--fsdp``), else the one-process run (rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False
+    mesh: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, batch: int) -> slice:
+        """This rank's rows of a global batch of ``batch``: ``rank·B/N : (rank+1)·B/N``."""
+        per = batch // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean over the ranks of a scalar (each rank's mean over its equal share of the
+        batch: the global batch's mean); the value itself in one process."""
+        if not self.fsdp:
+            return value.item()
+        import torch.distributed as dist
+
+        total = value.detach().float().reshape(1).clone()
+        dist.all_reduce(total)  # SUM: gloo has no AVG
+        return total.item() / self.world
+
+    def barrier(self) -> None:
+        if self.fsdp:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def torchrun_world() -> int:
+    """The world size torchrun set (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_ranks(args: argparse.Namespace) -> Ranks:
+    """Join torchrun's process group (``--fsdp``): gloo on the CPU, nccl on CUDA (each rank
+    on GPU ``LOCAL_RANK``; ``args.device`` is set to it), and a 1-D device mesh over all."""
+    if not args.fsdp:
+        return Ranks()
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return Ranks(rank, world, True, init_device_mesh(device.type, (world,)))
+
+
+def stop_ranks(ranks: Ranks) -> None:
+    if ranks.fsdp:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def shard(model: LanguageModel, mesh) -> LanguageModel:
+    """FSDP2: each block its own ``fully_shard`` unit (its parameters gathered for its forward
+    and backward only), then the root (embedding, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _swap_in(tmp: str, final: str) -> None:
+    """Replace the directory ``final`` by ``tmp`` (``final.old`` only for the moment between
+    the two renames: a crash there leaves the previous checkpoint, which ``_dcp_dir`` finds)."""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _dcp_dir(out: str) -> Optional[str]:
+    """The run's distributed checkpoint directory, if it has a complete one."""
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        path = os.path.join(out, name)
+        if os.path.exists(os.path.join(path, TRAINER_FILE)):
+            return path
+    return None
+
+
+def save_distributed(path: str, ranks: Ranks, model, optimizer, trainer: dict[str, Any]) -> None:
+    """A ``torch.distributed.checkpoint`` of the sharded model and optimizer (each rank writes
+    its shards) and rank 0's ``trainer.pt``, written to ``path.tmp`` and then swapped in."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = path + ".tmp"
+    if ranks.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ranks.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    if ranks.main:
+        torch.save(trainer, os.path.join(tmp, TRAINER_FILE))
+        _swap_in(tmp, path)
+    ranks.barrier()
+
+
+def load_distributed(path: str, model, optimizer) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_distributed` (by any number of ranks: DCP
+    reshards) into the sharded model and optimizer; returns the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)  # in place, into the live tensors of both
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    return torch.load(os.path.join(path, TRAINER_FILE), map_location="cpu", weights_only=False)
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=ARCHITECTURES, default="hope")
@@ -238,26 +396,50 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop (with a checkpoint) after this many steps of this call")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the model over the ranks with FSDP2 and "
+                             "split each batch across them")
     args = parser.parse_args(argv)
     try:
         optimizer_class(args.optim)
     except ValueError as e:  # argparse's way: usage, the names, exit status 2
         parser.error(f"argument --optim: {e}")
+    world = torchrun_world()
+    if world > 1 and not args.fsdp:
+        parser.error(f"launched on {world} ranks (WORLD_SIZE={world}) without --fsdp: each "
+                     "rank would train its own copy into the same --out; add --fsdp")
+    if args.fsdp:
+        if "RANK" not in os.environ:
+            parser.error("--fsdp runs under torchrun (torchrun --nproc-per-node N "
+                         "examples/hope/train.py ... --fsdp)")
+        batch = SIZES[args.size]["batch"]
+        if batch % world:
+            parser.error(f"--fsdp on {world} ranks: the size's batch ({batch}) must split "
+                         "evenly across them")
     return args
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, Any]:
+    """The run of ``args``; ``ranks`` (from :func:`start_ranks`): this process's part of an
+    FSDP2 run, by default the one-process run."""
+    ranks = ranks or Ranks()
     size = SIZES[args.size]
     steps = args.steps or size["steps"]
     lr = args.lr or default_lr(args.optim, size["lr"])
     device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
+    if ranks.main:
+        os.makedirs(args.out, exist_ok=True)
+    ranks.barrier()
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    dcp_path = os.path.join(args.out, CHECKPOINT_DIR)
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # every rank: the same initial model, then its shards of it
     config = HopeConfig(arch=args.arch, **size["model"])
     model = build(config).to(device)
     config = model.config
+    parameters = count_parameters(model)
+    if ranks.fsdp:
+        shard(model, ranks.mesh)
     optimizer = make_optimizer(model, args.optim, lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(size["warmup"], steps))
     sampler = torch.Generator().manual_seed(args.seed)
@@ -269,10 +451,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "optim_options": M3_OPTIONS if optimizer_class(args.optim) is dm.M3 else {},
         "weight_decay": args.weight_decay, "seed": args.seed, "steps": steps,
         "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
-        "parameters": count_parameters(model), "corpus": corpus,
-        "environment": environment(), "train_loss": [], "val": [], "seconds": 0.0}
+        "parameters": parameters, "corpus": corpus,
+        "environment": environment() if ranks.main else {}, "train_loss": [], "val": [],
+        "seconds": 0.0}
+    if ranks.fsdp:
+        metrics["fsdp_world_size"] = ranks.world
     step = 0
-    if args.resume and os.path.exists(checkpoint_path):
+    if args.resume:
+        _check_resumable(args.out, ranks)
+    if args.resume and ranks.fsdp and _dcp_dir(args.out):
+        saved = load_distributed(_dcp_dir(args.out), model, optimizer)
+        scheduler.load_state_dict(saved["scheduler"])
+        sampler.set_state(saved["sampler"])
+        torch.set_rng_state(saved["torch_rng"])
+        metrics, step = saved["metrics"], saved["step"]
+        metrics["fsdp_world_size"] = ranks.world
+    elif args.resume and not ranks.fsdp and os.path.exists(checkpoint_path):
         saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -291,6 +485,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     def save() -> None:
         record_progress()
+        if ranks.fsdp:
+            save_distributed(dcp_path, ranks, model, optimizer, {
+                "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(),
+                "torch_rng": torch.get_rng_state(), "metrics": metrics, "step": step,
+                "config": config.to_dict()})
+            if ranks.main:
+                with open(os.path.join(args.out, "metrics.json"), "w") as f:
+                    json.dump(metrics, f, indent=1)
+            return
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(),
                     "torch_rng": torch.get_rng_state(), "metrics": metrics, "step": step,
@@ -300,16 +503,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             json.dump(metrics, f, indent=1)
 
     stop = steps if args.stop_after is None else min(steps, step + args.stop_after)
-    progress = Progress(steps, step, enabled=not args.quiet)
+    progress = Progress(steps, step, enabled=not args.quiet and ranks.main)
+    rows = ranks.rows(size["batch"])  # this rank's rows of each global batch (all in one process)
     model.train()
     t0 = time.perf_counter() - metrics["seconds"]
     while step < stop:
         starts = torch.randint(len(train_tokens) - size["seq_len"] - 1, (size["batch"],),
                                generator=sampler)
-        batch = windows(train_tokens, starts, size["seq_len"]).to(device)
+        batch = windows(train_tokens, starts[rows], size["seq_len"]).to(device)
         logits = model(batch[:, :-1])
+        # the mean over this rank's rows: FSDP's averaged gradient is the whole batch's
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        value = loss.item()  # one host sync a step, for the log and the NaN check
+        value = ranks.mean(loss)  # one host sync a step, for the log and the NaN check
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -333,10 +538,36 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
+def _check_resumable(out: str, ranks: Ranks) -> None:
+    """``--resume`` of a run whose checkpoint is the other kind is refused (it would start
+    over and overwrite the run's metrics)."""
+    one_process = os.path.exists(os.path.join(out, "checkpoint.pt"))
+    if ranks.fsdp and one_process and not _dcp_dir(out):
+        raise ValueError(f"{out} holds a one-process checkpoint (checkpoint.pt): resume it "
+                         "without torchrun and --fsdp")
+    if not ranks.fsdp and not one_process and _dcp_dir(out):
+        raise ValueError(f"{out} holds a distributed checkpoint ({CHECKPOINT_DIR}/): resume it "
+                         "with torchrun ... --fsdp (any number of ranks)")
+
+
 def load(run_dir: str, device: str = "cpu") -> LanguageModel:
-    """The trained model of a run directory."""
-    saved = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location=device,
-                       weights_only=False)
+    """The trained model of a run directory (a one-process run's ``checkpoint.pt``, or a
+    distributed run's ``checkpoint/``, read whole in this one process)."""
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.exists(path) and _dcp_dir(run_dir):
+        import torch.distributed.checkpoint as dcp
+
+        directory = _dcp_dir(run_dir)
+        saved = torch.load(os.path.join(directory, TRAINER_FILE), map_location="cpu",
+                           weights_only=False)
+        model = LanguageModel(HopeConfig(**saved["config"])).to(device)
+        state = {"model": model.state_dict()}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=directory, no_dist=True)  # the shards, reassembled
+        model.load_state_dict(state["model"])
+        return model
+    saved = torch.load(path, map_location=device, weights_only=False)
     model = LanguageModel(HopeConfig(**saved["config"])).to(device)
     model.load_state_dict(saved["model"])
     return model
@@ -344,7 +575,13 @@ def load(run_dir: str, device: str = "cpu") -> LanguageModel:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    metrics = train(args)
+    ranks = start_ranks(args)
+    try:
+        metrics = train(args, ranks)
+    finally:
+        stop_ranks(ranks)
+    if not ranks.main:
+        return
     keys = ["arch", "parameters", "tokens", "seconds"]
     if metrics["partial"]:
         last = metrics["val"][-1] if metrics["val"] else None
