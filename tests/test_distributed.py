@@ -68,6 +68,7 @@ def _fsdp_worker(rank: int, world: int) -> dict:
         finally:
             dmf.newton_schulz = original
         out[name] = dict(snapshot(model, opt), matrices=counter["matrices"])
+    out["placements"] = _placements(rank, world)
     return out
 
 
@@ -120,7 +121,7 @@ def test_each_matrix_is_orthogonalized_on_exactly_one_rank(world, name):
     assert max(counts) < expected, counts  # and spread over the ranks
 
 
-def _placements_worker(rank, world):
+def _placements(rank, world):
     from torch.distributed.tensor import DTensor
 
     model = _sharded_model()
@@ -137,7 +138,7 @@ def _placements_worker(rank, world):
 def test_fsdp2_state_is_sharded_like_its_parameter():
     from torch.distributed.tensor import Replicate, Shard
 
-    placements = spawn(_placements_worker, 2)[0]
+    placements = _fsdp_results(2)[0]["placements"]
     assert placements["a.weight.momentum_buffer"] == ((Shard(0),), (5, 6))
     assert placements["a.weight.memory_A"] == ((Replicate(),), (6, 3))
     assert placements["a.weight.step"] == "Tensor"

@@ -18,6 +18,18 @@ if not dist.is_available() or not dist.is_gloo_available():
 DDP_STEPS = 5
 
 
+def _two_rank_worker(rank, world, model_sd, optim_sd):
+    """Every two-rank check of this file in one spawn (each spawn costs seconds)."""
+    return {"ddp": _ddp_worker(rank, world), "refusal": _refusal_worker(rank, world),
+            "amp": _amp_worker(rank, world), "ddp schedules": _ddp_schedule_worker(rank, world),
+            "load plain": _load_plain_worker(rank, world, model_sd, optim_sd)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return spawn(_two_rank_worker, 2, *_one_process_checkpoint())
+
+
 def _ddp_optimizer(info, variant, module):
     """``info``'s optimizer with ``variant`` on ``module``: matrix optimizers take the
     matrices (with enough dims for ``batch_dims``) and an AdamW group for the rest."""
@@ -51,8 +63,8 @@ def _ddp_worker(rank, world):
     return out
 
 
-def test_ddp_keeps_every_optimizer_bit_identical_across_ranks():
-    results = spawn(_ddp_worker, 2)[0]
+def test_ddp_keeps_every_optimizer_bit_identical_across_ranks(two_ranks):
+    results = two_ranks[0]["ddp"]
     assert len(results) == sum(len(info.variants) for info in REGISTRY)
     for name, (zero, one) in results.items():
         assert torch.isfinite(zero).all(), name
@@ -152,8 +164,8 @@ def _refusal_worker(rank, world):
     return messages
 
 
-def test_unsupported_placements_are_refused_by_name():
-    messages = spawn(_refusal_worker, 2)[0]
+def test_unsupported_placements_are_refused_by_name(two_ranks):
+    messages = two_ranks[0]["refusal"]
     assert "w0" in messages["Shard(1)"] and "Shard(dim=1)" in messages["Shard(1)"]
     assert messages["Shard(1) elementwise"] is True
     assert "w1" in messages["mixed mesh"] and "mesh" in messages["mixed mesh"]
@@ -234,8 +246,8 @@ def _amp_worker(rank, world):
     return out
 
 
-def test_grad_scaler_and_multi_frequency_under_fsdp2():
-    ranks = spawn(_amp_worker, 2)
+def test_grad_scaler_and_multi_frequency_under_fsdp2(two_ranks):
+    ranks = [r["amp"] for r in two_ranks]
     for name, build in {"Muon": _muon, "MultiFrequency": _multi_frequency}.items():
         torch.manual_seed(0)
         model = Net()
@@ -278,8 +290,8 @@ def _ddp_schedule_worker(rank, world):
     return out
 
 
-def test_ddp_schedules_and_grad_scaler_keep_ranks_identical():
-    for name, (zero, one) in spawn(_ddp_schedule_worker, 2)[0].items():
+def test_ddp_schedules_and_grad_scaler_keep_ranks_identical(two_ranks):
+    for name, (zero, one) in two_ranks[0]["ddp schedules"].items():
         assert torch.equal(zero, one), name
 
 
@@ -306,9 +318,8 @@ def _load_plain_worker(rank, world, model_sd, optim_sd):
     return snapshot(model, opt)
 
 
-def test_a_one_process_state_dict_loads_into_fsdp2():
-    model_sd, optim_sd = _one_process_checkpoint()
-    got = spawn(_load_plain_worker, 2, model_sd, optim_sd)[1]
+def test_a_one_process_state_dict_loads_into_fsdp2(two_ranks):
+    got = two_ranks[1]["load plain"]
     torch.manual_seed(0)
     model = Net()
     opt = dm.DMGD(model.parameters(), lr=0.05, hidden=3, memory_lr=0.1)
