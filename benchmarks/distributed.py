@@ -484,7 +484,8 @@ def _kept_per_rank(held: list[int], samples: int) -> list[int]:
 
 #: The collective each analytic stage is measured against.
 STAGE_KIND = {"newton-schulz": "all_to_all", "newton-schulz (slow)": "all_to_all",
-              "gram": "all_reduce", "dmgd inner grads": "all_reduce",
+              "gram": "all_reduce", "gradient keys": "all_gather",
+              "dmgd inner grads": "all_reduce",
               "nonfinite flag": "all_reduce", "dmgd vectors": "all_gather",
               "input keys": "all_gather"}
 
@@ -541,10 +542,12 @@ def analytic_step(opt, model, cfg: Config, world: int, rank: int, step: int) -> 
                     keyed.append(c)
                 elif len(s.shape) < 2:
                     out.add("gram", 2 * esize, ar(2 * esize))  # b·g and ‖g‖²
-                else:
-                    gathered = (world - 1) * -(-r // world) * c * esize  # all-gather of G
-                    out.add("gram", c * c * esize, ar(c * c * esize),
-                            min(ar(c * c * esize), gathered))
+                elif r <= c:  # wide or square: G all-gathered (r·c ≤ the c × c Gram)
+                    mine = s.rows[rank] * c * esize
+                    out.add("gradient keys", mine, (world - 1) * mine,
+                            (world - 1) * -(-r // world) * c * esize)
+                else:  # tall: the c × c Gram all-reduced (less than G)
+                    out.add("gram", c * c * esize, ar(c * c * esize))
             if keyed:
                 held = [min(cfg.key_samples, cfg.tokens_per_rank(world))] * world
                 kept = _kept_per_rank(held, cfg.key_samples)

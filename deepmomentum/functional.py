@@ -357,12 +357,30 @@ def erase_terms(buffers: Sequence[Optional[Tensor]], grads: Sequence[Tensor],
 
 def _sharded_gradient_key_erase(buffers, grads, shards) -> list[Tensor]:
     r""":math:`bK` with :math:`K = G^\top G/\lVert G\rVert^2` for row shards of ``b`` and
-    ``G``: the overflow-safe norm (global max and sum of squares) and then the Gram (or, for
-    a vector, :math:`bk^\top`) are all-reduced, one collective each for all tensors."""
+    ``G``, by whichever moves less without repeating matrix work on every rank:
+
+    * a wide or square matrix (r ≤ c): ``G`` is all-gathered (r·c, no more than the c × c
+      Gram) and each rank computes its rows :math:`(b k^\top) k` as one process would;
+    * a tall matrix (r > c): the overflow-safe norm (global max and sum of squares) and the
+      Gram :math:`k^\top k` (c × c, less than ``G``) are all-reduced;
+    * a vector (one row, its columns sharded): the norm and :math:`b k^\top` are all-reduced.
+
+    The reductions take one collective each for all tensors."""
     from . import distributed
 
-    group = shards[0].group
-    gs = [as_matrix(g) for g in grads]
+    out: list[Optional[Tensor]] = [None] * len(buffers)
+    reduced_ones = []
+    for j, (b, g, s) in enumerate(zip(buffers, grads, shards)):
+        r, c = matrix_shape(s.shape)
+        if len(s.shape) >= 2 and r <= c:
+            out[j] = erase_along_keys(as_matrix(b), gradient_keys(distributed.full(g, s))
+                                      ).view_as(b)
+        else:
+            reduced_ones.append(j)
+    if not reduced_ones:
+        return out
+    group = shards[reduced_ones[0]].group
+    gs = [as_matrix(grads[j]) for j in reduced_ones]
     scales = distributed.all_reduce_max(
         [g.abs().amax() if g.numel() else g.new_zeros(()) for g in gs], group)
     scales = [torch.where(m > 0, m, torch.ones_like(m)) for m in scales]
@@ -372,12 +390,13 @@ def _sharded_gradient_key_erase(buffers, grads, shards) -> list[Tensor]:
     for g, m, total in zip(gs, scales, sums):
         norm = total.sqrt() * m
         keys.append(g / torch.where(norm > 0, norm, torch.ones_like(norm)))
-    vector = [len(s.shape) < 2 for s in shards]  # a 1-D tensor: one row, columns sharded
-    partial = [as_matrix(b) @ k.mT if v else k.mT @ k
-               for b, k, v in zip(buffers, keys, vector)]
-    reduced = distributed.all_reduce_sum(partial, group)
-    return [(r @ k if v else as_matrix(b) @ r).view_as(b)
-            for b, k, r, v in zip(buffers, keys, reduced, vector)]
+    bs = [buffers[j] for j in reduced_ones]
+    vector = [len(shards[j].shape) < 2 for j in reduced_ones]
+    partial = [as_matrix(b) @ k.mT if v else k.mT @ k for b, k, v in zip(bs, keys, vector)]
+    for j, b, k, red, v in zip(reduced_ones, bs, keys,
+                               distributed.all_reduce_sum(partial, group), vector):
+        out[j] = (red @ k if v else as_matrix(b) @ red).view_as(b)
+    return out
 
 
 def preconditioner_denominators(second_moments: Sequence[Tensor], *, eps: float,

@@ -21,14 +21,14 @@ BATCH = 8  # the global batch: every world size (1, 2, 4) splits it evenly
 
 class Net(nn.Module):
     """Parameters whose Shard(0) is uneven (5 rows over 2 or 4 ranks), empty on some ranks
-    (1 row), 1-D (biases) and 3-D (``conv``)."""
+    (1 row), 1-D (biases) and 3-D (``conv``); wide (``a``, ``c``) and tall (``b``)."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(6, 5)
         self.conv = nn.Parameter(torch.randn(5, 3, 2) * 0.4)
-        self.b = nn.Linear(6, 4)
-        self.c = nn.Linear(4, 1)
+        self.b = nn.Linear(6, 8)
+        self.c = nn.Linear(8, 1)
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
