@@ -326,8 +326,9 @@ class DeltaMomentum(MemoryOptimizer):
 
         A collective: every rank issues the same calls in the same order, whether or not its
         layers saw a forward — one all-gather of the row counts of every 2-D parameter of the
-        update, then, per key dtype, one all-gather of the rows padded to the largest count
-        (parameters with no rows on any rank take no part)."""
+        update, then, per key dtype, one all-gather of the rows that survive the subsampling
+        (each rank knows which of its rows they are from the counts), padded to the largest
+        such count (parameters with no rows on any rank take no part)."""
         group_of_ranks = self._key_process_group
         if group_of_ranks is None:
             return
@@ -342,9 +343,21 @@ class DeltaMomentum(MemoryOptimizer):
         everyone = torch.empty(world * len(matrices), dtype=torch.int64, device=counts.device)
         _all_gather_single(everyone, counts, group_of_ranks)
         per_rank = everyone.view(world, len(matrices)).tolist()  # one host read per update
+        rank = dist.get_rank(group_of_ranks)
+        # Which rows of each rank the subsampling of their concatenation keeps: only those
+        # travel, and their concatenation in rank order is the subsampled one.
+        kept = [[None] * len(matrices) for _ in range(world)]  # local row indices per rank
+        for j in range(len(matrices)):
+            counts = [row[j] for row in per_rank]
+            index = _evenly_spaced_index(sum(counts), group["key_samples"])
+            start = 0
+            for r, n in enumerate(counts):
+                kept[r][j] = torch.arange(n) if index is None else \
+                    index[(index >= start) & (index < start + n)] - start
+                start += n
         buckets: dict[torch.dtype, list[tuple[int, int]]] = {}  # dtype → (index, max count)
         for j, p in enumerate(matrices):
-            most = max(row[j] for row in per_rank)
+            most = max(len(kept[r][j]) for r in range(world))
             if most:
                 buckets.setdefault(dmf.state_dtype(p.dtype), []).append((j, most))
         for dtype, entries in buckets.items():
@@ -353,7 +366,8 @@ class DeltaMomentum(MemoryOptimizer):
             for j, most in entries:
                 rows = torch.zeros(most, matrices[j].shape[1], dtype=dtype, device=device)
                 if held[j] is not None:
-                    rows[: held[j].shape[0]] = held[j]
+                    mine = kept[rank][j].to(held[j].device)
+                    rows[: len(mine)] = held[j].index_select(0, mine)
                 padded.append(rows.flatten())
             mine = torch.cat(padded)
             gathered = torch.empty(world * mine.numel(), dtype=dtype, device=device)
@@ -362,11 +376,10 @@ class DeltaMomentum(MemoryOptimizer):
             offset = 0
             for j, most in entries:
                 p, size = matrices[j], most * matrices[j].shape[1]
-                rows = torch.cat([gathered[r, offset:offset + size].view(most, -1)[:per_rank[r][j]]
+                rows = torch.cat([gathered[r, offset:offset + size].view(most, -1)[:len(kept[r][j])]
                                   for r in range(world)])
                 offset += size
-                self.state[p]["input_keys"] = _evenly_spaced(rows, group["key_samples"]).to(
-                    p.device)
+                self.state[p]["input_keys"] = rows.to(p.device)
 
     def _state_shapes(self, group, param):
         shapes = super()._state_shapes(group, param)
@@ -411,13 +424,18 @@ class DeltaMomentum(MemoryOptimizer):
         return [keys]
 
 
+def _evenly_spaced_index(rows: int, samples: int) -> Optional[Tensor]:
+    """The indices of at most ``samples`` evenly spaced of ``rows`` rows, or None for all."""
+    if rows <= samples:
+        return None
+    return torch.linspace(0, rows - 1, samples).round().long()
+
+
 def _evenly_spaced(x: Tensor, samples: int) -> Tensor:
     """At most ``samples`` rows of ``x``, evenly spaced (deterministic, so runs repeat); ``x``
     itself when it has no more rows than that."""
-    if x.shape[0] <= samples:
-        return x
-    index = torch.linspace(0, x.shape[0] - 1, samples, device=x.device).round().long()
-    return x.index_select(0, index)
+    index = _evenly_spaced_index(x.shape[0], samples)
+    return x if index is None else x.index_select(0, index.to(x.device))
 
 
 class _InputKeyHook:

@@ -22,7 +22,8 @@ def _two_rank_worker(rank, world, model_sd, optim_sd):
     """Every two-rank check of this file in one spawn (each spawn costs seconds)."""
     return {"ddp": _ddp_worker(rank, world), "refusal": _refusal_worker(rank, world),
             "amp": _amp_worker(rank, world), "ddp schedules": _ddp_schedule_worker(rank, world),
-            "load plain": _load_plain_worker(rank, world, model_sd, optim_sd)}
+            "load plain": _load_plain_worker(rank, world, model_sd, optim_sd),
+            "input keys": _input_keys_worker(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +331,30 @@ def test_a_one_process_state_dict_loads_into_fsdp2(two_ranks):
         for key, value in ref[kind].items():
             torch.testing.assert_close(got[kind][key], value, atol=2e-5, rtol=1e-5,
                                        msg=lambda m: f"{key}: {m}")
+
+
+# --- input keys: only the rows the subsampling keeps travel ---------------------------------
+
+def _input_keys_worker(rank, world):
+    """Each rank holds its own number of key rows; the gathered keys must be the subsampling
+    of every rank's rows concatenated in rank order."""
+    layer = torch.nn.Linear(3, 2)
+    opt = dm.DeltaMomentum(layer.parameters(), lr=0.1, keys="input", key_samples=4)
+    opt._key_process_group = dist.group.WORLD
+    out = {}
+    for counts in ((5, 3), (2, 1), (0, 6)):
+        g = torch.Generator().manual_seed(7)
+        rows = [torch.randn(n, 3, generator=g) for n in counts]  # every rank knows them all
+        if counts[rank]:
+            opt.state[layer.weight]["input_keys"] = rows[rank].clone()
+        opt._gather_input_keys(opt.param_groups[0], [layer.weight, layer.bias])
+        out[counts] = (opt.state[layer.weight].pop("input_keys"),
+                       torch.cat(rows)[torch.linspace(0, sum(counts) - 1, 4).round().long()]
+                       if sum(counts) > 4 else torch.cat(rows))
+    return out
+
+
+def test_gathered_input_keys_are_the_subsampled_concatenation(two_ranks):
+    for rank, result in enumerate(two_ranks):
+        for counts, (got, expected) in result["input keys"].items():
+            assert torch.equal(got, expected), (rank, counts)
