@@ -41,7 +41,7 @@ from .newton_schulz import matrix_shape
 
 __all__ = ["Shard0", "shards_of", "process_groups", "is_dtensor", "local", "replicated",
            "like_param", "state_like", "load_like", "gather_to_owners", "scatter_from_owners",
-           "all_reduce_sum", "all_reduce_max", "full"]
+           "all_reduce_sum", "all_reduce_max", "full", "full_many"]
 
 try:  # torch.distributed may be absent (some builds); then nothing is ever a DTensor
     import torch.distributed as dist
@@ -345,6 +345,34 @@ def _all_reduce(tensors: Sequence[Tensor], group, op) -> list[Tensor]:
         dist.all_reduce(flat, op=op, group=group)
         for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
             out[i] = part.view(tensors[i].shape)
+    return out
+
+
+def full_many(tensors: Sequence[Tensor], shards: Sequence[Shard0]) -> list[Tensor]:
+    """:func:`full` of several row-sharded tensors with one all-gather per (process group,
+    dtype): each rank's rows padded to the chunk size ``ceil(r/W)``, so all ranks send alike."""
+    out: list[Optional[Tensor]] = [None] * len(tensors)
+    kinds: dict[tuple, list[int]] = {}
+    for i, (t, s) in enumerate(zip(tensors, shards)):
+        kinds.setdefault((s.group, t.dtype), []).append(i)
+    for (group, dtype), idx in kinds.items():
+        world = shards[idx[0]].world
+        chunks = [max(shards[i].rows) * math.prod(shards[i].shape[1:]) for i in idx]
+        flat = torch.zeros(sum(chunks), dtype=dtype, device=tensors[idx[0]].device)
+        offset = 0
+        for i, n in zip(idx, chunks):
+            mine = tensors[i].reshape(-1)
+            flat[offset:offset + mine.numel()] = mine
+            offset += n
+        gathered = torch.empty(world * flat.numel(), dtype=dtype, device=flat.device)
+        dist.all_gather_into_tensor(gathered, flat, group=group)
+        gathered = gathered.view(world, -1)
+        offset = 0
+        for i, n in zip(idx, chunks):
+            per_row = math.prod(shards[i].shape[1:])
+            out[i] = torch.cat([gathered[r, offset:offset + shards[i].rows[r] * per_row]
+                                for r in range(world)]).view(shards[i].shape)
+            offset += n
     return out
 
 

@@ -995,12 +995,19 @@ def _sharded_deep_memory_reads(keys_from, values, memory_A, memory_B, shards, *,
     from . import distributed
 
     inner = dict(objective=objective, activation=activation)
-    xs, partial, whole = [], [], set()
+    # Vectors: gathered whole (one all-gather for all; the values only where not the keys),
+    # their step computed like unsharded.
+    whole = {i for i, s in enumerate(shards) if len(s.shape) < 2}
+    own_values = [i for i in sorted(whole) if values[i] is not keys_from[i]]
+    gathered = iter(distributed.full_many(
+        [keys_from[i] for i in sorted(whole)] + [values[i] for i in own_values],
+        [shards[i] for i in sorted(whole)] + [shards[i] for i in own_values]))
+    wholes = {i: next(gathered) for i in sorted(whole)}
+    whole_values = {**wholes, **{i: next(gathered) for i in own_values}}
+    xs, partial = [], []
     for i, (g, v, A, B, s) in enumerate(zip(keys_from, values, memory_A, memory_B, shards)):
-        if len(s.shape) < 2:  # a vector: gathered, its whole step computed like unsharded
-            g, v = (distributed.full(g, s),) * 2 if v is g else (
-                distributed.full(g, s), distributed.full(v, s))
-            whole.add(i)
+        if i in whole:
+            g, v = wholes[i], whole_values[i]
         X, V = unit_rows(as_matrix(g)), as_matrix(v)
         H, dZ, D = deep_memory_gradient_factors(X, V, A, B, **inner)
         rows = distributed.matrix_shape(s.shape)[0]
