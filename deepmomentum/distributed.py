@@ -365,7 +365,7 @@ def full_many(tensors: Sequence[Tensor], shards: Sequence[Shard0]) -> list[Tenso
             flat[offset:offset + mine.numel()] = mine
             offset += n
         gathered = torch.empty(world * flat.numel(), dtype=dtype, device=flat.device)
-        dist.all_gather_into_tensor(gathered, flat, group=group)
+        _all_gather_single(gathered, flat, group)
         gathered = gathered.view(world, -1)
         offset = 0
         for i, n in zip(idx, chunks):
@@ -374,6 +374,12 @@ def full_many(tensors: Sequence[Tensor], shards: Sequence[Shard0]) -> list[Tenso
                                 for r in range(world)]).view(shards[i].shape)
             offset += n
     return out
+
+
+def _all_gather_single(output: Tensor, tensor: Tensor, group: Any) -> None:
+    """``torch.distributed.all_gather_single`` (``all_gather_into_tensor`` before 2.13)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 def full(t: Tensor, shard: Shard0) -> Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as dmf
+from .distributed import _all_gather_single
 from .optimizer import MemoryOptimizer, check_choice, check_flag, check_int, check_number
 
 __all__ = ["AssociativeMomentum", "DeltaMomentum"]
@@ -522,11 +523,3 @@ def _sharding_group(model: nn.Module) -> Any:
 def _distributed_world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_gather_single(output: Tensor, tensor: Tensor, group: Any) -> None:
-    """``torch.distributed.all_gather_single`` (``all_gather_into_tensor`` before torch 2.13)."""
-    gather = getattr(torch.distributed, "all_gather_single", None)
-    if gather is None:
-        gather = torch.distributed.all_gather_into_tensor
-    gather(output, tensor, group=group)
