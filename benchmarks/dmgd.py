@@ -70,9 +70,10 @@ def digits_tasks(tasks=5, seed=0):
     return [((x[train][:, p], y[train]), (x[test][:, p], y[test])) for p in perms]
 
 
-def train_sequentially(model, opt, tasks, seed, epochs=3, batch=32):
+def train_sequentially(model, opt, tasks, seed, epochs=3, batch=32, losses=None):
     """Train on each task in turn; return the accuracy matrix R (R[i][j]: accuracy on task j
-    after training task i), ACC, BWT and the number of steps — or None if the loss diverged."""
+    after training task i), ACC, BWT and the number of steps — or None if the loss became
+    non-finite. ``losses``: a list that receives every step's training loss."""
     g = torch.Generator().manual_seed(seed)
     T = len(tasks)
     R = [[0.0] * T for _ in range(T)]
@@ -83,6 +84,8 @@ def train_sequentially(model, opt, tasks, seed, epochs=3, batch=32):
             for k in range(0, len(xs), batch):
                 idx = order[k:k + batch]
                 loss = F.cross_entropy(model(xs[idx]), ys[idx])
+                if losses is not None:
+                    losses.append(loss.item())
                 if not torch.isfinite(loss):
                     return None
                 opt.zero_grad()

@@ -46,6 +46,10 @@ def curve_figure(name: str, title: str, records: list):
         have_steps &= known
         xs, ys = (np.array(c, dtype=float) for c in zip(*points))
         label = f"{r['optimizer']} (lr {best['lr']:g})"
+        if best.get("diverged"):  # every lr of its grid diverged: drawn thin, grey, said so
+            ax.plot(xs, ys, label=f"{label} — diverged", color="0.6", linewidth=0.8,
+                    linestyle=":")
+            continue
         same = next((f"{'=' if np.allclose(oy, ys, rtol=1e-6, atol=1e-12) else '≈'} {other}"
                      for other, ox, oy in drawn if len(ox) == len(xs) and
                      np.array_equal(ox, xs) and np.allclose(oy, ys, rtol=_CLOSE, atol=0)),

@@ -299,3 +299,35 @@ def test_cms_json_carries_core_environment_and_keeps_its_keys(tmp_path, monkeypa
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| AdamW (MultiFrequency) |")]
     assert len(rows) == 3 and rows[0].endswith(" ± 0.000 |") and "(0.003)" in rows[0]
+
+
+def test_a_curve_diverges_when_non_finite_or_above_the_documented_multiple():
+    f = core.DIVERGENCE_FACTOR
+    assert not core.diverged([2.0, 1.0, 2.0 * f])  # at the multiple: not yet
+    assert core.diverged([2.0, 1.0, 2.0 * f * 1.01])
+    assert core.diverged([2.0, float("nan")]) and core.diverged([2.0, float("inf")])
+    assert not core.diverged([]) and not core.diverged([3.0, 0.1])
+
+
+def test_a_finite_blow_up_is_flagged_and_never_the_best_lr(monkeypatch, capsys):
+    # lr 1e-2 blows up (×50) and then ends lowest: the old finite-only check chose it.
+    def run(spec, lr, seed, quick):
+        losses = [1.0, 50.0, 1e-4] if lr > 5e-3 else [1.0, 0.5, 0.1]
+        return core.Run(losses, 0.01, None)
+
+    monkeypatch.setitem(core.TASKS, "blowup", core.Task("blowup", run, "planted blow-up"))
+    spec = core.optimizer_spec("sgd", (1e-3, 1e-2))
+    record = core.run_task("blowup", spec, seeds=2, quick=True)
+    by_lr = {r["lr"]: r for r in record["by_lr"]}
+    assert by_lr[1e-2]["diverged"] and by_lr[1e-2]["diverged_seeds"] == [0, 1]
+    assert not by_lr[1e-3]["diverged"] and record["best"]["lr"] == 1e-3
+
+    monkeypatch.setitem(core.TASKS, "blowup", core.Task(
+        "blowup", lambda spec, lr, seed, quick: core.Run([1.0, 50.0, 1e-4], 0.01, None),
+        "every lr blows up"))
+    record = core.run_task("blowup", spec, seeds=1, quick=True)
+    assert record["best"]["diverged"]
+    cli.print_table({"environment": {"device": "cpu", "torch": "2"}, "seeds": 1,
+                     "quick": True, "records": [record]})
+    row = next(line for line in capsys.readouterr().out.splitlines() if "blowup" in line)
+    assert row.split("|")[4].strip() == "diverged", row
