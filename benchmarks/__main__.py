@@ -68,7 +68,9 @@ class _Progress:
 
     def __call__(self, task, optimizer, lr, seed):
         self.done += 1
-        line = (f"[{self.done:>{len(str(self.total))}}/{self.total}] {task} · {optimizer} · "
+        count = (f"[{self.done:>{len(str(self.total))}}/{self.total}]" if self.done <= self.total
+                 else f"[{self.done}, beyond the {self.total} planned: a grid extension]")
+        line = (f"{count} {task} · {optimizer} · "
                 f"lr {lr:g} · seed {seed}  ({time.perf_counter() - self.t0:.0f} s)")
         if self.tty:
             print(f"\r{line:<{self.width}}", end="", file=self.stream, flush=True)
@@ -118,17 +120,41 @@ def print_table(result):
     env = result["environment"]
     print(f"\n{env['device']}; torch {env['torch']}; {result['seeds']} seed(s); "
           f"{'quick' if result['quick'] else 'full'} sizes\n")
-    print("| task | optimizer | best lr | metric (mean ± std) | steps to target | "
-          "seconds to target |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| task | optimizer | best lr | metric (mean ± std) | vs the task's best | "
+          "steps to target | seconds to target |")
+    print("|---|---|---:|---:|---|---:|---:|")
+    standing = _standing(result["records"])
     for r in result["records"]:
         best = r["best"]
         metric = "diverged" if best["diverged"] else \
             f"{r['metric']}: {_fmt((best['final_mean'], best['final_std']))}"
         lr = f"{best['lr']:g}" if r.get("tunes_lr", True) else "—"  # step time: no lr to tune
-        print(f"| {r['task']} | {r['optimizer']} | {lr} | {metric} | "
+        if r.get("tunes_lr", True) and r.get("interior") is False:
+            lr += " (grid edge)"
+        print(f"| {r['task']} | {r['optimizer']} | {lr} | {metric} | {standing[id(r)]} | "
               f"{_fmt(best['steps_to_target'], '{:.0f}')} | "
               f"{_fmt(best['seconds_to_target'])} |")
+
+
+def _standing(records) -> dict[int, str]:
+    """Per record: "best" for its task's best mean, "tie" within 2 std of it (the larger of
+    the two seeds' std), else empty; nothing for a diverged record or without a std."""
+    out = {id(r): "" for r in records}
+    by_task: dict[str, list] = {}
+    for r in records:
+        if not r["best"]["diverged"]:
+            by_task.setdefault(r["task"], []).append(r)
+    for rs in by_task.values():
+        sign = -1 if rs[0].get("maximize") else 1
+        top = min(rs, key=lambda r: sign * r["best"]["final_mean"])
+        out[id(top)] = "best"
+        for r in rs:
+            stds = [r["best"]["final_std"], top["best"]["final_std"]]
+            if r is top or any(s is None for s in stds):
+                continue
+            if abs(r["best"]["final_mean"] - top["best"]["final_mean"]) <= 2 * max(stds):
+                out[id(r)] = "tie"
+    return out
 
 
 def main(argv=None):

@@ -64,26 +64,33 @@ def _params(model):
 _ADAMW_0_1 = dict(adamw_betas=(0.9, 0.95), adamw_eps=1e-10, adamw_weight_decay=0.0)
 
 
+#: The fair protocol's grids (issue 17): five log-spaced lrs (×3 and ×3.3 steps) for every
+#: optimizer, extended past an edge by :func:`run_task` until the best lr is interior.
+_MOMENTUM_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
+_ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+#: How many lrs :func:`run_task` may add beyond a grid's edge (each one grid step further).
+MAX_EXTENSIONS = 3
+
 OPTIMIZERS = {spec.name: spec for spec in (
     OptimizerSpec("sgd", lambda m, lr: torch.optim.SGD(_params(m), lr=lr, momentum=0.9),
-                  (0.01, 0.03, 0.1)),
+                  _MOMENTUM_GRID),
     OptimizerSpec("adamw", lambda m, lr: torch.optim.AdamW(_params(m), lr=lr, weight_decay=0.0),
-                  (1e-3, 3e-3, 1e-2)),
-    OptimizerSpec("muon", _torch_muon, (0.005, 0.02, 0.05)),
+                  _ADAM_GRID),
+    OptimizerSpec("muon", _torch_muon, _MOMENTUM_GRID),
     OptimizerSpec("associative", lambda m, lr: dm.AssociativeMomentum(_params(m), lr=lr),
-                  (0.01, 0.03, 0.1)),
+                  _MOMENTUM_GRID),
     OptimizerSpec("delta", lambda m, lr: dm.DeltaMomentum(_params(m), lr=lr),
-                  (0.01, 0.03, 0.1)),
+                  _MOMENTUM_GRID),
     # weight_decay=0 as the adamw baseline (and deepmomentum 0.1.0's default)
     OptimizerSpec("preconditioned", lambda m, lr: dm.PreconditionedMomentum(
-        _params(m), lr=lr, weight_decay=0.0), (1e-3, 3e-3, 1e-2)),
-    OptimizerSpec("dmgd", lambda m, lr: dm.DMGD(_params(m), lr=lr), (0.01, 0.03, 0.1)),
+        _params(m), lr=lr, weight_decay=0.0), _ADAM_GRID),
+    OptimizerSpec("dmgd", lambda m, lr: dm.DMGD(_params(m), lr=lr), _MOMENTUM_GRID),
     OptimizerSpec("dm-muon", lambda m, lr: dm.Muon(
         dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr, **_ADAMW_0_1),
-                  (0.005, 0.02, 0.05)),
+                  _MOMENTUM_GRID),
     OptimizerSpec("m3", lambda m, lr: dm.M3(
         dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr, **_ADAMW_0_1),
-                  (3e-5, 1e-4, 3e-4)),
+                  (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)),
 )}
 
 
@@ -470,50 +477,89 @@ def _mean_matrix(values):
             for i in range(len(values[0]))]
 
 
+def _best_index(t: Task, by_lr: list[dict]) -> Optional[int]:
+    """The index of the best lr among those where no seed diverged (None: all diverged)."""
+    alive = [i for i, r in enumerate(by_lr) if not r["diverged"]]
+    if not alive:
+        return None
+    return min(alive, key=lambda i: -by_lr[i]["final_mean"] if t.maximize
+               else by_lr[i]["final_mean"])
+
+
 def run_task(task_name, spec, seeds, quick, progress=None):
     """Every lr × seed; returns the record of the best lr (by the task's final metric).
 
+    The fair protocol: where the best lr is the grid's smallest or largest (or every lr
+    diverged: then below the smallest), one more lr a grid step beyond that edge is run, up
+    to :data:`MAX_EXTENSIONS` times, so that the best is interior; the record lists the lrs
+    added (``extended``) and whether the best is interior (``interior``).
+
     ``progress(task, optimizer, lr, seed)`` is called before each run."""
     t = task(task_name)
-    by_lr = []
+    by_lr: list[dict] = []
     lrs = task_lrs(task_name, spec)
-    for lr in lrs:
-        runs = []
-        for seed in range(seeds):
-            if progress:
-                progress(task_name, spec.name, lr, seed)
-            runs.append(t.run(spec, lr, seed, quick))
-        finals = [r.extra.get("final_metric", r.losses[-1] if r.losses else math.inf)
-                  for r in runs]
-        gone = [seed for seed, r in enumerate(runs) if r.diverged]
-        mean, std = _stats(finals) if not gone else (math.inf, None)
-        steps = [r.steps_to_target() for r in runs]
-        reached = all(s is not None for s in steps)
-        # seconds to target: the run's time per step × the steps it took
-        seconds = [r.seconds * s / len(r.losses) for r, s in zip(runs, steps)] if reached \
-            else None
-        stride = max(1, len(runs[0].losses) // 200)
-        extra_mean = {k: _stats([r.extra[k] for r in runs])[0] for k in runs[0].extra
-                      if isinstance(runs[0].extra[k], (int, float))}
-        if isinstance(runs[0].extra.get("R"), list):  # the accuracy matrix, mean over seeds
-            extra_mean["R"] = _mean_matrix([r.extra.get("R") for r in runs])
-        by_lr.append({
-            "lr": lr, "final_mean": mean, "final_std": std, "diverged": bool(gone),
-            "diverged_seeds": gone,
-            "steps_to_target": _stats(steps) if reached else None,
-            "seconds_to_target": _stats(seconds) if seconds else None,
-            # seed 0's losses every ``stride`` steps, and their step numbers (losses[i] is
-            # counted as step i + 1, as in steps_to_target)
-            "curve": runs[0].losses[::stride],
-            "curve_steps": list(range(1, len(runs[0].losses) + 1, stride)),
-            "extra": {k: v for k, v in runs[0].extra.items() if k != "final_metric"},
-            "extra_mean": extra_mean,
-        })
+    extended: list[float] = []
+    pending = list(lrs)
+    while pending:
+        lr = pending.pop(0)
+        by_lr.append(_run_lr(t, task_name, spec, lr, seeds, quick, progress))
+        if pending or not t.tunes_lr or len(by_lr) < 2 or len(extended) >= MAX_EXTENSIONS:
+            continue
+        order = sorted(range(len(by_lr)), key=lambda i: by_lr[i]["lr"])
+        best = _best_index(t, by_lr)
+        low, high = by_lr[order[0]]["lr"], by_lr[order[-1]]["lr"]
+        if best is None or best == order[0]:
+            step = by_lr[order[1]]["lr"] / low
+            pending.append(low / step)
+        elif best == order[-1]:
+            step = high / by_lr[order[-2]]["lr"]
+            pending.append(high * step)
+        if pending:
+            extended.append(pending[0])
+    by_lr.sort(key=lambda r: r["lr"])
+    best_index = _best_index(t, by_lr)
     # diverged lrs rank last; then the smallest metric (the largest where t.maximize)
-    best = min(by_lr, key=lambda r: (r["diverged"],
-                                     -r["final_mean"] if t.maximize else r["final_mean"]))
+    best = by_lr[best_index] if best_index is not None else by_lr[0]
+    interior = best_index is not None and 0 < best_index < len(by_lr) - 1
     return {"task": task_name, "optimizer": spec.name, "metric": t.metric, "seeds": seeds,
             "maximize": t.maximize, "tunes_lr": t.tunes_lr,
-            "lrs": lrs, "best": best, "by_lr": [
+            "lrs": [r["lr"] for r in by_lr], "grid": lrs, "extended": extended,
+            "interior": interior, "best": best, "by_lr": [
                 {k: v for k, v in r.items() if k not in ("curve", "curve_steps", "extra")}
                 for r in by_lr]}
+
+
+def _run_lr(t, task_name, spec, lr, seeds, quick, progress) -> dict:
+    """Every seed of one lr: its record (mean ± std of the final metric, divergence, …)."""
+    runs = []
+    for seed in range(seeds):
+        if progress:
+            progress(task_name, spec.name, lr, seed)
+        runs.append(t.run(spec, lr, seed, quick))
+    finals = [r.extra.get("final_metric", r.losses[-1] if r.losses else math.inf)
+              for r in runs]
+    gone = [seed for seed, r in enumerate(runs) if r.diverged]
+    mean, std = _stats(finals) if not gone else (math.inf, None)
+    steps = [r.steps_to_target() for r in runs]
+    reached = all(s is not None for s in steps)
+    # seconds to target: the run's time per step × the steps it took
+    seconds = [r.seconds * s / len(r.losses) for r, s in zip(runs, steps)] if reached \
+        else None
+    stride = max(1, len(runs[0].losses) // 200)
+    extra_mean = {k: _stats([r.extra[k] for r in runs])[0] for k in runs[0].extra
+                  if isinstance(runs[0].extra[k], (int, float))}
+    if isinstance(runs[0].extra.get("R"), list):  # the accuracy matrix, mean over seeds
+        extra_mean["R"] = _mean_matrix([r.extra.get("R") for r in runs])
+    return {
+        "lr": lr, "final_mean": mean, "final_std": std, "diverged": bool(gone),
+        "diverged_seeds": gone,
+        "steps_to_target": _stats(steps) if reached else None,
+        "seconds_to_target": _stats(seconds) if seconds else None,
+        # seed 0's losses every ``stride`` steps, and their step numbers (losses[i] is
+        # counted as step i + 1, as in steps_to_target)
+        "curve": runs[0].losses[::stride],
+        "curve_steps": list(range(1, len(runs[0].losses) + 1, stride)),
+        "extra": {k: v for k, v in runs[0].extra.items() if k != "final_metric"},
+        "extra_mean": extra_mean,
+    }
+

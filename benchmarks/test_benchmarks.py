@@ -121,7 +121,9 @@ def test_run_writes_results_json_to_a_default_folder_and_says_where(tmp_path, mo
     assert str(folder / "results.json") in captured.err  # announced before the runs start
 
 
-def test_progress_names_the_task_optimizer_lr_and_seed_of_each_run(tmp_path, capsys):
+def test_progress_names_the_task_optimizer_lr_and_seed_of_each_run(tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr(core, "MAX_EXTENSIONS", 0)  # the planned runs only
     _run(tmp_path, "quadratic,psi", "adamw", ["--seeds", "2"])
     err = capsys.readouterr().err
     assert "[1/8] quadratic · adamw · lr 0.001 · seed 0" in err
@@ -316,6 +318,7 @@ def test_a_finite_blow_up_is_flagged_and_never_the_best_lr(monkeypatch, capsys):
         return core.Run(losses, 0.01, None)
 
     monkeypatch.setitem(core.TASKS, "blowup", core.Task("blowup", run, "planted blow-up"))
+    monkeypatch.setattr(core, "MAX_EXTENSIONS", 0)  # this grid only
     spec = core.optimizer_spec("sgd", (1e-3, 1e-2))
     record = core.run_task("blowup", spec, seeds=2, quick=True)
     by_lr = {r["lr"]: r for r in record["by_lr"]}
@@ -331,3 +334,43 @@ def test_a_finite_blow_up_is_flagged_and_never_the_best_lr(monkeypatch, capsys):
                      "quick": True, "records": [record]})
     row = next(line for line in capsys.readouterr().out.splitlines() if "blowup" in line)
     assert row.split("|")[4].strip() == "diverged", row
+
+
+def test_the_grid_extends_past_an_edge_until_the_best_lr_is_interior(monkeypatch):
+    # The metric is smallest at lr 0.1, beyond the grid (1e-3, 1e-2): two steps ×10 up.
+    def run(spec, lr, seed, quick):
+        return core.Run([1.0, (math.log10(lr) + 1) ** 2 + 0.5], 0.01, None)
+
+    monkeypatch.setitem(core.TASKS, "bowl", core.Task("bowl", run, "a bowl at lr 0.1"))
+    record = core.run_task("bowl", core.optimizer_spec("sgd", (1e-3, 1e-2)), 1, True)
+    assert record["extended"] == pytest.approx([0.1, 1.0])
+    assert record["best"]["lr"] == pytest.approx(0.1) and record["interior"]
+    assert [r["lr"] for r in record["by_lr"]] == pytest.approx([1e-3, 1e-2, 0.1, 1.0])
+
+    # Every lr diverges: the grid extends downward, at most MAX_EXTENSIONS times.
+    def blowup(spec, lr, seed, quick):
+        return core.Run([1.0, 100.0 if lr > 2e-5 else 0.5 - 1e3 * lr], 0.01, None)
+
+    monkeypatch.setitem(core.TASKS, "bowl", core.Task("bowl", blowup, "diverges above 2e-5"))
+    record = core.run_task("bowl", core.optimizer_spec("sgd", (1e-3, 1e-2)), 1, True)
+    assert record["extended"] == pytest.approx([1e-4, 1e-5, 1e-6])
+    assert record["best"]["lr"] == pytest.approx(1e-5) and not record["best"]["diverged"]
+    assert record["interior"]
+
+
+def test_the_table_marks_ties_within_two_std_and_grid_edges(capsys):
+    def record(optimizer, mean, std, interior=True, diverged=False):
+        return {"task": "t", "optimizer": optimizer, "metric": "loss", "maximize": False,
+                "tunes_lr": True, "interior": interior,
+                "best": {"lr": 0.01, "final_mean": mean, "final_std": std,
+                         "diverged": diverged, "steps_to_target": None,
+                         "seconds_to_target": None}}
+
+    records = [record("a", 1.0, 0.1), record("b", 1.15, 0.05), record("c", 1.5, 0.1, False),
+               record("d", 0.5, None, diverged=True)]
+    cli.print_table({"environment": {"device": "cpu", "torch": "2"}, "seeds": 3,
+                     "quick": True, "records": records})
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| t |")}
+    assert rows["a"][5] == "best" and rows["b"][5] == "tie" and rows["c"][5] == ""
+    assert rows["c"][3] == "0.01 (grid edge)" and rows["d"][4] == "diverged"
