@@ -119,6 +119,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     try:
         record = run(args.optim, args.lr, args.steps, args.seed, args.quick, args.corpus,
                      args.device)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while a peer's last transfer is in flight
     finally:
         import torch.distributed as dist
 

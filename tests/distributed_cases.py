@@ -137,5 +137,19 @@ def _run(rank: int, world: int, out: str, worker: Callable, args: tuple) -> None
         torch.set_num_threads(1)
         result = worker(rank, world, *args)
         torch.save(result, os.path.join(out, f"{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while a peer's last transfer is in flight
     finally:
         dist.destroy_process_group()
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """End a spawned rank without interpreter finalization: gloo's worker threads can still
+    hold tensors then, and freeing them takes the GIL of a dying interpreter — SIGABRT
+    ("terminate called without an active exception"; seen once in CI at exit, after every
+    result was written; pytorch/pytorch#179291 describes the mechanism)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -578,6 +578,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ranks = start_ranks(args)
     try:
         metrics = train(args, ranks)
+        ranks.barrier()  # no rank tears gloo down while a peer's last transfer is in flight
     finally:
         stop_ranks(ranks)
     if not ranks.main:
