@@ -41,7 +41,7 @@ from .newton_schulz import matrix_shape
 
 __all__ = ["Shard0", "shards_of", "process_groups", "is_dtensor", "local", "replicated",
            "like_param", "state_like", "load_like", "gather_to_owners", "scatter_from_owners",
-           "all_reduce_sum", "all_reduce_max", "full", "full_many"]
+           "all_reduce_sum", "all_reduce_max", "full_many"]
 
 try:  # torch.distributed may be absent (some builds); then nothing is ever a DTensor
     import torch.distributed as dist
@@ -93,7 +93,6 @@ def replicated(t: Tensor, mesh) -> Tensor:
     return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-_replicate = replicated  # for functions whose argument of that name shadows it
 
 
 def like_param(t: Tensor, param: Tensor, shard: Optional[Shard0]) -> Tensor:
@@ -114,17 +113,17 @@ def state_like(t: Tensor, param: Tensor) -> Tensor:
     return replicated(t, param.device_mesh)
 
 
-def load_like(value: Tensor, param: Tensor, replicated: bool = False) -> Tensor:
+def load_like(value: Tensor, param: Tensor, whole: bool = False) -> Tensor:
     """A loaded state tensor for the DTensor ``param``: a DTensor as it is; a whole tensor of
     the parameter's shape (a one-process checkpoint) placed as the parameter, unless it is
-    a ``replicated`` entry; any other replicated."""
+    an entry every rank holds ``whole``; any other replicated."""
     if is_dtensor(value) or not is_dtensor(param):
         return value
-    if tuple(value.shape) == tuple(param.shape) and not replicated:  # the same on every rank
+    if tuple(value.shape) == tuple(param.shape) and not whole:  # the same on every rank
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-    return _replicate(value, param.device_mesh)
+    return replicated(value, param.device_mesh)
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -349,8 +348,10 @@ def _all_reduce(tensors: Sequence[Tensor], group, op) -> list[Tensor]:
 
 
 def full_many(tensors: Sequence[Tensor], shards: Sequence[Shard0]) -> list[Tensor]:
-    """:func:`full` of several row-sharded tensors with one all-gather per (process group,
-    dtype): each rank's rows padded to the chunk size ``ceil(r/W)``, so all ranks send alike."""
+    """The whole tensors on every rank, from each rank's row shards ``tensors`` (explicit
+    all-gathers, for tensors whose whole is what the rule needs: DMGD's vectors, Delta's wide
+    gradients): one per (process group, dtype), each rank's rows padded to the chunk size
+    ``ceil(r/W)``, so all ranks send alike."""
     out: list[Optional[Tensor]] = [None] * len(tensors)
     kinds: dict[tuple, list[int]] = {}
     for i, (t, s) in enumerate(zip(tensors, shards)):
@@ -382,9 +383,3 @@ def _all_gather_single(output: Tensor, tensor: Tensor, group: Any) -> None:
     gather(output, tensor, group=group)
 
 
-def full(t: Tensor, shard: Shard0) -> Tensor:
-    """The whole tensor on every rank, from each rank's shard ``t`` (an explicit all-gather,
-    for 1-D tensors whose whole is small; matrices go to their owner instead)."""
-    return DTensor.from_local(t, shard.mesh, shard.placements, run_check=False,
-                              shape=shard.shape,
-                              stride=_contiguous_strides(shard.shape)).full_tensor()

@@ -189,8 +189,8 @@ class MultiFrequency(torch.optim.Optimizer):
         parameter's is refused (``ValueError``) before anything is loaded."""
         if "multi_frequency" in state_dict:  # the layout of versions ≤ 0.1
             own, inner = state_dict["multi_frequency"], state_dict["optimizer"]
-            saved_ids = [i for g in own["param_groups"] for i in g["params"]]
-            accumulators = {i: own["state"].get(i, {}).get("grad_accumulator") for i in saved_ids}
+            accumulators = {i: entries.get("grad_accumulator")
+                            for i, entries in own["state"].items()}
             groups = own["param_groups"]
         else:
             inner = {"state": {}, "param_groups": state_dict["param_groups"]}

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from . import kernels
 from .newton_schulz import (adjusted_lr_scale, as_matrix, matrix_shape, matrix_view,
-                            newton_schulz, stable_norm)
+                            matrix_view_shape, newton_schulz, stable_norm)
 
 __all__ = [
     # stages
@@ -369,14 +369,14 @@ def _sharded_gradient_key_erase(buffers, grads, shards) -> list[Tensor]:
     from . import distributed
 
     out: list[Optional[Tensor]] = [None] * len(buffers)
-    reduced_ones = []
-    for j, (b, g, s) in enumerate(zip(buffers, grads, shards)):
+    gathered_ones, reduced_ones = [], []
+    for j, s in enumerate(shards):
         r, c = matrix_shape(s.shape)
-        if len(s.shape) >= 2 and r <= c:
-            out[j] = erase_along_keys(as_matrix(b), gradient_keys(distributed.full(g, s))
-                                      ).view_as(b)
-        else:
-            reduced_ones.append(j)
+        (gathered_ones if len(s.shape) >= 2 and r <= c else reduced_ones).append(j)
+    wholes = distributed.full_many([grads[j] for j in gathered_ones],
+                                   [shards[j] for j in gathered_ones])
+    for j, g in zip(gathered_ones, wholes):
+        out[j] = erase_along_keys(as_matrix(buffers[j]), gradient_keys(g)).view_as(buffers[j])
     if not reduced_ones:
         return out
     group = shards[reduced_ones[0]].group
@@ -1158,8 +1158,8 @@ def _shape_scales(tensors: Sequence[Tensor], adjust_lr_fn, batch_dims: int,
     ``tensors`` are FSDP2 shards."""
     shapes = [t.shape if shards is None or shards[i] is None else shards[i].shape
               for i, t in enumerate(tensors)]
-    return [adjusted_lr_scale(adjust_lr_fn, *matrix_view(
-        torch.empty(shape, device="meta"), batch_dims).shape[-2:]) for shape in shapes]
+    return [adjusted_lr_scale(adjust_lr_fn, *matrix_view_shape(shape, batch_dims)[1:])
+            for shape in shapes]
 
 
 # =============================================================================================

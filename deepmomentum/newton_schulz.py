@@ -201,19 +201,24 @@ def matrix_shape(shape) -> tuple[int, int]:
     return (1, math.prod(shape)) if len(shape) < 2 else (shape[0], math.prod(shape[1:]))
 
 
+def matrix_view_shape(shape, batch_dims: int = 0) -> tuple[int, int, int]:
+    """The ``(n, r, c)`` of :func:`matrix_view` for a tensor of ``shape``, from the shape
+    alone (an FSDP2 parameter's global shape, or the step's shape factor without a view)."""
+    shape, k = tuple(shape), batch_dims
+    if k == 0:
+        return (1, *matrix_shape(shape))
+    if len(shape) < k + 2:
+        raise ValueError(f"a tensor of shape {shape} has no matrix view with "
+                         f"batch_dims={k}: it needs at least {k + 2} dims")
+    return math.prod(shape[:k]), shape[k], math.prod(shape[k + 1:])
+
+
 def matrix_view(t: Tensor, batch_dims: int = 0) -> Tensor:
     """``t`` as a batch of matrices ``(n, r, c)``: with ``batch_dims = 0`` the one matrix
     :func:`as_matrix`; with ``batch_dims = k`` the first k dims index independent matrices
     ``(shape[k], prod(shape[k+1:]))`` (stacked experts or heads).
     """
-    k = batch_dims
-    if k == 0:
-        return as_matrix(t).unsqueeze(0)
-    if t.ndim < k + 2:
-        raise ValueError(f"a tensor of shape {tuple(t.shape)} has no matrix view with "
-                         f"batch_dims={k}: it needs at least {k + 2} dims")
-    n = math.prod(t.shape[:k])
-    return t.reshape(n, t.shape[k], math.prod(t.shape[k + 1:]))
+    return t.reshape(matrix_view_shape(t.shape, batch_dims))
 
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral")

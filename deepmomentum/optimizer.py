@@ -186,9 +186,10 @@ def _fused_layout_fits(param: Tensor, grad: Tensor, state: Optional[dict]) -> bo
     if state:
         numel = param.numel()
         for key, value in state.items():
-            if key != "step" and isinstance(value, Tensor) and (
-                    local(value).stride() != strides or local(value).numel() != numel):
-                return False
+            if key != "step" and isinstance(value, Tensor):
+                value = local(value)
+                if value.stride() != strides or value.numel() != numel:
+                    return False
     return True
 
 
@@ -487,13 +488,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
             # FSDP2: the rule sees each rank's local shards (deepmomentum.distributed).
             shards = distributed.shards_of(params, functools.partial(self._param_name, index),
                                            grads, matrices=self._has_matrix_stages(group))
-            ranks = distributed.process_groups(params) if shards is not None else ()
             if shards is not None:
                 grads = [local(g) for g in grads]
             if grad_scale is not None and grads:
                 inverse = grad_scale.double().reciprocal().float()  # on its device: no sync
                 grads = [g * inverse.to(g.device) for g in grads]
-            if group["skip_nonfinite"] and params and not _all_finite(grads, ranks):
+            if group["skip_nonfinite"] and params and not _all_finite(
+                    grads, distributed.process_groups(params) if shards is not None else ()):
                 group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + 1
                 continue  # a poisoned gradient never reaches the memories
             if group["update_period"] > 1 and initializing:  # accumulators (zeros) too
@@ -690,7 +691,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 elif isinstance(value, Tensor):
                     # From the saved tensor (not torch's cast copy): no double rounding.
                     whole = key in self.REPLICATED_STATE  # even where its shape is param's
-                    value = distributed.load_like(value, param, replicated=whole)  # FSDP2
+                    value = distributed.load_like(value, param, whole=whole)  # FSDP2
                     like = param if value.shape == param.shape and not whole else value
                     state[key] = torch.empty_like(
                         like, dtype=self._state_dtype(key, value, param), device=param.device,
