@@ -530,6 +530,11 @@ def analytic_step(opt, model, cfg: Config, world: int, rank: int, step: int) -> 
             out.add("newton-schulz", sent, sent)
             if isinstance(opt, dm.M3) and step % group["chunk"] == 0:
                 out.add("newton-schulz (slow)", sent, sent)
+            if isinstance(opt, dm.M3) and group["form"] == "normalized" and \
+                    group["batch_dims"] == 0:
+                # the norm match: ‖NS(U)‖² and ‖X̂‖² of each row-sharded matrix, one all-reduce
+                n = 2 * esize * sum(s is not None for s in shards)
+                out.add("norm match", n, ar(n))
         if isinstance(opt, dm.DeltaMomentum) and group["erase"] != 0 and step > 1:
             input_keys = group["keys"] == "input"
             linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}

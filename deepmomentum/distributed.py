@@ -105,6 +105,19 @@ def like_param(t: Tensor, param: Tensor, shard: Optional[Shard0]) -> Tensor:
     return t
 
 
+def rows_like(param: Tensor, batch_dims: int, dtype: torch.dtype) -> Tensor:
+    """Zeros of ``param``'s per-row shape (``param.shape[:batch_dims + 1]``, M3's normalized
+    second moment) in ``dtype``; for a DTensor ``param`` placed as it is, so its rows sit on
+    the ranks that hold the parameter's rows (a prefix of the shape splits as the shape)."""
+    shape = tuple(param.shape)[:batch_dims + 1]
+    if not is_dtensor(param):
+        return torch.zeros(shape, dtype=dtype, device=param.device)
+    rows = torch.zeros(tuple(local(param).shape)[:batch_dims + 1], dtype=dtype,
+                       device=local(param).device)
+    return DTensor.from_local(rows, param.device_mesh, param.placements, run_check=False,
+                              shape=torch.Size(shape), stride=_contiguous_strides(shape))
+
+
 def state_like(t: Tensor, param: Tensor) -> Tensor:
     """A state tensor made for the DTensor ``param`` (by ``zeros_like`` it already is a
     DTensor with its placement; any other, e.g. DMGD's memories, is replicated)."""
@@ -115,11 +128,13 @@ def state_like(t: Tensor, param: Tensor) -> Tensor:
 
 def load_like(value: Tensor, param: Tensor, whole: bool = False) -> Tensor:
     """A loaded state tensor for the DTensor ``param``: a DTensor as it is; a whole tensor of
-    the parameter's shape (a one-process checkpoint) placed as the parameter, unless it is
-    an entry every rank holds ``whole``; any other replicated."""
+    the parameter's shape or of a prefix of it (per-row state; a one-process checkpoint) placed
+    as the parameter, unless it is an entry every rank holds ``whole``; any other replicated."""
     if is_dtensor(value) or not is_dtensor(param):
         return value
-    if tuple(value.shape) == tuple(param.shape) and not whole:  # the same on every rank
+    shape = tuple(value.shape)
+    if not whole and 0 < len(shape) <= param.ndim and shape == tuple(param.shape)[:len(shape)]:
+        # of the parameter's shape, or a prefix of it (per-row state): split as the parameter
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)

@@ -429,9 +429,17 @@ def preconditioned_values(values: Sequence[Tensor], denominators: Sequence[Tenso
 
 
 def nesterov_readout(grads: Sequence[Tensor], memories: Sequence[Tensor], *, momentum: float,
-                     ema: bool = False, foreach: bool = False) -> list[Tensor]:
-    r"""Stage: the Nesterov read-out, :math:`U = g + \mu M` (§1, §2, §4) or, for an EMA memory,
+                     ema: bool = False, write: float = 1.0, foreach: bool = False
+                     ) -> list[Tensor]:
+    r"""Stage: the Nesterov read-out, :math:`U = g + \mu M` (§1, §2, §4; M3's fast memory §6
+    with its write strength: :math:`U = \omega g + \mu M`) or, for an EMA memory,
     :math:`U = \mathrm{lerp}(g, M, \mu)` (§5). Out of place."""
+    if write != 1.0:
+        if foreach:
+            out = torch._foreach_mul(list(memories), momentum)
+            torch._foreach_add_(out, list(grads), alpha=write)
+            return list(out)
+        return [m.mul(momentum).add_(g, alpha=write) for g, m in zip(grads, memories)]
     if foreach:
         if ema:
             return list(torch._foreach_lerp(list(grads), list(memories), momentum))
@@ -1252,6 +1260,9 @@ def m3(
     chunk: int,
     eps: float,
     weight_decay: float,
+    form: str = "normalized",
+    nesterov: Optional[bool] = None,
+    adjust_lr_fn: Optional[str] = None,
     ns_coefficients="keller",
     ns_steps: int = 5,
     ns_eps: float = 1e-7,
@@ -1264,23 +1275,57 @@ def m3(
 ) -> None:
     r"""M3, multi-scale momentum Muon (NL §7.2, Algorithm 1; SPEC §6), in place.
 
-    Every step (``t`` = ``state_steps``, already advanced):
+    Both forms keep a fast memory written every step and a slow memory written once per chunk
+    of Ĉ steps (``t`` = ``state_steps``, already advanced; at ``t % chunk == 0`` the slow memory
+    takes the chunk's summed gradients, :math:`M^2 \leftarrow \mu_3 M^2 + \omega_3 \sum_{chunk}
+    G`, and :math:`O^2 = \mathrm{NS}(M^2)` is kept for the next chunk; the first reads
+    :math:`O^2 = 0`), both read out by Newton–Schulz, and a second-moment memory:
 
     .. math::
-        M^1_t = \mu_1 M^1_{t-1} + \beta_1 G_t,\quad V_t = \mu_2 V_{t-1} + \beta_2 G_t^2,\quad
-        O^1_t = \mathrm{NS}(M^1_t)\\
-        W_t = W_{t-1}(1-\gamma\lambda) - \gamma\,(O^1_t + \alpha O^2) / (\sqrt{V_t} + \epsilon)
+        M^1_t = \mu_1 M^1_{t-1} + \omega_1 G_t,\qquad
+        U_t = \omega_1 G_t + \mu_1 M^1_t\ \text{(nesterov) else}\ M^1_t,\qquad
+        O_t = \mathrm{NS}(U_t) + \alpha O^2
 
-    and at the end of every chunk of Ĉ steps (``t % chunk == 0``) the slow memory takes the
-    chunk's summed gradients, :math:`M^2 \leftarrow \mu_3 M^2 + \beta_3 \sum_{chunk} G`,
-    :math:`O^2 = \mathrm{NS}(M^2)`, which the next chunk reads (the first chunk reads
-    :math:`O^2 = 0`). With decays (1, 1, 1) this is SPEC §6 to the letter. ``shards``: FSDP2
-    shards, as :func:`muon`. ``fused``: the
-    memory writes and the apply in Triton kernels around the batched NS (CUDA).
+    ``form="normalized"`` (the default; nesterov unless told otherwise): the second moment is
+    kept per row of the read-out, :math:`v_t = \mu_2 v_{t-1} + \omega_2\,
+    \mathrm{mean}_{cols}(O_t^2)` (one entry per row of each matrix: shape
+    ``param.shape[:batch_dims + 1]``), and the row-normalized read-out is scaled back to the
+    fast read-out's norm and Muon's shape factor :math:`s(r, c)` (``adjust_lr_fn``), so γ is
+    on Muon's scale:
+
+    .. math::
+        \hat O_t = O_t / (\sqrt{v_t} + \epsilon),\qquad
+        W_t = W_{t-1}(1-\gamma\lambda) - \gamma\, s(r, c)\,
+        \frac{\lVert \mathrm{NS}(U_t) \rVert_F}{\lVert \hat O_t \rVert_F}\, \hat O_t
+
+    (norms per matrix of the matrix view; a zero :math:`\hat O` steps by zero). A row whose
+    gradients vanish has a vanishing numerator too, so no entry's step exceeds the matrix's.
+
+    ``form="literal"`` (Algorithm 1; no nesterov unless told, no shape factor): the second
+    moment is of the raw gradients, elementwise,
+
+    .. math::
+        V_t = \mu_2 V_{t-1} + \omega_2 G_t^2,\qquad
+        W_t = W_{t-1}(1-\gamma\lambda) - \gamma\, O_t / (\sqrt{V_t} + \epsilon)
+
+    With decays (1, 1, 1) this is SPEC §6 to the letter. ``betas`` are the write strengths
+    (ω₁, ω₂, ω₃). ``shards``: FSDP2 shards, as :func:`muon`. ``fused``: the literal form's
+    memory writes and apply in Triton kernels around the batched NS (CUDA); the normalized
+    form has no kernel yet (``fused=True`` raises ``ValueError``).
     """
     if not params:
         return
-    impl = _implementation(params, foreach, fused, rule="m3")
+    if form not in M3_FORMS:
+        raise ValueError(f"Invalid form: {form!r}; form must be one of {M3_FORMS}")
+    if nesterov is None:
+        nesterov = form == "normalized"
+    if form == "literal" and adjust_lr_fn is not None:
+        raise ValueError("adjust_lr_fn applies to form='normalized' only (the literal rule "
+                         "has no shape factor); leave it None")
+    impl = _implementation(params, foreach, fused, rule="m3",
+                           triton=form == "literal" and not nesterov,
+                           note="" if form == "literal" and not nesterov else
+                           "; only the literal form without nesterov has them (use fused=None)")
     options = _options(m3, locals())
     memories = (fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums)
     if impl == "triton":
@@ -1288,25 +1333,104 @@ def m3(
     _m3(params, grads, *memories, state_steps, foreach=impl == "foreach", **options)
 
 
+#: M3's forms: the stable default and Algorithm 1 to the letter (SPEC §6).
+M3_FORMS = ("normalized", "literal")
+
+
 @_by_kind
 def _m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates, chunk_sums,
-        state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay, ns_coefficients,
-        ns_steps, ns_eps, ns_dtype, batch_dims, maximize, shards, foreach):
+        state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay, form, nesterov,
+        adjust_lr_fn, ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims, maximize, shards,
+        foreach):
     ns = dict(_ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype),
               shards=shards)
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=True, maximize=maximize,
                                        foreach=foreach)
     momentum_write(fast_buffers, gs, momentum=decays[0], write=betas[0], foreach=foreach)
-    second_moment_write(second_moments, gs, decay=decays[1], write=betas[1], foreach=foreach)
+    if form == "literal":
+        second_moment_write(second_moments, gs, decay=decays[1], write=betas[1],
+                            foreach=foreach)
     accumulate(chunk_sums, gs, foreach=foreach)
-    readout = [o1.add_(o2, alpha=alpha)  # O¹ + α O²
-               for o1, o2 in zip(orthogonalize(fast_buffers, **ns), slow_updates)]
-    apply_updates(params, works, readout, -lr, foreach=foreach,
-                  denominators=preconditioner_denominators(second_moments, eps=eps,
-                                                           foreach=foreach))
+    memories = nesterov_readout(gs, fast_buffers, momentum=decays[0], write=betas[0],
+                                foreach=foreach) if nesterov else fast_buffers
+    fast = orthogonalize(memories, **ns)
+    if form == "literal":
+        readout = [o1.add_(o2, alpha=alpha)  # O¹ + α O²
+                   for o1, o2 in zip(fast, slow_updates)]
+        apply_updates(params, works, readout, -lr, foreach=foreach,
+                      denominators=preconditioner_denominators(second_moments, eps=eps,
+                                                               foreach=foreach))
+    else:
+        readout = [o1.add(o2, alpha=alpha) if alpha else o1  # O¹ + α O² (O¹ kept: its norm)
+                   for o1, o2 in zip(fast, slow_updates)]
+        row_moment_write(second_moments, readout, decay=decays[1], write=betas[1],
+                         batch_dims=batch_dims)
+        normalized = row_normalized(readout, second_moments, fast, eps=eps,
+                                    batch_dims=batch_dims, shards=shards)
+        apply_updates(params, works, normalized,
+                      [-lr * s for s in _shape_scales(params, adjust_lr_fn, batch_dims, shards)],
+                      foreach=foreach)
     _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, chunk=chunk,
                     decay=decays[2], write=betas[2], ns=ns)
+
+
+def row_shape(shape, batch_dims: int = 0) -> tuple[int, ...]:
+    """The shape of a per-row statistic of a tensor of ``shape``: one entry per row of each
+    matrix of its matrix view (:func:`matrix_view`), ``shape[:batch_dims + 1]`` — a prefix of
+    the tensor's shape, so an FSDP2 ``Shard(0)`` splits it as it splits the tensor."""
+    return tuple(shape)[:batch_dims + 1]
+
+
+def _rows(x: Tensor, batch_dims: int) -> Tensor:
+    """``x`` as ``(*row_shape, row length)``; explicit sizes, so an empty shard reshapes too."""
+    return x.reshape(*row_shape(x.shape, batch_dims), math.prod(x.shape[batch_dims + 1:]))
+
+
+def row_moment_write(buffers: Sequence[Tensor], values: Sequence[Tensor], *, decay: float,
+                     write: float, batch_dims: int = 0) -> list[Tensor]:
+    r"""Stage (§6, M3's normalized form): a per-row second moment,
+    :math:`v \leftarrow \delta v + \omega\, \mathrm{mean}_{cols}(x^2)`, in place; each buffer
+    has :func:`row_shape` of its value."""
+    for v, x in zip(buffers, values):
+        v.mul_(decay).add_(_rows(x, batch_dims).square().mean(-1), alpha=write)
+    return list(buffers)
+
+
+def row_normalized(values: Sequence[Tensor], row_moments: Sequence[Tensor],
+                   references: Sequence[Tensor], *, eps: float, batch_dims: int = 0,
+                   shards: Optional[Sequence] = None) -> list[Tensor]:
+    r"""Stage (§6, M3's normalized form): :math:`\hat X = X / (\sqrt{v} + \epsilon)` row by row,
+    then scaled matrix by matrix of the matrix view to the Frobenius norm of ``references``,
+    :math:`\hat X \lVert R \rVert_F / \lVert \hat X \rVert_F` (0 where :math:`\hat X = 0`).
+    Out of place.
+
+    ``shards`` (FSDP2): with ``batch_dims = 0`` a matrix's rows lie on several ranks, so its
+    two squared norms are summed over its process group (one ``all_reduce`` per group); with
+    batch dims a ``Shard(0)`` splits whole matrices and the norms are local."""
+    def per_matrix(t):  # t as (matrices, entries); explicit sizes: an empty shard too
+        n = math.prod(t.shape[:batch_dims])
+        return t.reshape(n, math.prod(t.shape[batch_dims:]))
+
+    hats, squares = [], []  # squares per tensor (2, matrices): ‖R‖², ‖X̂‖² of each matrix
+    for x, v, ref in zip(values, row_moments, references):
+        hat = (_rows(x, batch_dims) / (v.sqrt() + eps).unsqueeze(-1)).reshape(x.shape)
+        hats.append(hat)
+        squares.append(torch.stack([per_matrix(ref).square().sum(-1),
+                                    per_matrix(hat).square().sum(-1)]))
+    if shards is not None and batch_dims == 0 and any(s is not None for s in shards):
+        from . import distributed
+
+        for group, idx in distributed._by_group(shards).items():
+            for i, total in zip(idx, distributed.all_reduce_sum([squares[i] for i in idx],
+                                                                group)):
+                squares[i] = total
+    out = []
+    for hat, (ref, sq) in zip(hats, squares):
+        scale = torch.where(sq > 0, ref.div(sq.clamp_min(torch.finfo(sq.dtype).tiny)).sqrt(),
+                            torch.zeros_like(sq))
+        out.append(per_matrix(hat).mul_(scale.unsqueeze(-1)).reshape(hat.shape))
+    return out
 
 
 def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chunk, decay, write,
@@ -1328,7 +1452,7 @@ def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chun
 
 def _triton_m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates,
                chunk_sums, state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay,
-               ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims, maximize, shards):
+               form, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims, maximize, shards):
     from .kernels import elementwise
 
     ns = dict(_ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype),

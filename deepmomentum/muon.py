@@ -13,7 +13,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from . import functional as dmf
+from . import distributed, functional as dmf
+from .distributed import local
 from .newton_schulz import ADJUST_LR_FNS, ns_coefficients
 from .optimizer import MemoryOptimizer, UnsupportedTensorError, check_choice, check_flag, \
     check_int, check_number
@@ -280,29 +281,70 @@ def _writes_from_betas(group: dict[str, Any], matrix: bool, writes: Any = _DEFAU
     return group
 
 
+#: The options M3 gained with its normalized form, as a group saved before them ran: the
+#: literal rule (deepmomentum ≤ 0.1 had no other), no nesterov, no shape factor.
+_BEFORE_FORMS = {"form": "literal", "nesterov": None, "adjust_lr_fn": None}
+
+
+def _with_forms(group: dict[str, Any]) -> dict[str, Any]:
+    """A group (or defaults) of an M3 saved before ``form`` existed, as it ran (literal)."""
+    return group if "form" in group or "decays" not in group else {**group, **_BEFORE_FORMS}
+
+
 class M3(_MatrixOptimizer):
     r"""M3, multi-scale momentum Muon (NL arXiv §7.2, Algorithm 1).
 
     A fast momentum read every step and a slow momentum that learns once per chunk of
-    ``chunk`` (Ĉ) steps, both orthogonalized, share an AdaGrad-like second-moment memory:
+    ``chunk`` (Ĉ) steps, both orthogonalized, scaled by a second-moment memory:
 
     .. math::
-        M^1_t &= \mu_1 M^1_{t-1} + \omega_1 G_t, \qquad V_t = \mu_2 V_{t-1} + \omega_2 G_t^2\\
-        W_t &= W_{t-1}(1-\gamma\lambda) - \gamma\,\big(\mathrm{NS}(M^1_t) + \alpha\, O^2\big)
-               / (\sqrt{V_t} + \epsilon)\\
+        M^1_t &= \mu_1 M^1_{t-1} + \omega_1 G_t, \qquad
+        U_t = \omega_1 G_t + \mu_1 M^1_t\ \text{(nesterov) or}\ M^1_t, \qquad
+        O_t = \mathrm{NS}(U_t) + \alpha\, O^2\\
         \text{every Ĉ steps: }\ M^2 &\leftarrow \mu_3 M^2 + \omega_3 \textstyle\sum_{chunk} G,
         \qquad O^2 = \mathrm{NS}(M^2)
 
     :math:`O^2` is kept between chunks (zero during the first chunk), so the slow memory and its
-    read-out change only at chunk boundaries (tested).
+    read-out change only at chunk boundaries (tested). The two forms differ in the second
+    moment and the step:
+
+    * ``form="normalized"`` (default) keeps the second moment per row of the read-out and
+      scales the row-normalized read-out back to the fast read-out's norm times Muon's shape
+      factor, so γ lives on Muon's scale and no entry can step further than its matrix:
+
+      .. math::
+          v_t = \mu_2 v_{t-1} + \omega_2\, \mathrm{mean}_{cols}(O_t^2),\qquad
+          \hat O_t = O_t / (\sqrt{v_t} + \epsilon),\qquad
+          W_t = W_{t-1}(1-\gamma\lambda) - \gamma\, s(r,c)\,
+          \frac{\lVert \mathrm{NS}(U_t)\rVert_F}{\lVert \hat O_t\rVert_F}\,\hat O_t
+
+      (its ``exp_avg_sq`` has one entry per row: shape ``param.shape[:batch_dims + 1]``).
+    * ``form="literal"`` is Algorithm 1: an elementwise second moment of the raw gradients,
+      :math:`V_t = \mu_2 V_{t-1} + \omega_2 G_t^2`, and
+      :math:`W_t = W_{t-1}(1-\gamma\lambda) - \gamma\, O_t / (\sqrt{V_t} + \epsilon)`.
+      It divides an orthogonalized matrix (entries ~1/√n) by √V of raw gradients, so an entry
+      whose gradient is ~0 (a constant input pixel, a dead unit) steps by ~γ/ε: measured, it
+      blows up at every lr of the benchmarks' grids (README, Measured: M3). Kept as an option,
+      tested against a loop of the algorithm; it needs γ far below Muon's (~γ/|G| per entry).
+
+    Why the normalized form (benchmarks/results/m3_forms.json: char-GPT at the benchmarks' full
+    size, val bits/char, Muon 2.725/2.728/2.751 over seeds 0–2 at its best lr): with the
+    paper's α = 1 and Ĉ = 16 every stable candidate lost ≥ 0.18 to Muon — preconditioning
+    before NS 3.006, a per-row √V of raw gradients after NS 3.057, no second moment 2.962, a
+    per-row second moment of the read-out (as NorMuon, Li et al. 2025, normalizes Muon's
+    output) 2.906. The stale slow memory was the cost: at α = 0 the first reached 2.741 and the
+    last 2.730; with a light, fresh one (α = 0.25, Ĉ = 4) the read-out's row moment reached
+    2.733/2.735/2.765 (mean +0.009 on Muon), without a second moment 2.765, with μ₂ = 0.999
+    2.752. On Permuted-Digits (ACC, 3 seeds) it was ahead of Muon at each lr tried.
 
     The paper's text is partly garbled. Its Algorithm 1 writes the three memories as plain sums
     (``M ← M + β·…``); that is ``decays=(1, 1, 1)`` here, tested against a literal loop. Plain
     sums never forget, so the defaults add the decays the text omits: μ₁ = 0.95 (Muon's
-    momentum), μ₂ = 0.999 (V then averages G² over ~1000 steps instead of growing without bound),
-    μ₃ = 0.9 (per chunk). The write strengths ω₁ and ω₃ (the paper's β₁, β₃) only scale M¹ and
-    M², which NS does not see (it is scale-invariant), so they default to 1. These defaults are
-    not tuned yet.
+    momentum), μ₂ = 0.95, μ₃ = 0.9 (per chunk). The write strengths ω₁ and ω₃ (the paper's β₁,
+    β₃) only scale M¹ and M², which NS does not see (it is scale-invariant), so they default to
+    1; in the normalized form ω₂ cancels too (up to ε). M3 of deepmomentum 0.1 is
+    ``M3(form="literal", decays=(0.95, 0.999, 0.9), alpha=1.0, chunk=16)``, and its
+    checkpoints and pickles load as that.
 
     The write strengths are ``writes``, not ``betas``: LR schedulers that cycle momentum
     (``OneCycleLR``, ``CyclicLR`` with ``cycle_momentum=True``) rewrite ``betas[0]`` of every
@@ -313,25 +355,24 @@ class M3(_MatrixOptimizer):
     pickles of earlier versions load, their ``betas`` read as ``writes``.
 
     Weight decay defaults to 0, unlike ``torch.optim.Muon`` (0.1) and ``torch.optim.AdamW``
-    (0.01): the decay is decoupled, ``W(1 − γλ)``, and M3's γ lives on another scale than theirs
-    (its step is ~γ/|G|, see below), so their λ would mean something else here; untuned, it is
-    left off. The AdamW part (``adamw_*``) takes ``torch.optim.AdamW``'s defaults, as
-    :class:`Muon`.
-
-    Mind the scale: NS output has unit spectral scale while √V has the gradients' scale, so a
-    step is about γ/|G| per entry — γ must be set relative to the gradients, far below Muon's
-    (see README, Measured: M3).
+    (0.01): the decay is decoupled, ``W(1 − γλ)``; untuned, it is left off. The AdamW part
+    (``adamw_*``) takes ``torch.optim.AdamW``'s defaults, as :class:`Muon`.
 
     Args:
         params: ≥2-D parameters (AdamW groups via ``use_muon=False`` as in :class:`Muon`).
-        lr (float, default 1e-3): γ ≥ 0.
+        lr (float, default 1e-3): γ ≥ 0 (the normalized form's is on Muon's scale).
         writes (tuple, default (1, 1, 1)): write strengths (ω₁, ω₂, ω₃) ≥ 0 (the paper's
             β₁, β₂, β₃; ``betas=`` is a deprecated alias).
-        decays (tuple, default (0.95, 0.999, 0.9)): (μ₁, μ₂, μ₃), each in [0, 1].
-        alpha (float, default 1.0): α ≥ 0, weight of the slow read-out.
-        chunk (int, default 16): Ĉ ≥ 1, steps per slow update.
+        decays (tuple, default (0.95, 0.95, 0.9)): (μ₁, μ₂, μ₃), each in [0, 1].
+        alpha (float, default 0.25): α ≥ 0, weight of the slow read-out.
+        chunk (int, default 4): Ĉ ≥ 1, steps per slow update.
         eps (float, default 1e-8): ε ≥ 0 in the denominator.
         weight_decay (float, default 0; see above): decoupled λ ≥ 0.
+        form (str, default "normalized"): "normalized" or "literal" (see above).
+        nesterov (bool or None, default None): the fast read-out ``ω₁G + μ₁M¹`` instead of
+            ``M¹``; None: the form's own (normalized: True, as Muon; literal: False).
+        adjust_lr_fn (str or None, default None): the normalized form's shape factor, as
+            :class:`Muon`'s (None: √max(1, r/c)); the literal form has none (must be None).
         ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims: as :class:`Muon` (``ns_eps`` is
             Muon's ``eps``).
         use_muon, adamw_*: as :class:`Muon`.
@@ -347,11 +388,14 @@ class M3(_MatrixOptimizer):
         params,
         lr: float = 1e-3,
         writes: tuple[float, float, float] = _DEFAULT_WRITES,
-        decays: tuple[float, float, float] = (0.95, 0.999, 0.9),
-        alpha: float = 1.0,
-        chunk: int = 16,
+        decays: tuple[float, float, float] = (0.95, 0.95, 0.9),
+        alpha: float = 0.25,
+        chunk: int = 4,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        form: str = "normalized",
+        nesterov: Optional[bool] = None,
+        adjust_lr_fn: Optional[str] = None,
         ns_coefficients="keller",
         ns_steps: int = 5,
         ns_eps: float = 1e-7,
@@ -399,13 +443,18 @@ class M3(_MatrixOptimizer):
             state["param_groups"] = [
                 _writes_from_betas(g, g.get("use_muon", True), state["defaults"]["writes"])
                 for g in state.get("param_groups", [])]
+        # ... and one from before the normalized form ran the literal rule.
+        if "defaults" in state:
+            state["defaults"] = _with_forms(state["defaults"])
+        state["param_groups"] = [_with_forms(g) for g in state.get("param_groups", [])]
         super().__setstate__(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`MemoryOptimizer.load_state_dict`; a checkpoint of an earlier version, with
         the write strengths of its Newton–Schulz groups under ``"betas"``, loads them as
         ``writes`` (and its AdamW groups take this optimizer's ``writes``, which they do not
-        use)."""
+        use); one saved before M3 had ``form`` (deepmomentum ≤ 0.1) loads as what it ran,
+        ``form="literal"``, whatever this optimizer's form."""
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if isinstance(groups, list) and len(groups) == len(self.param_groups) and any(
                 isinstance(g, dict) and "writes" not in g and "decays" in g for g in groups):
@@ -413,6 +462,11 @@ class M3(_MatrixOptimizer):
                 _writes_from_betas(saved, saved.get("use_muon", True), own["writes"])
                 if "writes" not in saved and "decays" in saved else saved
                 for saved, own in zip(groups, self.param_groups)]}
+        if isinstance(groups, list) and any(isinstance(g, dict) and "form" not in g
+                                            for g in state_dict["param_groups"]):
+            state_dict = {**state_dict, "param_groups": [
+                _with_forms(g) if isinstance(g, dict) else g
+                for g in state_dict["param_groups"]]}
         super().load_state_dict(state_dict)
 
     MATRIX_STATE = ("fast_buffer", "exp_avg_sq", "slow_buffer", "slow_update", "chunk_sum")
@@ -421,7 +475,21 @@ class M3(_MatrixOptimizer):
         shapes = super()._state_shapes(group, param)
         if group["use_muon"]:
             shapes["step"] = ()
+            if group["form"] == "normalized":  # one second moment per row of the read-out
+                shapes["exp_avg_sq"] = dmf.row_shape(param.shape, group["batch_dims"])
         return shapes
+
+    def _initial_state(self, group, param, key):
+        if key == "exp_avg_sq" and group["use_muon"] and group["form"] == "normalized":
+            return distributed.rows_like(param, group["batch_dims"],
+                                         self._new_state_tensor(local(param)).dtype)
+        return super()._initial_state(group, param, key)
+
+    def _impl_unsupported(self, group, implementation):
+        if implementation == "triton" and group["use_muon"] and (
+                group["form"] == "normalized" or group["nesterov"]):
+            return "only M3's literal form without nesterov has Triton kernels"
+        return super()._impl_unsupported(group, implementation)
 
     def _validate_matrix_group(self, group):
         _check_triple("writes", group["writes"], 0.0, float("inf"))
@@ -431,6 +499,13 @@ class M3(_MatrixOptimizer):
         check_number("ns_eps", group["ns_eps"], 0.0)
         check_number("weight_decay", group["weight_decay"], 0.0)
         check_int("chunk", group["chunk"], 1)
+        check_choice("form", group["form"], dmf.M3_FORMS)
+        check_flag("nesterov", group["nesterov"], allow_none=True)
+        check_choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
+        if group["form"] == "literal" and group["adjust_lr_fn"] is not None:
+            raise ValueError(f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r}; adjust_lr_fn "
+                             "applies to form='normalized' only (the literal rule has no shape "
+                             "factor): leave it None")
 
     def _matrix_rule(self, group):
         return dmf.m3, self.MATRIX_STATE

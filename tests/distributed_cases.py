@@ -67,9 +67,14 @@ SETTINGS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
         output="newton_schulz", ns_dtype=torch.float32),
     "Muon": lambda m: dm.Muon(muon_groups(m), lr=0.02, **F32),
     "Muon-bf16-ns-period2": lambda m: dm.Muon(muon_groups(m, update_period=2), lr=0.02),
-    # eps: M3 divides by √V + ε; at the default a last-bit change of the gradient (the
-    # reduce-scatter's order of summation) is amplified by 1/|g| and no tolerance holds.
-    "M3": lambda m: dm.M3(muon_groups(m), lr=0.01, chunk=3, eps=1e-2, **F32),
+    # The normalized form: per-row state sharded with its parameter's rows, and the norm
+    # match's squared norms summed over the shard group.
+    "M3": lambda m: dm.M3(muon_groups(m), lr=0.02, chunk=3, **F32),
+    # eps: the literal form divides by √V + ε; at the default a last-bit change of the
+    # gradient (the reduce-scatter's order of summation) is amplified by 1/|g| and no
+    # tolerance holds.
+    "M3-literal": lambda m: dm.M3(muon_groups(m), lr=0.01, chunk=3, eps=1e-2, form="literal",
+                                  **F32),
 }
 
 

@@ -8,7 +8,7 @@ with the argument they must name, and a learning rate that makes progress on the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -32,12 +32,13 @@ class OptimizerInfo:
     variants: tuple[dict[str, Any], ...] = ({},)
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
     matrix_only: bool = False  # groups with use_muon=False take any shape
-    # learning rates for the toy problems (Rosenbrock, noisy quadratic); default lr × (0.1, 5)
-    toy_lrs: tuple[float, float] | None = None
+    # learning rates for the toy problems (Rosenbrock, noisy quadratic), or a function of the
+    # variant giving them (None: the default); default lr × (0.1, 5)
+    toy_lrs: tuple[float, float] | Callable[[dict], Optional[tuple[float, float]]] | None = None
 
-    @property
-    def toy_lr(self) -> tuple[float, float]:
-        return self.toy_lrs or (self.lr * 0.1, self.lr * 5)
+    def toy_lr(self, variant: dict[str, Any]) -> tuple[float, float]:
+        lrs = self.toy_lrs(variant) if callable(self.toy_lrs) else self.toy_lrs
+        return lrs or (self.lr * 0.1, self.lr * 5)
 
     def make(self, params, **kwargs):
         return self.cls(params, **{"lr": self.lr, **kwargs})
@@ -59,6 +60,10 @@ COMMON_INVALID = (
     ({"foreach": True, "fused": True}, "fused"),
     ({"skip_nonfinite": "yes"}, "skip_nonfinite"),
 )
+
+#: M3's literal form with deepmomentum 0.1's defaults (its only form then).
+M3_LITERAL_0_1 = {"form": "literal", "decays": (0.95, 0.999, 0.9), "alpha": 1.0, "chunk": 16}
+
 
 REGISTRY: tuple[OptimizerInfo, ...] = (
     OptimizerInfo(
@@ -184,16 +189,27 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
         name="M3",
         cls=dm.M3,
         lr=0.05,
-        # M3 divides by √V (no bias correction), so its steps shrink like lr/|G|: larger lrs.
-        toy_lrs=(1.0, 0.5),
+        # The literal form divides by √V (no bias correction), so its steps shrink like
+        # lr/|G|: larger lrs. The normalized form's steps are Muon's: Muon's toy lrs.
+        toy_lrs=lambda variant: (1.0, 0.5) if variant.get("form") == "literal" else None,
         matrix_only=True,
+        # Variants 0–5 are the literal form as deepmomentum 0.1 defaulted it (their golden
+        # trajectories were recorded then); 6– the normalized form.
         variants=(
+            {**M3_LITERAL_0_1},
+            {**M3_LITERAL_0_1, "chunk": 2, "alpha": 0.5, "weight_decay": 0.01},
+            {**M3_LITERAL_0_1, "decays": (1.0, 1.0, 1.0), "writes": (1.0, 0.5, 2.0), "chunk": 3},
+            {**M3_LITERAL_0_1, "ns_coefficients": "polar_express", "batch_dims": 1,
+             "maximize": True},
+            {**M3_LITERAL_0_1, "use_muon": False, "adamw_eps": 1e-8},
+            {**M3_LITERAL_0_1, "writes": (0.5, 2.0, 1.0), "decays": (0.9, 0.99, 0.5),
+             "chunk": 2},
             {},
-            {"chunk": 2, "alpha": 0.5, "weight_decay": 0.01},
-            {"decays": (1.0, 1.0, 1.0), "writes": (1.0, 0.5, 2.0), "chunk": 3},
-            {"ns_coefficients": "polar_express", "batch_dims": 1, "maximize": True},
-            {"use_muon": False, "adamw_eps": 1e-8},
-            {"writes": (0.5, 2.0, 1.0), "decays": (0.9, 0.99, 0.5), "chunk": 2},
+            {"nesterov": False, "alpha": 0.0, "adjust_lr_fn": "match_rms_adamw",
+             "weight_decay": 0.01},
+            {"batch_dims": 1, "maximize": True, "decays": (0.0, 0.0, 0.5), "chunk": 2},
+            {"writes": (0.5, 0.0, 2.0), "chunk": 3, "alpha": 1.0, "ns_coefficients": "you"},
+            {**M3_LITERAL_0_1, "nesterov": True},
         ),
         invalid=COMMON_INVALID + (
             ({"chunk": 0}, "chunk"),
@@ -206,6 +222,10 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
             ({"alpha": -1.0}, "alpha"),
             ({"eps": -1.0}, "eps"),
             ({"ns_eps": -1.0}, "ns_eps"),
+            ({"form": "adam"}, "form"),
+            ({"nesterov": "yes"}, "nesterov"),
+            ({"adjust_lr_fn": "sqrt"}, "adjust_lr_fn"),
+            ({"form": "literal", "adjust_lr_fn": "original"}, "adjust_lr_fn"),
         ),
     ),
 )

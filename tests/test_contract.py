@@ -413,7 +413,7 @@ def test_goes_downhill_on_rosenbrock(info, variant):
     # A 1 × 2 matrix, so matrix optimizers take it too (their step is then a unit direction).
     xy = torch.tensor([[-1.5, 2.0]], dtype=torch.float64)
     xy = xy.reshape((1,) * variant.get("batch_dims", 0) + (1, 2)).requires_grad_()
-    opt = info.make([{"params": [xy], "lr": info.toy_lr[0]}], **variant)
+    opt = info.make([{"params": [xy], "lr": info.toy_lr(variant)[0]}], **variant)
     start = _rosenbrock(xy).item()
     for _ in range(300):
         opt.zero_grad()
@@ -430,7 +430,7 @@ def test_goes_downhill_on_a_noisy_quadratic(info, variant, dtype):
     h = 0.1 + torch.rand(8, 8, generator=g)
     x = (3 * torch.randn(8, 8, generator=g)).to(dtype)
     x = x.reshape((1,) * variant.get("batch_dims", 0) + (8, 8)).requires_grad_()
-    opt = info.make([{"params": [x], "lr": info.toy_lr[1]}], **variant)
+    opt = info.make([{"params": [x], "lr": info.toy_lr(variant)[1]}], **variant)
 
     def loss():
         return 0.5 * (h * x.float().reshape(8, 8) ** 2).sum()

@@ -326,8 +326,9 @@ def test_muon_param_groups_overrides():
 # --- M3 --------------------------------------------------------------------------------------
 
 
-def _m3_by_hand(w, grads, lr, writes, decays, alpha, chunk, eps):
-    """SPEC §6 as a plain loop (NS in float64 to compare tightly)."""
+def _m3_by_hand(w, grads, lr, writes, decays, alpha, chunk, eps, nesterov=False):
+    """SPEC §6 (Algorithm 1, the literal form) as a plain loop (NS in float64 to compare
+    tightly)."""
     ns = lambda x: dm.newton_schulz(x, dtype=torch.float64)  # noqa: E731
     m1, v, m2, s = (torch.zeros_like(w) for _ in range(4))
     o2 = torch.zeros_like(w)
@@ -336,7 +337,8 @@ def _m3_by_hand(w, grads, lr, writes, decays, alpha, chunk, eps):
         m1 = decays[0] * m1 + writes[0] * g
         v = decays[1] * v + writes[1] * g * g
         s = s + g
-        w = w - lr * (ns(m1) + alpha * o2) / (v.sqrt() + eps)
+        u = writes[0] * g + decays[0] * m1 if nesterov else m1
+        w = w - lr * (ns(u) + alpha * o2) / (v.sqrt() + eps)
         if t % chunk == 0:
             m2 = decays[2] * m2 + writes[2] * s
             s = torch.zeros_like(s)
@@ -345,24 +347,26 @@ def _m3_by_hand(w, grads, lr, writes, decays, alpha, chunk, eps):
     return trajectory
 
 
-@pytest.mark.parametrize("decays", [(1.0, 1.0, 1.0), (0.9, 0.99, 0.5)])
-def test_M3_matches_the_hand_written_loop(decays):
+@pytest.mark.parametrize("decays,nesterov", [((1.0, 1.0, 1.0), False), ((0.9, 0.99, 0.5), False),
+                                             ((0.9, 0.99, 0.5), True)])
+def test_M3_literal_matches_the_hand_written_loop(decays, nesterov):
     g = _gen(12)
     w0 = torch.randn(5, 3, generator=g, dtype=torch.float64)
     grads = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(10)]
     kwargs = dict(lr=0.05, writes=(1.0, 0.5, 2.0), decays=decays, alpha=0.7, chunk=3, eps=1e-8)
-    expected = _m3_by_hand(w0, grads, **kwargs)
+    expected = _m3_by_hand(w0, grads, **kwargs, nesterov=nesterov)
     p = w0.clone().requires_grad_()
-    opt = dm.M3([p], **kwargs, ns_dtype=torch.float64)
+    opt = dm.M3([p], **kwargs, form="literal", nesterov=nesterov, ns_dtype=torch.float64)
     for t, grad in enumerate(grads):
         p.grad = grad
         opt.step()
         torch.testing.assert_close(p.detach(), expected[t], rtol=1e-10, atol=1e-12)
 
 
-def test_M3_slow_memory_changes_only_at_chunk_boundaries():
+@pytest.mark.parametrize("form", ["normalized", "literal"])
+def test_M3_slow_memory_changes_only_at_chunk_boundaries(form):
     p = torch.randn(6, 4, generator=_gen(13), requires_grad=True)
-    opt = dm.M3([p], lr=0.01, chunk=4)
+    opt = dm.M3([p], lr=0.01, chunk=4, form=form)
     stream = noisy_quadratic_grads(0)
     for t in range(1, 13):
         p.grad = stream(t, [p])[0]
@@ -377,12 +381,169 @@ def test_M3_slow_memory_changes_only_at_chunk_boundaries():
                 assert not changed, (t, key)
 
 
-def test_M3_first_chunk_reads_no_slow_memory():
+@pytest.mark.parametrize("form", ["normalized", "literal"])
+def test_M3_first_chunk_reads_no_slow_memory(form):
     p = torch.randn(4, 4, generator=_gen(14), requires_grad=True)
-    opt = dm.M3([p], lr=0.01, chunk=5)
+    opt = dm.M3([p], lr=0.01, chunk=5, form=form)
     p.grad = torch.randn(4, 4, generator=_gen(15))
     opt.step()
     assert torch.count_nonzero(opt.state[p]["slow_update"]) == 0
+
+
+# --- M3's normalized form (issue 17) ---------------------------------------------------------
+
+
+def _m3_normalized_by_hand(w, grads, lr, writes, decays, alpha, chunk, eps, nesterov=True,
+                           batch_dims=0, adjust_lr_fn=None, weight_decay=0.0):
+    """The normalized form as its docstring writes it, one matrix of the view at a time (NS in
+    float64)."""
+    from deepmomentum.newton_schulz import adjusted_lr_scale, matrix_view_shape, newton_schulz
+
+    n, r, c = matrix_view_shape(w.shape, batch_dims)
+
+    scale = adjusted_lr_scale(adjust_lr_fn, r, c)
+    w = w.reshape(n, r, c).clone()
+    m1, m2, s, o2 = (torch.zeros_like(w) for _ in range(4))
+    v = torch.zeros(n, r, dtype=w.dtype)
+    trajectory = []
+    for t, g in enumerate(grads, start=1):
+        g = g.reshape(n, r, c)
+        m1 = decays[0] * m1 + writes[0] * g
+        s = s + g
+        u = writes[0] * g + decays[0] * m1 if nesterov else m1
+        new = torch.empty_like(w)
+        for k in range(n):
+            fast = newton_schulz(u[k], dtype=torch.float64)
+            o = fast + alpha * o2[k]
+            v[k] = decays[1] * v[k] + writes[1] * (o * o).mean(dim=1)
+            hat = o / (v[k].sqrt() + eps)[:, None]
+            ratio = fast.norm() / hat.norm() if hat.norm() > 0 else 0.0
+            new[k] = w[k] * (1 - lr * weight_decay) - lr * scale * ratio * hat
+        w = new
+        if t % chunk == 0:
+            m2 = decays[2] * m2 + writes[2] * s
+            s = torch.zeros_like(s)
+            o2 = torch.stack([newton_schulz(m, dtype=torch.float64) for m in m2])
+        trajectory.append(w.reshape(grads[0].shape))
+    return trajectory
+
+
+_unit = st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)
+
+
+@given(rows=st.integers(1, 6), cols=st.integers(1, 6), batch=st.sampled_from([0, 1, 2]),
+       decays=st.tuples(_unit, _unit, _unit),
+       writes=st.tuples(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 3.0),
+                        st.sampled_from([0.0, 1.0]) | st.floats(0.0, 3.0),
+                        st.sampled_from([0.0, 1.0]) | st.floats(0.0, 3.0)),
+       alpha=st.sampled_from([0.0, 0.25]) | st.floats(0.0, 2.0), chunk=st.integers(1, 4),
+       nesterov=st.booleans(), adjust=st.sampled_from([None, "match_rms_adamw", "spectral"]),
+       weight_decay=st.sampled_from([0.0, 0.1]), foreach=st.booleans(),
+       steps=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_M3_normalized_matches_the_hand_written_loop(rows, cols, batch, decays, writes, alpha,
+                                                     chunk, nesterov, adjust, weight_decay,
+                                                     foreach, steps, seed):
+    g = _gen(seed)
+    shape = (2,) * batch + (rows, cols)
+    w0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(steps)]
+    kwargs = dict(lr=0.05, writes=writes, decays=decays, alpha=alpha, chunk=chunk, eps=1e-8)
+    expected = _m3_normalized_by_hand(w0, grads, **kwargs, nesterov=nesterov, batch_dims=batch,
+                                      adjust_lr_fn=adjust, weight_decay=weight_decay)
+    p = w0.clone().requires_grad_()
+    opt = dm.M3([p], **kwargs, nesterov=nesterov, batch_dims=batch, adjust_lr_fn=adjust,
+                weight_decay=weight_decay, ns_dtype=torch.float64, foreach=foreach)
+    for t, grad in enumerate(grads):
+        p.grad = grad
+        opt.step()
+        torch.testing.assert_close(p.detach(), expected[t], rtol=1e-9, atol=1e-11)
+    assert opt.state[p]["exp_avg_sq"].shape == shape[:batch + 1]
+
+
+@given(momentum=st.sampled_from([0.0, 0.95]) | st.floats(0.0, 0.99), nesterov=st.booleans(),
+       adjust=st.sampled_from([None, "match_rms_adamw", "spectral"]),
+       weight_decay=st.sampled_from([0.0, 0.1]), shape=st.sampled_from([(6, 4), (3, 7), (5, 5)]),
+       seed=st.integers(0, 2**16))
+def test_M3_normalized_without_second_moment_or_slow_memory_is_Muon(momentum, nesterov, adjust,
+                                                                   weight_decay, shape, seed):
+    # ω₂ = 0: v = 0 and X̂ = O/ε, which the norm match scales back to NS(U); α = 0: O = NS(U).
+    # NS is scale-invariant (with no ε in its normaliser), and M3's fast memory is Muon's EMA
+    # buffer times 1/(1 − μ).
+    def m3(ps):
+        return dm.M3(ps, lr=0.02, writes=(1.0, 0.0, 1.0), decays=(momentum, 0.5, 0.9),
+                     alpha=0.0, chunk=2, nesterov=nesterov, adjust_lr_fn=adjust,
+                     weight_decay=weight_decay, ns_dtype=torch.float64, ns_eps=0.0)
+
+    def muon(ps):
+        return dm.Muon(ps, lr=0.02, momentum=momentum, nesterov=nesterov, adjust_lr_fn=adjust,
+                       weight_decay=weight_decay, ns_dtype=torch.float64, eps=0.0)
+
+    assert_same_trajectory(m3, muon, shapes=(shape,), steps=12, dtype=torch.float64,
+                           seed=seed, rtol=1e-9, atol=1e-12)
+
+
+def test_M3_normalized_steps_by_Muon_norm_even_where_gradients_vanish():
+    # The literal form's failure: an entry whose gradient is ~0 (a constant input pixel, a
+    # dead unit) steps by ~γ·|NS(U)|/|G|. The normalized form steps by γ s ‖NS(U)‖_F every
+    # step, and a row whose gradient is 0 stays where it is.
+    g = _gen(21)
+    grads = [torch.randn(6, 5, generator=g) for _ in range(10)]
+    tiny = torch.rand(6, 5, generator=g) < 0.3
+    for grad in grads:
+        grad[tiny] *= 1e-10
+        grad[2].zero_()
+    p0 = torch.randn(6, 5, generator=g)
+
+    def steps(**form):
+        p = p0.clone().requires_grad_()
+        opt = dm.M3([p], lr=0.02, **form)
+        out = []
+        for grad in grads:
+            before = p.detach().clone()
+            p.grad = grad.clone()
+            opt.step()
+            out.append(p.detach() - before)
+        return out
+
+    ns_norm = math.sqrt(5)  # NS(U) of a rank-5 6×5 matrix: 5 singular values near 1
+    for step in steps():
+        assert torch.all(step[2] == 0)
+        assert 0.02 * 0.6 * ns_norm < step.norm() < 0.02 * 1.4 * ns_norm, step.norm()
+    assert max(step.abs().max() for step in steps(form="literal")) > 1e3  # ~γ/|G|
+
+
+def test_M3_normalized_zero_gradients_step_by_zero():
+    # DCP's warm-up steps a fresh optimizer on zero gradients: no NaN from 0/0 in the norm match.
+    p = torch.randn(4, 3, generator=_gen(22), requires_grad=True)
+    before = p.detach().clone()
+    opt = dm.M3([p], lr=0.02)
+    for _ in range(5):
+        p.grad = torch.zeros(4, 3)
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert all(torch.isfinite(v).all() for v in opt.state[p].values())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"form": "literal", "adjust_lr_fn": "original"}, "adjust_lr_fn"),
+    ({"form": "adam"}, "form"),
+    ({"nesterov": 1}, "nesterov"),
+])
+def test_M3_form_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dm.M3([torch.zeros(3, 3, requires_grad=True)], **kwargs)
+    if match == "nesterov":
+        return  # the class checks it; the functional rule takes any flag, as torch's
+    with pytest.raises(ValueError, match=match):  # the functional rule checks the form's
+        p = torch.zeros(3, 3)
+        dmf.m3([p], [torch.ones(3, 3)], *([torch.zeros(3, 3)] * 5), [torch.ones(())],
+               lr=0.01, betas=(1.0, 1.0, 1.0), decays=(0.9, 0.9, 0.9), alpha=0.0, chunk=2,
+               eps=1e-8, weight_decay=0.0, **kwargs)
+
+
+def test_M3_normalized_form_has_no_fused_kernel():
+    with pytest.raises(ValueError, match="fused"):
+        dm.M3([torch.zeros(3, 3, requires_grad=True)], fused=True)
 
 
 # --- M3's write strengths are `writes` (issue 22 item 7) ------------------------------------
@@ -433,10 +594,11 @@ def test_M3_betas_is_a_deprecated_alias_of_writes():
 
 def _as_saved_by_0_1(saved_groups):
     """Param groups as deepmomentum 0.1.0 saved them: a Newton–Schulz group's write strengths
-    under "betas", an AdamW group with Adam's "betas" and no "writes"."""
+    under "betas", an AdamW group with Adam's "betas" and no "writes"; no form (it had only
+    the literal one), nesterov or adjust_lr_fn."""
     old = []
     for group in saved_groups:
-        group = dict(group)
+        group = {k: v for k, v in group.items() if k not in ("form", "nesterov", "adjust_lr_fn")}
         writes = group.pop("writes")
         if group["use_muon"]:
             group["betas"] = writes
@@ -445,13 +607,15 @@ def _as_saved_by_0_1(saved_groups):
 
 
 def test_an_M3_checkpoint_of_the_previous_version_loads_and_continues():
-    def make(w, b):
+    # It ran the literal form (0.1 had no other) and resumes it, into an optimizer built with
+    # today's default form.
+    def make(w, b, **form):
         return dm.M3([{"params": [w]}, {"params": [b], "use_muon": False}], lr=0.01,
-                     writes=(1.0, 0.5, 2.0), chunk=2)
+                     writes=(1.0, 0.5, 2.0), chunk=2, **form)
 
     w, b = torch.randn(4, 3, generator=_gen(17)), torch.randn(3, generator=_gen(18))
     ref_w, ref_b = w.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = make(ref_w, ref_b)
+    ref = make(ref_w, ref_b, form="literal")
     for t in range(6):
         if t == 3:
             saved = copy.deepcopy(ref.state_dict())  # the live state goes on changing
@@ -463,8 +627,10 @@ def test_an_M3_checkpoint_of_the_previous_version_loads_and_continues():
     new_w, new_b = at_w.requires_grad_(), at_b.requires_grad_()
     resumed = make(new_w, new_b)
     resumed.param_groups[0]["writes"] = (9.0, 9.0, 9.0)  # must come from the checkpoint
+    assert resumed.param_groups[0]["form"] == "normalized"
     resumed.load_state_dict(saved)
     assert resumed.param_groups[0]["writes"] == (1.0, 0.5, 2.0)
+    assert resumed.param_groups[0]["form"] == "literal"
     assert "betas" not in resumed.param_groups[0]
     for t in range(3, 6):
         new_w.grad = torch.randn(4, 3, generator=_gen(t))
@@ -479,10 +645,13 @@ def test_an_M3_pickle_of_the_previous_version_reads_betas_as_writes():
     state = dict(opt.__getstate__())
     defaults = dict(state["defaults"])
     defaults["betas"] = defaults.pop("writes")
+    for key in ("form", "nesterov", "adjust_lr_fn"):
+        del defaults[key]
     state["defaults"], state["param_groups"] = defaults, _as_saved_by_0_1(state["param_groups"])
     old = dm.M3.__new__(dm.M3)
     old.__setstate__(state)
     assert old.defaults["writes"] == (1.0, 0.5, 2.0) and "betas" not in old.defaults
+    assert old.defaults["form"] == "literal" and old.param_groups[0]["form"] == "literal"
     assert old.param_groups[0]["writes"] == (1.0, 0.5, 2.0)
     assert "betas" not in old.param_groups[0]
     assert old.param_groups[1]["betas"] == opt.param_groups[1]["betas"]

@@ -169,27 +169,21 @@ def param_groups(model: LanguageModel, matrix_split: bool) -> list[dict[str, Any
     return groups
 
 
-# M3 (issue 14). Its literal rule W ← W − γ (NS(M¹) + α O²)/(√V + ε) divides an orthogonalized
-# matrix (entries ~1/√n) by √V of the raw gradients, so an entry's step is ~γ/(|G| + ε). The
-# clipped gradients here span 0 to 1e-2, and with M3's ε = 1e-8 the first step, at the warm-up's
-# γ = 6e-5, moved HOPE's η-gate bias by 443: σ(η) underflowed to exactly 0, log η = −inf in the
-# memories' scan gave NaN gradients, and the loss was NaN at step 2 (--lr 1e-4: at step 3).
-# ε = 1e-2, at the top of that range, caps the multiplier 1/(√V + ε) at 100 (√V still damps the
-# largest-gradient entries: 22% by over 2× at step 100), so γ/ε is the largest step scale, in the
-# role of Muon's lr. γ = lr/30 (1e-4 at tiny, γ/ε = 1e-2: Muon's lr that trains here) ran the
-# 800 tiny steps; γ = 3e-4 drove σ(η) to 0 again at step 281, γ = 3e-3 diverged by step 31
-# (of a run at batch 8).
-M3_OPTIONS = dict(eps=1e-2)
+# M3: its default, normalized form steps as Muon does (a row-normalized read-out scaled to
+# Muon's norm), so it takes the size's lr and no options. Its literal form (form="literal",
+# issue 14) divides an orthogonalized matrix by √V of the raw gradients, an entry's step
+# ~γ/(|G| + ε): at ε = 1e-8 its first step moved HOPE's η-gate bias by 443, σ(η) underflowed
+# to 0 and the loss was NaN at step 2; it needed ε = 1e-2 and a 30th of the lr.
+M3_OPTIONS: dict = {}
 # Muon/M3's AdamW groups (embeddings, head, norms) as deepmomentum 0.1.0 defaulted them; the
 # defaults are torch.optim.AdamW's now (lr 1e-3, betas (0.9, 0.999), eps 1e-8, decay 0.01).
 MUON_ADAMW_0_1 = dict(adamw_lr=3e-4, adamw_betas=(0.9, 0.95), adamw_eps=1e-10,
                       adamw_weight_decay=0.0)
-M3_LR_SCALE = 1 / 30
 
 
 def default_lr(name: str, size_lr: float) -> float:
-    """The lr of a run without ``--lr``: the size's, a 30th of it for M3 (``M3_OPTIONS``)."""
-    return size_lr * (M3_LR_SCALE if optimizer_class(name) is dm.M3 else 1.0)
+    """The lr of a run without ``--lr``: the size's (every optimizer, M3 included)."""
+    return size_lr
 
 
 def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: float
