@@ -176,8 +176,10 @@ class DeltaMomentum(MemoryOptimizer):
         momentum (float, default 0.9): μ in [0, 1).
         erase (float, default 0.1): β in [0, μ]; the eigenvalues of ``μI − βK`` stay in
             [μ − β, μ], so the memory never grows faster than plain momentum (P2). A large
-            erase (β near μ) hurts. The default was chosen by ``benchmarks/delta.py``; see
-            README, Measured: DeltaMomentum.
+            erase (β near μ) hurts. The default was chosen by ``benchmarks/delta.py`` and
+            re-derived on the benchmarks' char-GPT task (issue 17): β = 0, 0.03, 0.1, 0.3 tie
+            there (within 0.01 bits/char at the best lr; ``benchmarks/results/defaults_lm.json``),
+            and μ = 0.8 or 0.95 lose to 0.9; see README, Measured: DeltaMomentum.
         keys (str, default "gradient"): "gradient" or "input".
         key_samples (int, default 256): most input rows kept per step (≥ 1).
         dampening, nesterov, weight_decay, decoupled_weight_decay, maximize: as
