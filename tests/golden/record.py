@@ -2,12 +2,17 @@
 
     python tests/golden/record.py                 # from the code on the path (this checkout)
     python tests/golden/record.py --commit 39d4756 # from the package at that commit
+    python tests/golden/record.py --add-missing    # only cases the files lack (new settings)
 
 ``--commit`` checks that commit out in a temporary git worktree and imports ``deepmomentum``
 from it, with this checkout's case definitions and registry: the way to regenerate the
 pre-refactor trajectories on another machine (then run tests/test_golden.py there). It also
 writes ``checkpoints.pt``: each registry setting's ``state_dict`` after 10 steps, saved by that
 code, which tests/test_golden.py loads into the current code and continues.
+
+``--add-missing`` keeps every recorded case and checkpoint as it is and records, from the code
+on the path, only the cases the files do not hold yet (a registry setting added since), listing
+them under ``"added"`` with the commit they were recorded at.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commit", help="record from the package at this git commit")
     parser.add_argument("--out", type=Path, default=HERE / "trajectories.json.gz")
+    parser.add_argument("--add-missing", action="store_true",
+                        help="record only the cases the files lack; keep the others")
     args = parser.parse_args()
     if args.commit:
         with tempfile.TemporaryDirectory() as tmp:
@@ -60,18 +67,37 @@ def main() -> None:
     commit = os.environ.get("DEEPMOMENTUM_GOLDEN_COMMIT") or subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
         text=True).stdout.strip()
-    out = {"environment": trajectories.environment(), "commit": commit, "cases": {}}
+    checkpoint_file = args.out.parent / trajectories.CHECKPOINTS.name
+    if args.add_missing:
+        with gzip.open(args.out, "rt") as f:
+            out = json.load(f)
+        saved = torch.load(checkpoint_file, weights_only=False)
+        if out["environment"] != trajectories.environment():
+            raise SystemExit(f"the recorded cases come from {out['environment']}, this is "
+                             f"{trajectories.environment()}: record them all here instead")
+    else:
+        out = {"environment": trajectories.environment(), "commit": commit, "cases": {}}
+        saved = {"commit": commit, "checkpoints": {}}
+    added = []
     for case_id, info, variant, impl, dtype in trajectories.cases():
+        if case_id in out["cases"] or case_id in out.get("absent", ()):
+            continue
         result = trajectories.run_case(info, variant, impl, dtype)
         if result is not None:
             out["cases"][case_id] = result
+            added.append(case_id)
+        elif args.add_missing:  # no such implementation: remembered, not run again
+            out.setdefault("absent", []).append(case_id)
+    if args.add_missing and added:
+        out.setdefault("added", {}).setdefault(commit, []).extend(added)
     with gzip.open(args.out, "wt") as f:
         json.dump(out, f, separators=(",", ":"))
-    print(f"{len(out['cases'])} cases from {commit} -> {args.out}")
-    checkpoints = {case_id: trajectories.save_checkpoint(info, variant, dtype)
-                   for case_id, info, variant, _, dtype in trajectories.checkpoint_cases()}
-    torch.save({"commit": commit, "checkpoints": checkpoints}, args.out.parent /
-               trajectories.CHECKPOINTS.name)
+    print(f"{len(added)} cases from {commit} -> {args.out} ({len(out['cases'])} in all)")
+    checkpoints = saved["checkpoints"]
+    for case_id, info, variant, _, dtype in trajectories.checkpoint_cases():
+        if case_id not in checkpoints:
+            checkpoints[case_id] = trajectories.save_checkpoint(info, variant, dtype)
+    torch.save(saved, checkpoint_file)
     print(f"{len(checkpoints)} checkpoints after {trajectories.CHECKPOINT_AT} steps -> "
           f"{args.out.parent / trajectories.CHECKPOINTS.name}")
 
