@@ -429,8 +429,10 @@ def environment(device: Optional[str] = None) -> dict[str, Any]:
 
 
 def _stats(values):
+    """Mean and population std of the values that are not None; (None, None) where none is
+    left or one is not finite (a diverged seed's metric: no number to average)."""
     values = [v for v in values if v is not None]
-    if not values:
+    if not values or not all(math.isfinite(v) for v in values):
         return None, None
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 

@@ -336,6 +336,25 @@ def test_a_finite_blow_up_is_flagged_and_never_the_best_lr(monkeypatch, capsys):
     assert row.split("|")[4].strip() == "diverged", row
 
 
+def test_one_seed_of_several_with_a_non_finite_metric_is_recorded_as_diverged(monkeypatch):
+    # The full run's 3 seeds at an lr where one seed ends NaN (the LM task's metric) crashed
+    # the record's mean of the extra metrics (statistics.pstdev of a NaN).
+    def run(spec, lr, seed, quick):
+        bad = lr > 5e-3 and seed == 1
+        final = math.nan if bad else 0.5
+        return core.Run([1.0, math.nan] if bad else [1.0, 0.5], 0.01, None,
+                        {"final_metric": final, "val_bits_per_char": final})
+
+    monkeypatch.setitem(core.TASKS, "nanseed", core.Task("nanseed", run, "a NaN seed"))
+    monkeypatch.setattr(core, "MAX_EXTENSIONS", 0)
+    record = core.run_task("nanseed", core.optimizer_spec("sgd", (1e-3, 1e-2)), 3, True)
+    by_lr = {r["lr"]: r for r in record["by_lr"]}
+    assert by_lr[1e-2]["diverged"] and by_lr[1e-2]["diverged_seeds"] == [1]
+    assert by_lr[1e-2]["extra_mean"]["val_bits_per_char"] is None  # not averaged in
+    assert by_lr[1e-3]["extra_mean"]["val_bits_per_char"] == 0.5
+    assert record["best"]["lr"] == 1e-3
+
+
 def test_the_grid_extends_past_an_edge_until_the_best_lr_is_interior(monkeypatch):
     # The metric is smallest at lr 0.1, beyond the grid (1e-3, 1e-2): two steps ×10 up.
     def run(spec, lr, seed, quick):
