@@ -95,7 +95,7 @@ OPTIMIZERS = {spec.name: spec for spec in (
     # it blows up at every lr; its γ is ~γ/|G| per entry, hence the grid far below Muon's)
     OptimizerSpec("m3-literal", lambda m, lr: dm.M3(
         dm.muon_param_groups(m, adamw_options={"lr": 3e-3}), lr=lr, form="literal",
-        decays=(0.95, 0.999, 0.9), alpha=1.0, chunk=16, **_ADAMW_0_1),
+        decays=(0.95, 0.999, 0.9), alpha=1.0, chunk=16, weight_decay=0.0, **_ADAMW_0_1),
                   (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)),
 )}
 

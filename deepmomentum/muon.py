@@ -343,8 +343,8 @@ class M3(_MatrixOptimizer):
     momentum), μ₂ = 0.95, μ₃ = 0.9 (per chunk). The write strengths ω₁ and ω₃ (the paper's β₁,
     β₃) only scale M¹ and M², which NS does not see (it is scale-invariant), so they default to
     1; in the normalized form ω₂ cancels too (up to ε). M3 of deepmomentum 0.1 is
-    ``M3(form="literal", decays=(0.95, 0.999, 0.9), alpha=1.0, chunk=16)``, and its
-    checkpoints and pickles load as that.
+    ``M3(form="literal", decays=(0.95, 0.999, 0.9), alpha=1.0, chunk=16, weight_decay=0)``, and
+    its checkpoints and pickles load as that.
 
     The write strengths are ``writes``, not ``betas``: LR schedulers that cycle momentum
     (``OneCycleLR``, ``CyclicLR`` with ``cycle_momentum=True``) rewrite ``betas[0]`` of every
@@ -354,8 +354,12 @@ class M3(_MatrixOptimizer):
     group) is still accepted for old code, with a ``DeprecationWarning``; checkpoints and
     pickles of earlier versions load, their ``betas`` read as ``writes``.
 
-    Weight decay defaults to 0, unlike ``torch.optim.Muon`` (0.1) and ``torch.optim.AdamW``
-    (0.01): the decay is decoupled, ``W(1 − γλ)``; untuned, it is left off. The AdamW part
+    Weight decay defaults to ``torch.optim.Muon``'s 0.1, decoupled, ``W(1 − γλ)``: the
+    normalized form's γ is Muon's, and without the decay its weights grew to 4× Muon's on
+    Permuted-Digits at lr ≥ 0.1 (the row normalization gives weakly driven rows full-size
+    steps), so its losses at a task switch peaked at 23–150× the first (diverged, by the
+    benchmarks' rule); with it ≤ 5.3×, as Muon's. (The literal form's γ is on another scale,
+    ~γ/|G| per entry: there λ means something else; 0.1's M3 had 0.) The AdamW part
     (``adamw_*``) takes ``torch.optim.AdamW``'s defaults, as :class:`Muon`.
 
     Args:
@@ -367,7 +371,7 @@ class M3(_MatrixOptimizer):
         alpha (float, default 0.25): α ≥ 0, weight of the slow read-out.
         chunk (int, default 4): Ĉ ≥ 1, steps per slow update.
         eps (float, default 1e-8): ε ≥ 0 in the denominator.
-        weight_decay (float, default 0; see above): decoupled λ ≥ 0.
+        weight_decay (float, default 0.1; see above): decoupled λ ≥ 0.
         form (str, default "normalized"): "normalized" or "literal" (see above).
         nesterov (bool or None, default None): the fast read-out ``ω₁G + μ₁M¹`` instead of
             ``M¹``; None: the form's own (normalized: True, as Muon; literal: False).
@@ -392,7 +396,7 @@ class M3(_MatrixOptimizer):
         alpha: float = 0.25,
         chunk: int = 4,
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.1,
         form: str = "normalized",
         nesterov: Optional[bool] = None,
         adjust_lr_fn: Optional[str] = None,

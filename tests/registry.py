@@ -62,7 +62,8 @@ COMMON_INVALID = (
 )
 
 #: M3's literal form with deepmomentum 0.1's defaults (its only form then).
-M3_LITERAL_0_1 = {"form": "literal", "decays": (0.95, 0.999, 0.9), "alpha": 1.0, "chunk": 16}
+M3_LITERAL_0_1 = {"form": "literal", "decays": (0.95, 0.999, 0.9), "alpha": 1.0, "chunk": 16,
+                  "weight_decay": 0.0}
 
 
 REGISTRY: tuple[OptimizerInfo, ...] = (

@@ -354,9 +354,10 @@ def test_M3_literal_matches_the_hand_written_loop(decays, nesterov):
     w0 = torch.randn(5, 3, generator=g, dtype=torch.float64)
     grads = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(10)]
     kwargs = dict(lr=0.05, writes=(1.0, 0.5, 2.0), decays=decays, alpha=0.7, chunk=3, eps=1e-8)
-    expected = _m3_by_hand(w0, grads, **kwargs, nesterov=nesterov)
+    expected = _m3_by_hand(w0, grads, **kwargs, nesterov=nesterov)  # no weight decay
     p = w0.clone().requires_grad_()
-    opt = dm.M3([p], **kwargs, form="literal", nesterov=nesterov, ns_dtype=torch.float64)
+    opt = dm.M3([p], **kwargs, form="literal", nesterov=nesterov, weight_decay=0.0,
+                ns_dtype=torch.float64)
     for t, grad in enumerate(grads):
         p.grad = grad
         opt.step()
@@ -496,7 +497,7 @@ def test_M3_normalized_steps_by_Muon_norm_even_where_gradients_vanish():
 
     def steps(**form):
         p = p0.clone().requires_grad_()
-        opt = dm.M3([p], lr=0.02, **form)
+        opt = dm.M3([p], lr=0.02, weight_decay=0.0, **form)
         out = []
         for grad in grads:
             before = p.detach().clone()
@@ -516,7 +517,7 @@ def test_M3_normalized_zero_gradients_step_by_zero():
     # DCP's warm-up steps a fresh optimizer on zero gradients: no NaN from 0/0 in the norm match.
     p = torch.randn(4, 3, generator=_gen(22), requires_grad=True)
     before = p.detach().clone()
-    opt = dm.M3([p], lr=0.02)
+    opt = dm.M3([p], lr=0.02, weight_decay=0.0)
     for _ in range(5):
         p.grad = torch.zeros(4, 3)
         opt.step()
