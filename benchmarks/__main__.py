@@ -4,6 +4,7 @@
     python -m benchmarks run --task lm --optim adamw,muon,dmgd --seeds 3
     python -m benchmarks run --task digits --optim torch.optim.RMSprop --lrs 1e-3,3e-3,1e-2
     python -m benchmarks plot benchmarks/results/cpu-quick
+    python -m benchmarks headline benchmarks/results/cpu-full   # the README's table
 
 ``run`` prints a Markdown table (each optimizer at its best lr: mean ± std over seeds of the
 task's metric, steps and seconds to the task's target) and writes ``results.json`` (records
@@ -157,6 +158,68 @@ def _standing(records) -> dict[int, str]:
     return out
 
 
+def headline_rows(quick: bool) -> dict[str, tuple[str, str]]:
+    """The headline's rows: task → (label, what a cell shows). Toy tasks show the steps to
+    their target (the fewer the better); the others their metric."""
+    steps = core.LM_SIZES[quick][0]
+    return {
+        "rosenbrock": ("Rosenbrock (steps to 1e-2)", "steps"),
+        "quadratic": ("noisy quadratic (steps to 1e-2)", "steps"),
+        "psi": ("ψ toy (steps to 0.05)", "steps"),
+        "digits": (f"Permuted-Digits, {3 if quick else 5} tasks (ACC)", "metric"),
+        "lm": (f"char-GPT on Shakespeare, {steps} steps (val bits/char)", "metric"),
+        "throughput": (f"step time, {'1M' if quick else '8.4M'} params in 64 matrices (ms)",
+                       "metric"),
+    }
+
+
+def headline(result) -> str:
+    """The task × optimizer table of a results.json, each cell at the optimizer's best lr:
+    mean (± std over the seeds, where there are several), **bold** for the row's best and
+    *italic* within 2 std of it (a tie: the larger of the two std); ``diverged`` where the
+    best lr diverged (every lr did), ``—`` where the target was not reached."""
+    records = result["records"]
+    optimizers = list(dict.fromkeys(r["optimizer"] for r in records))
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        label, shows = headline_rows(result["quick"]).get(task, (task, "metric"))
+        cells = {}  # optimizer → (mean, std) or a word
+        for r in records:
+            if r["task"] != task:
+                continue
+            best = r["best"]
+            if best["diverged"]:
+                cells[r["optimizer"]] = "diverged"
+            elif shows == "steps":
+                cells[r["optimizer"]] = tuple(best["steps_to_target"]) \
+                    if best["steps_to_target"] else "—"
+            else:
+                cells[r["optimizer"]] = (best["final_mean"], best["final_std"] or 0.0)
+        numbers = {k: v for k, v in cells.items() if isinstance(v, tuple)}
+        larger = shows == "metric" and any(r["task"] == task and r.get("maximize")
+                                           for r in records)
+        top = (max if larger else min)(numbers, key=lambda k: numbers[k][0]) \
+            if numbers else None
+        out = []
+        for name in optimizers:
+            value = cells.get(name, "")
+            if not isinstance(value, tuple):
+                out.append(value)
+                continue
+            mean, std = value
+            spec = "{:.0f}" if shows == "steps" else "{:.3g}"
+            text = spec.format(mean) + (f" ± {std:.2g}" if std and shows == "metric" else "")
+            if name == top:
+                text = f"**{text}**"
+            elif abs(mean - numbers[top][0]) <= 2 * max(std, numbers[top][1]):
+                text = f"*{text}*"
+            out.append(text)
+        rows.append(f"| {label} | " + " | ".join(out) + " |")
+    head = "| task (metric) | " + " | ".join(optimizers) + " |"
+    rule = "|---|" + "---:|" * len(optimizers)
+    return "\n".join([head, rule, *rows])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split(
         "\n")[0])
@@ -173,10 +236,16 @@ def main(argv=None):
                    "benchmarks/results/run-YYYYmmdd-HHMMSS-{quick,full}/)")
     p = sub.add_parser("plot", help="PNG plots from a results.json directory")
     p.add_argument("directory")
+    h = sub.add_parser("headline", help="the task × optimizer Markdown table of a results.json "
+                       "directory (the README's headline)")
+    h.add_argument("directory")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             run(args)
+        elif args.command == "headline":
+            with open(os.path.join(args.directory, "results.json")) as f:
+                print(headline(json.load(f)))
         else:
             from .plot import plot
 

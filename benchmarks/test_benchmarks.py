@@ -393,3 +393,30 @@ def test_the_table_marks_ties_within_two_std_and_grid_edges(capsys):
             for line in capsys.readouterr().out.splitlines() if line.startswith("| t |")}
     assert rows["a"][5] == "best" and rows["b"][5] == "tie" and rows["c"][5] == ""
     assert rows["c"][3] == "0.01 (grid edge)" and rows["d"][4] == "diverged"
+
+
+def test_the_headline_marks_the_best_ties_within_two_std_and_diverged_cells():
+    def record(task, optimizer, mean, std, diverged=False, steps=None, maximize=False):
+        return {"task": task, "optimizer": optimizer, "maximize": maximize,
+                "best": {"final_mean": mean, "final_std": std, "diverged": diverged,
+                         "steps_to_target": steps}}
+
+    result = {"quick": False, "records": [
+        record("lm", "a", 2.70, 0.01), record("lm", "b", 2.71, 0.01),  # within 2 std: a tie
+        record("lm", "c", 2.80, 0.01), record("lm", "d", None, None, diverged=True),
+        record("digits", "a", 0.50, 0.01, maximize=True),
+        record("digits", "b", 0.60, 0.01, maximize=True),  # the larger ACC is the best
+        record("digits", "c", 0.59, 0.01, maximize=True),
+        record("digits", "d", 0.40, 0.01, maximize=True),
+        record("psi", "a", 0.01, 0.0, steps=[300.0, 5.0]), record("psi", "b", 0.01, 0.0),
+        record("psi", "c", 0.01, 0.0, steps=[100.0, 0.0]),
+        record("psi", "d", 0.01, 0.0, steps=[120.0, 1.0]),
+    ]}
+    lines = cli.headline(result).splitlines()
+    assert lines[0] == "| task (metric) | a | b | c | d |"
+    lm = [c.strip() for c in next(x for x in lines if "char-GPT" in x).split("|")[2:-1]]
+    assert lm == ["**2.7 ± 0.01**", "*2.71 ± 0.01*", "2.8 ± 0.01", "diverged"]
+    digits = [c.strip() for c in next(x for x in lines if "Digits, 5" in x).split("|")[2:-1]]
+    assert digits == ["0.5 ± 0.01", "**0.6 ± 0.01**", "*0.59 ± 0.01*", "0.4 ± 0.01"]
+    psi = [c.strip() for c in next(x for x in lines if "ψ" in x).split("|")[2:-1]]
+    assert psi == ["300", "—", "**100**", "120"]  # fewest steps; 120 is beyond 2 std (2)
