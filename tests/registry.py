@@ -194,15 +194,16 @@ REGISTRY: tuple[OptimizerInfo, ...] = (
         # lr/|G|: larger lrs. The normalized form's steps are Muon's: Muon's toy lrs.
         toy_lrs=lambda variant: (1.0, 0.5) if variant.get("form") == "literal" else None,
         matrix_only=True,
-        # Variants 0–5 are the literal form as deepmomentum 0.1 defaulted it (their golden
-        # trajectories were recorded then); 6– the normalized form.
+        # Variants 0–3 and 5 are the literal form as deepmomentum 0.1 defaulted it (their
+        # golden trajectories were recorded then; 4 is an AdamW group); 6–9 the normalized
+        # form, 10 the literal one with nesterov.
         variants=(
             {**M3_LITERAL_0_1},
             {**M3_LITERAL_0_1, "chunk": 2, "alpha": 0.5, "weight_decay": 0.01},
             {**M3_LITERAL_0_1, "decays": (1.0, 1.0, 1.0), "writes": (1.0, 0.5, 2.0), "chunk": 3},
             {**M3_LITERAL_0_1, "ns_coefficients": "polar_express", "batch_dims": 1,
              "maximize": True},
-            {**M3_LITERAL_0_1, "use_muon": False, "adamw_eps": 1e-8},
+            {"use_muon": False, "adamw_eps": 1e-8},  # AdamW groups: no form of their own
             {**M3_LITERAL_0_1, "writes": (0.5, 2.0, 1.0), "decays": (0.9, 0.99, 0.5),
              "chunk": 2},
             {},
