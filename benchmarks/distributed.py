@@ -487,7 +487,7 @@ STAGE_KIND = {"newton-schulz": "all_to_all", "newton-schulz (slow)": "all_to_all
               "gram": "all_reduce", "gradient keys": "all_gather",
               "dmgd inner grads": "all_reduce",
               "nonfinite flag": "all_reduce", "dmgd vectors": "all_gather",
-              "input keys": "all_gather"}
+              "input keys": "all_gather", "norm match": "all_reduce"}
 
 
 class Parts:

@@ -38,9 +38,9 @@ OPTIMIZERS = {
     # Muon and M3 take the model, to route matrices to NS and the rest to AdamW.
     "Muon (+AdamW groups)": lambda model: dm.Muon(
         dm.muon_param_groups(model, adamw_options={"lr": 3e-3}), lr=0.005, **ADAMW_0_1),
-    # M3 divides an orthogonal update by √V, so its step scales like lr/|G|: a much smaller lr.
+    # M3's normalized form steps as Muon does: Muon's lr (best of 0.0025, 0.005, 0.01, 0.02).
     "M3 (+AdamW groups)": lambda model: dm.M3(
-        dm.muon_param_groups(model, adamw_options={"lr": 3e-3}), lr=1e-4, **ADAMW_0_1),
+        dm.muon_param_groups(model, adamw_options={"lr": 3e-3}), lr=0.005, **ADAMW_0_1),
 }
 TAKES_MODEL = ("Muon (+AdamW groups)", "M3 (+AdamW groups)")
 
