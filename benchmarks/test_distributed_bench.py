@@ -23,7 +23,7 @@ TINY = bench.Config(width=16, depth=1, batch=2, seq=4, key_samples=4, warmup=1, 
 
 @pytest.fixture(scope="module")
 def rows():
-    names = ["Muon", "AssociativeMomentum"]
+    names = ["Muon", "AssociativeMomentum", "M3 chunk=4"]
     result = bench.spawn_world(2, "gloo", "cpu", TINY, names)
     return {name: bench.summarize(name, 2, result[name]) for name in names}
 
@@ -43,6 +43,17 @@ def test_muon_sends_exactly_the_minimum_by_all_to_all(rows):
     w = TINY.width
     matrices = [3 * w * w, w * w, 4 * w * w, 4 * w * w]
     assert sum(r["sent_per_rank"]) == sum(2 * (n // 2) * 2 for n in matrices)
+    assert r["finite"]
+
+
+def test_m3_sends_its_minimum_with_the_norm_match_as_an_all_reduce(rows):
+    # The normalized form: Newton–Schulz as Muon (and the slow memory's at chunk ends), plus
+    # ‖NS(U)‖² and ‖X̂‖² of each row-sharded matrix summed in one all_reduce per step.
+    r = rows["M3 chunk=4"]
+    assert "error" not in r, r.get("error")
+    assert r["counters_agree"] and not r["unknown_ops"]
+    assert r["sent_per_rank"] == r["min_sent_per_rank"]
+    assert set(r["by_kind"]) == {"all_to_all", "all_reduce"}
     assert r["finite"]
 
 
