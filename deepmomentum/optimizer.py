@@ -253,9 +253,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
     GROUP_KEYS: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any]):
-        if isinstance(params, Tensor):
-            raise TypeError("params must be an iterable of Tensors or dicts, got a Tensor; "
-                            "pass [tensor] or model.parameters()")
+        if isinstance(params, Tensor):  # torch's wording (code matches it), then the hint
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            f"Tensors or dicts, but got {torch.typename(params)}; pass [tensor] "
+                            "or model.parameters()")
         super().__init__(params, {**self.GROUP_DEFAULTS, **defaults})
 
     @staticmethod
@@ -602,6 +603,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
                         state[key] = distributed.like_param(
                             self._like_param(value, local(p)), p,
                             None if shards is None else shards[i])
+        for p, state in zip(params, states):
+            if not state:  # a rule with no memory (μ = 0) keeps no entry, as torch's SGD
+                del self.state[p]
 
     def _advance_steps(self, params: list[Tensor]) -> list[Tensor]:
         """Create (at 0) and advance each parameter's ``step`` counter; return the counters.

@@ -203,6 +203,60 @@ def test_step_counts_saved_as_numbers_load():
     assert opt.state[opt.param_groups[0]["params"][0]]["step"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("info,variant", cases())
+def test_step_counts_saved_as_numbers_resume_the_same_trajectory(info, variant):
+    # Older torch versions and other libraries write ``step`` as a Python number: it loads, and
+    # the next steps are the uninterrupted run's (torch's Adam converts such steps too).
+    shape = info.shapes(variant)[0]
+    make = lambda ps: info.make(ps, **variant)  # noqa: E731
+    ref = _trained(make, named := _named(shape), steps=3)
+    saved = copy.deepcopy(ref.state_dict())
+    for entry in saved["state"].values():
+        if "step" in entry:
+            entry["step"] = int(entry["step"].item())  # an int, as torch < 1.12 saved it
+    resumed_named = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
+    resumed = make(resumed_named)
+    resumed.load_state_dict(saved)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for _, p in named]
+        for (_, a), (_, b), grad in zip(named, resumed_named, grads):
+            a.grad, b.grad = grad.clone(), grad.clone()
+        ref.step()
+        resumed.step()
+    for (_, a), (_, b) in zip(named, resumed_named):
+        assert torch.equal(a, b)
+
+
+def test_a_lone_tensor_raises_torchs_type_error():
+    # torch's words first (code and tests match them), the hint after.
+    expected = ("params argument given to the optimizer should be an iterable of Tensors or "
+                "dicts, but got torch.FloatTensor")
+    with pytest.raises(TypeError) as torch_error:
+        torch.optim.SGD(torch.randn(3, requires_grad=True))
+    assert str(torch_error.value) == expected
+    for info in REGISTRY:
+        with pytest.raises(TypeError) as ours:
+            info.make(torch.randn(3, 3, requires_grad=True))
+        assert str(ours.value).startswith(expected + ";"), (info.name, str(ours.value))
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: dm.AssociativeMomentum(ps, lr=0.1, momentum=0.0),
+    lambda ps: dm.DeltaMomentum(ps, lr=0.1, momentum=0.0, erase=0.0),
+], ids=["AssociativeMomentum", "DeltaMomentum"])
+def test_a_rule_without_memory_keeps_no_state_entry_as_torch_sgd(make):
+    named = _named((4, 3))
+    opt = _trained(make, named)
+    reference = _trained(lambda ps: torch.optim.SGD([p for _, p in ps], lr=0.1), _named((4, 3)))
+    assert reference.state_dict()["state"] == {}
+    assert opt.state_dict()["state"] == {} and len(opt.state) == 0
+    fresh = make(_named((4, 3)))
+    fresh.load_state_dict(opt.state_dict())  # and it loads
+    assert torch.equal(named[0][1], _trained(make, _named((4, 3)))
+                       .param_groups[0]["params"][0])
+
+
 def test_multi_frequency_refuses_an_accumulator_of_another_shape():
     named = _named((4, 3))
     wrapped = dm.MultiFrequency(torch.optim.SGD(named, lr=0.1), update_period=3)
