@@ -1,6 +1,6 @@
 """``python -m benchmarks``: compare optimizers on toy, continual and language-model tasks.
 
-    python -m benchmarks run --quick                      # the main job: every task, ≤ 3 min
+    python -m benchmarks run --quick                      # the main job: every task, ~3 min
     python -m benchmarks run --task lm --optim adamw,muon,dmgd --seeds 3
     python -m benchmarks run --task digits --optim torch.optim.RMSprop --lrs 1e-3,3e-3,1e-2
     python -m benchmarks plot benchmarks/results/cpu-quick
