@@ -1452,7 +1452,8 @@ def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chun
 
 def _triton_m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates,
                chunk_sums, state_steps, *, lr, betas, decays, alpha, chunk, eps, weight_decay,
-               form, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_eps, ns_dtype, batch_dims, maximize, shards):
+               form, nesterov, adjust_lr_fn, ns_coefficients, ns_steps, ns_eps, ns_dtype,
+               batch_dims, maximize, shards):
     from .kernels import elementwise
 
     ns = dict(_ns_options(batch_dims, ns_steps, ns_coefficients, ns_eps, ns_dtype),

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from . import distributed, functional as dmf
-from .distributed import local
 from .newton_schulz import ADJUST_LR_FNS, ns_coefficients
 from .optimizer import MemoryOptimizer, UnsupportedTensorError, check_choice, check_flag, \
     check_int, check_number
@@ -491,7 +490,7 @@ class M3(_MatrixOptimizer):
     def _initial_state(self, group, param, key):
         if key == "exp_avg_sq" and group["use_muon"] and group["form"] == "normalized":
             return distributed.rows_like(param, group["batch_dims"],
-                                         self._new_state_tensor(local(param)).dtype)
+                                         dmf.state_dtype(param.dtype))
         return super()._initial_state(group, param, key)
 
     def _impl_unsupported(self, group, implementation):
