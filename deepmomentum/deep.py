@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -79,8 +79,9 @@ class DeepMomentum(MemoryOptimizer):
             :func:`deepmomentum.functional.deep_memory_reads` is the reference loop).
         fused: the Triton kernel (CUDA tensors only; not with the Newton–Schulz read-out),
             picked by default where it applies.
-        skip_nonfinite, update_period, accumulate, update_offset: the group options every
-            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+            the group options every optimizer shares (defaults torch.float32, "nearest",
+            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
 
     Non-finite gradients and scale: the MLP memory couples a matrix's entries, so one NaN or
     inf entry poisons the whole matrix and its memory weights; a group with
@@ -134,6 +135,8 @@ class DeepMomentum(MemoryOptimizer):
         ns_steps: int = 5,
         ns_dtype: torch.dtype = torch.bfloat16,
         seed: int = 0,
+        state_dtype: Union[torch.dtype, str] = torch.float32,
+        param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
         update_period: int = 1,
         accumulate: str = "sum",

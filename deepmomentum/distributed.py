@@ -118,6 +118,29 @@ def rows_like(param: Tensor, batch_dims: int, dtype: torch.dtype) -> Tensor:
                               shape=torch.Size(shape), stride=_contiguous_strides(shape))
 
 
+def stored_like(t: Tensor, param: Tensor, whole: bool = False) -> Tensor:
+    """A compressed state tensor computed on ``param``'s local shard — bf16 state or 8-bit
+    codes of the shard's shape, or 8-bit block scales (local rows, blocks per row) — stored as
+    ``param`` is: a DTensor with its placement (the scales split by rows, as the parameter),
+    replicated for an entry every rank holds ``whole``, or ``t`` itself."""
+    if not is_dtensor(param):
+        return t
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    if whole or all(isinstance(pl, Replicate) for pl in placements):
+        return replicated(t, mesh)
+    if tuple(t.shape) == tuple(local(param).shape):
+        shape = tuple(param.shape)
+    elif all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0)
+             for pl in placements):
+        shape = (param.shape[0], *t.shape[1:])
+    else:
+        raise ValueError(f"8-bit state needs whole rows on each rank: a parameter placed "
+                         f"{placements} (shape {tuple(param.shape)}) is split along another "
+                         "dim than 0; use state_dtype=torch.bfloat16 for it")
+    return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=_contiguous_strides(shape))
+
+
 def state_like(t: Tensor, param: Tensor) -> Tensor:
     """A state tensor made for the DTensor ``param`` (by ``zeros_like`` it already is a
     DTensor with its placement; any other, e.g. DMGD's memories, is replicated)."""
@@ -126,14 +149,16 @@ def state_like(t: Tensor, param: Tensor) -> Tensor:
     return replicated(t, param.device_mesh)
 
 
-def load_like(value: Tensor, param: Tensor, whole: bool = False) -> Tensor:
+def load_like(value: Tensor, param: Tensor, whole: bool = False, rows: bool = False) -> Tensor:
     """A loaded state tensor for the DTensor ``param``: a DTensor as it is; a whole tensor of
-    the parameter's shape or of a prefix of it (per-row state; a one-process checkpoint) placed
-    as the parameter, unless it is an entry every rank holds ``whole``; any other replicated."""
+    the parameter's shape or of a prefix of it (per-row state; a one-process checkpoint) — or
+    with the parameter's rows (``rows``: 8-bit block scales) — placed as the parameter, unless
+    it is an entry every rank holds ``whole``; any other replicated."""
     if is_dtensor(value) or not is_dtensor(param):
         return value
     shape = tuple(value.shape)
-    if not whole and 0 < len(shape) <= param.ndim and shape == tuple(param.shape)[:len(shape)]:
+    prefix = 0 < len(shape) <= param.ndim and shape == tuple(param.shape)[:len(shape)]
+    if not whole and (prefix or (rows and shape[:1] == tuple(param.shape)[:1])):
         # of the parameter's shape, or a prefix of it (per-row state): split as the parameter
         from torch.distributed.tensor import distribute_tensor
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -58,8 +58,9 @@ class AssociativeMomentum(MemoryOptimizer):
             tensors and torch's fused SGD kernel on the CPU (parameters that keep their state in
             their own dtype); by default the fused kernel is picked where it applies, else the
             single-tensor loop on CPU and foreach elsewhere.
-        skip_nonfinite, update_period, accumulate, update_offset: the group options every
-            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+            the group options every optimizer shares (defaults torch.float32, "nearest",
+            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
 
     Defaults are ``torch.optim.SGD``'s (lr 1e-3, dampening 0, no nesterov, weight_decay 0)
     except ``momentum``: 0.9 where SGD's is 0 (at 0 there is no memory: plain SGD).
@@ -89,6 +90,8 @@ class AssociativeMomentum(MemoryOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: Union[torch.dtype, str] = torch.float32,
+        param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
         update_period: int = 1,
         accumulate: str = "sum",
@@ -186,8 +189,9 @@ class DeltaMomentum(MemoryOptimizer):
             :class:`AssociativeMomentum`.
         foreach (bool or None): torch's meaning. fused: the Triton kernel (CUDA tensors only;
             the erase terms by matmul around it), picked by default where it applies.
-        skip_nonfinite, update_period, accumulate, update_offset: the group options every
-            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+            the group options every optimizer shares (defaults torch.float32, "nearest",
+            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
 
     Non-finite gradients: the erase couples a matrix's entries, so one NaN or inf entry spreads
     over its whole row space and the memory never recovers; a group with
@@ -230,6 +234,8 @@ class DeltaMomentum(MemoryOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: Union[torch.dtype, str] = torch.float32,
+        param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
         update_period: int = 1,
         accumulate: str = "sum",

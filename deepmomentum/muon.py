@@ -8,7 +8,7 @@ builds both kinds of group from a model.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -189,8 +189,9 @@ class Muon(_MatrixOptimizer):
         maximize, foreach, fused: as in torch. ``fused``: the Triton kernels around the batched
             NS for CUDA tensors (picked by default there); AdamW groups also take torch's fused
             AdamW on the CPU.
-        skip_nonfinite, update_period, accumulate, update_offset: the group options every
-            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+            the group options every optimizer shares (defaults torch.float32, "nearest",
+            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
 
     Reductions (tested): with ``ns_coefficients="keller"`` and torch's defaults, equals
     ``torch.optim.Muon`` — identical momentum buffers, updates within bf16 rounding (R5).
@@ -228,6 +229,8 @@ class Muon(_MatrixOptimizer):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        state_dtype: Union[torch.dtype, str] = torch.float32,
+        param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
         update_period: int = 1,
         accumulate: str = "sum",
@@ -385,8 +388,9 @@ class M3(_MatrixOptimizer):
             Muon's ``eps``).
         use_muon, adamw_*: as :class:`Muon`.
         maximize, foreach, fused: as :class:`Muon`.
-        skip_nonfinite, update_period, accumulate, update_offset: the group options every
-            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+            the group options every optimizer shares (defaults torch.float32, "nearest",
+            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
 
     References: Behrouz et al., Nested Learning (NeurIPS 2025; arXiv 2512.24695), §7.2.
     """
@@ -417,6 +421,8 @@ class M3(_MatrixOptimizer):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        state_dtype: Union[torch.dtype, str] = torch.float32,
+        param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
         update_period: int = 1,
         accumulate: str = "sum",

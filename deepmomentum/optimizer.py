@@ -8,7 +8,9 @@ hyperparameters, its state and a call into :mod:`deepmomentum.functional`:
   name, passing complex tensors through their real view;
 * the ``foreach``/``fused`` switch with torch's meaning;
 * state that keeps its own dtype through ``state_dict``/``load_state_dict`` (fp32 state of
-  bf16 parameters stays fp32: torch's loader would cast it to bf16);
+  bf16 parameters stays fp32: torch's loader would cast it to bf16), compressed state
+  (``state_dtype``: bf16, 8-bit; :mod:`deepmomentum.compressed`) stored and loaded bit for bit
+  and converted on request;
 * ``__setstate__`` that fills in hyperparameters added after a checkpoint was pickled.
 """
 
@@ -17,12 +19,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import distributed
+from . import compressed, distributed
 from . import functional as dmf
 from . import kernels
 from .distributed import local
@@ -186,7 +188,9 @@ def _fused_layout_fits(param: Tensor, grad: Tensor, state: Optional[dict]) -> bo
     if state:
         numel = param.numel()
         for key, value in state.items():
-            if key != "step" and isinstance(value, Tensor):
+            # 8-bit block scales are not of the parameter's shape; their codes are, and the
+            # rule sees fp32 copies made in the codes' layout (compressed.decompress).
+            if key != "step" and isinstance(value, Tensor) and not key.endswith("_scale"):
                 value = local(value)
                 if value.stride() != strides or value.numel() != numel:
                     return False
@@ -217,6 +221,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
     * ``skip_nonfinite`` (bool, default False): a call whose gradients hold a NaN or inf leaves
       the group's parameters and state untouched and adds one to its ``nonfinite_skips`` (one
       host read per step).
+    * ``state_dtype`` (``torch.float32`` default, ``torch.bfloat16`` or ``"8bit"``): how the
+      group's memories (momenta, second moments, M3's slow memory, the multi-frequency
+      accumulator, DMGD's memory weights; never step counts) are stored. A step reads them
+      into fp32, runs the rule unchanged and writes them back rounded stochastically; 8-bit
+      is blockwise absmax (blocks of 256 along a row, a square-root code for signed memories
+      and a fourth-root code for second moments). See :mod:`deepmomentum.compressed`.
+    * ``param_rounding`` (``"nearest"`` default, ``"kahan"``, ``"stochastic"``): how a
+      bf16/fp16 parameter takes its fp32 update, without an fp32 master copy — rounded to
+      nearest, with a Kahan compensation buffer (the ``compensation`` state entry, in the
+      parameter's dtype), or stochastically (bf16).
 
     A subclass declares its rule and leaves the rest here:
 
@@ -247,8 +261,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
     #: ``skip_nonfinite``: a call whose gradients hold a NaN or ±inf leaves the group's
     #: parameters and state untouched and adds one to the group's ``nonfinite_skips`` (one
     #: host read per step; off by default, as in torch).
+    #: ``state_dtype``/``param_rounding``: compressed memories and 16-bit parameters without
+    #: an fp32 master copy (:mod:`deepmomentum.compressed`).
     GROUP_DEFAULTS = {"update_period": 1, "accumulate": "sum", "update_offset": 0,
-                      "skip_nonfinite": False}
+                      "skip_nonfinite": False, "state_dtype": torch.float32,
+                      "param_rounding": "nearest"}
     #: Group keys a class sets beyond its constructor's arguments (Muon's AdamW groups).
     GROUP_KEYS: tuple[str, ...] = ()
 
@@ -273,7 +290,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
     #: Counters a group keeps (its schedule's calls, its skipped calls), present from the
     #: start so that a checkpoint template (DCP loads only the keys a fresh optimizer has)
     #: carries them.
-    GROUP_COUNTERS = ("period_calls", "nonfinite_skips")
+    #: ``rounding_calls`` counts the calls that wrote compressed state or stochastically rounded
+    #: parameters: the seed of their random bits (:func:`compressed.seed_of`).
+    GROUP_COUNTERS = ("period_calls", "nonfinite_skips", "rounding_calls")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -292,6 +311,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
         check_schedule(group)
         check_flag("maximize", group["maximize"])
         check_flag("skip_nonfinite", group["skip_nonfinite"])
+        group["state_dtype"] = compressed.canonical_state_dtype(group["state_dtype"])
+        check_choice("param_rounding", group["param_rounding"], compressed.PARAM_ROUNDINGS)
+        if group["param_rounding"] == "stochastic":
+            for p in group["params"]:
+                if p.dtype == torch.float16:
+                    raise ValueError(
+                        "param_rounding='stochastic' rounds to bfloat16 only; "
+                        f"{self._param_name(len(self.param_groups) - 1, p)} is float16: use "
+                        "param_rounding='kahan' for it")
         check_flag("foreach", group["foreach"], allow_none=True)
         check_flag("fused", group["fused"], allow_none=True)
         if group["foreach"] and group["fused"]:
@@ -498,10 +526,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     grads, distributed.process_groups(params) if shards is not None else ()):
                 group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + 1
                 continue  # a poisoned gradient never reaches the memories
+            if params and self._rounds(group):  # the seed of this call's random bits
+                group["rounding_calls"] = group.get("rounding_calls", 0) + 1
             if group["update_period"] > 1 and initializing:  # accumulators (zeros) too
-                accumulate_gradients(self.state, params, grads, self._new_state_tensor)
+                self._add_to_accumulators(group, params, grads, shards)
             elif group["update_period"] > 1:
-                ready, grads = self._accumulate(group, params, grads)
+                ready, grads = self._accumulate(group, params, grads, shards)
                 if shards is not None and len(ready) != len(params):
                     keep = {id(p) for p in ready}
                     shards = [s for p, s in zip(params, shards) if id(p) in keep]
@@ -532,13 +562,21 @@ class MemoryOptimizer(torch.optim.Optimizer):
     #: GradScaler may pass grad_scale/found_inf instead of unscaling (see step()).
     _step_supports_amp_scaling = True
 
-    def _accumulate(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]):
+    def _accumulate(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    shards: Optional[list] = None):
         """Add this call's gradients to the group's accumulators; at a period boundary return
         the parameters that received gradients with their accumulated gradients (and clear the
         accumulators), else nothing."""
-        accumulate_gradients(self.state, params, grads, self._new_state_tensor)
+        self._add_to_accumulators(group, params, grads, shards)
         if not period_ends(group):
             return [], []
+        if compressed.is_compressed(group["state_dtype"]):  # fp32 copies of the stored sums
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "grad_accumulator" in state:
+                    work = self._read_memory(group, "grad_accumulator", p, state)
+                    state.pop("grad_accumulator_scale", None)
+                    state["grad_accumulator"] = work  # local: release_gradients pops it
         ready, grads = release_gradients(group, self.state)
         grads = [local(g) for g in grads]
         # Torch's fused kernels want the gradient in the parameter's dtype.
@@ -571,8 +609,223 @@ class MemoryOptimizer(torch.optim.Optimizer):
         """A state entry as a parameter starts it: zeros in its state dtype and layout."""
         return self._new_state_tensor(param)
 
+    # --- compressed state (deepmomentum.compressed) ------------------------------------------
+
+    #: State entries that are second moments (≥ 0): their 8-bit code is unsigned.
+    NONNEGATIVE_STATE: tuple[str, ...] = ("exp_avg_sq",)
+    #: Parameters per compressed update at most (in elements): the fp32 working copies of the
+    #: memories exist for one such chunk at a time, so compression lowers the peak too.
+    COMPRESSED_CHUNK = 1 << 24
+
+    @staticmethod
+    def _rounds(group: dict[str, Any]) -> bool:
+        """Whether the group writes compressed state or rounds parameters stochastically."""
+        return compressed.is_compressed(group["state_dtype"]) or \
+            group["param_rounding"] != "nearest"
+
+    def _memories(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The state entries ``state_dtype`` compresses: the rule's memories and the
+        multi-frequency accumulator (not step counts, not DeltaMomentum's pending keys)."""
+        _, keys = self._rule(group)
+        return tuple(k for k in keys if k is not None) + ("grad_accumulator",)
+
+    def _form(self, group: dict[str, Any], key: str, param: Tensor) -> str:
+        """How ``key`` of ``param`` is stored under the group's ``state_dtype``."""
+        if not compressed.is_compressed(group["state_dtype"]):
+            return "full"
+        return compressed.stored_form(group["state_dtype"], self._state_shapes(group, param)[key])
+
+    def _read_memory(self, group: dict[str, Any], key: str, param: Tensor,
+                     state: dict) -> Tensor:
+        """The fp32 working copy (local shard) of a stored memory; the stored tensor itself
+        where it is kept in full precision."""
+        stored = local(state[key])
+        if self._stored_form(group, key, param, state) == "full":
+            return stored
+        return compressed.decompress(stored, local(state.get(f"{key}_scale")))
+
+    def _stored_form(self, group: dict[str, Any], key: str, param: Tensor, state: dict) -> str:
+        """:meth:`_form`, read off an entry that exists (no shapes needed on the step path)."""
+        if key not in state:
+            return self._form(group, key, param)
+        if f"{key}_scale" in state:
+            return "8bit"
+        return "bf16" if group["state_dtype"] is torch.bfloat16 else "full"
+
+    def _write_memory(self, group: dict[str, Any], key: str, param: Tensor, state: dict,
+                      work: Tensor, seed: Optional[int], shard) -> None:
+        """Store the fp32 working copy ``work`` of ``key`` in the group's form (creating the
+        entries on a first write), rounding stochastically with ``seed``."""
+        form = self._stored_form(group, key, param, state)
+        whole = key in self.REPLICATED_STATE
+        if form == "full":
+            if key not in state:
+                state[key] = distributed.like_param(self._like_param(work, local(param)), param,
+                                                    None if whole else shard)
+            return
+        offset = 0 if whole or shard is None else shard.offset * math.prod(shard.shape[1:])
+        codes, scale = compressed.compress(work, form, key not in self.NONNEGATIVE_STATE, seed,
+                                           offset)
+        if key in state:
+            local(state[key]).copy_(codes)
+            if scale is not None:
+                local(state[f"{key}_scale"]).copy_(scale)
+            return
+        stored = torch.empty_like(work, dtype=codes.dtype, memory_format=torch.preserve_format)
+        state[key] = distributed.stored_like(stored.copy_(codes), param, whole)
+        if scale is not None:
+            state[f"{key}_scale"] = distributed.stored_like(scale, param, whole)
+
+    def _seed(self, group: dict[str, Any], param: Tensor, key: str) -> int:
+        """The seed of ``key``'s write for ``param`` in this call (:func:`compressed.seed_of`)."""
+        positions = getattr(self, "_positions", None)
+        if positions is None or positions[0] is not group["params"] or \
+                len(positions[1]) != len(group["params"]):
+            positions = (group["params"], {id(p): i for i, p in enumerate(group["params"])})
+            self._positions = positions
+        return compressed.seed_of(group.get("rounding_calls", 0), self._group_index(group),
+                                  positions[1][id(param)], key)
+
+    def _add_to_accumulators(self, group: dict[str, Any], params: list[Tensor],
+                             grads: list[Tensor], shards: Optional[list]) -> None:
+        """Add this call's gradients to the accumulators (``update_period > 1``), stored in the
+        group's ``state_dtype``."""
+        if not compressed.is_compressed(group["state_dtype"]):
+            accumulate_gradients(self.state, params, grads, self._new_state_tensor)
+            return
+        key = "grad_accumulator"
+        full = [i for i, p in enumerate(params)
+                if self._stored_form(group, key, p, self.state[p]) == "full"]
+        if full:
+            accumulate_gradients(self.state, [params[i] for i in full],
+                                 [grads[i] for i in full], self._new_state_tensor)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if i in full:
+                continue
+            state = self.state[p]
+            work = self._read_memory(group, key, p, state) if key in state else \
+                torch.zeros_like(local(p), dtype=torch.float32,
+                                 memory_format=torch.preserve_format)
+            work.add_(local(g))
+            self._write_memory(group, key, p, state, work, self._seed(group, p, key),
+                               None if shards is None else shards[i])
+
+    def _chunks(self, params: list[Tensor]) -> list[list[int]]:
+        """Consecutive runs of ``params`` of at most :attr:`COMPRESSED_CHUNK` elements (one
+        larger tensor alone); by global sizes, so every FSDP2 rank cuts alike."""
+        chunks, size = [[]], 0
+        for i, p in enumerate(params):
+            if chunks[-1] and size + p.numel() > self.COMPRESSED_CHUNK:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(i)
+            size += p.numel()
+        return chunks
+
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                 implementation: str, shards: Optional[list] = None) -> None:
+        """One update of ``params`` by the group's rule; with compressed state or rounded
+        parameters (:meth:`_rounds`), chunk by chunk through fp32 working copies."""
+        if not self._rounds(group):
+            self._apply_rule(group, params, grads, implementation, shards)
+            return
+        for idx in self._chunks(params):
+            pick = (lambda xs: [xs[i] for i in idx]) if len(idx) < len(params) else list
+            self._update_compressed(group, pick(params), pick(grads), implementation,
+                                    None if shards is None else pick(shards))
+
+    def _update_compressed(self, group: dict[str, Any], params: list[Tensor],
+                           grads: list[Tensor], implementation: str,
+                           shards: Optional[list]) -> None:
+        """:meth:`_apply_rule` on fp32 working copies: each compressed memory read into fp32,
+        16-bit parameters (``param_rounding`` "kahan"/"stochastic") as fp32 copies (plus their
+        compensation), the rule's arithmetic unchanged, then everything stored back rounded."""
+        rule, keys = self._rule(group)
+        states = [self.state[p] for p in params]
+        index = self._group_index(group)
+        for p in params:
+            if p.is_complex() and compressed.is_compressed(group["state_dtype"]):
+                raise UnsupportedTensorError(
+                    f"state_dtype={group['state_dtype']!r} cannot store the state of complex "
+                    f"{self._param_name(index, p)}: compressed state is real; put complex "
+                    "parameters in a group with state_dtype=torch.float32")
+        lists = []
+        for key in keys:
+            column = []
+            for p, state in zip(params, states):
+                if key is None:
+                    column.append(None)
+                elif key in state:
+                    column.append(self._real(self._read_memory(group, key, p, state)))
+                elif key in self.LAZY_STATE:
+                    column.append(None)
+                else:
+                    initial = distributed.state_like(self._initial_state(group, p, key), p)
+                    if self._stored_form(group, key, p, state) == "full":
+                        state[key] = initial  # the rule writes it in place
+                    column.append(self._real(local(initial)))
+            lists.append(column)
+        rounding = group["param_rounding"]
+        works = []
+        for p, state in zip(params, states):
+            mine = local(p)
+            if mine.dtype in LOW_PRECISION_DTYPES and rounding != "nearest":
+                work = mine.float()
+                if rounding == "kahan" and "compensation" in state:
+                    work.add_(local(state["compensation"]))
+                works.append(work)
+            else:
+                works.append(self._real(mine))
+        self._run_rule(group, rule, params, works, grads, lists, implementation, shards)
+        for key, values in zip(keys, lists):
+            if key is None:
+                continue
+            for i, (p, state, value) in enumerate(zip(params, states, values)):
+                if value is not None:
+                    self._write_memory(group, key, p, state, value, self._seed(group, p, key),
+                                       None if shards is None else shards[i])
+        for i, (p, state, work) in enumerate(zip(params, states, works)):
+            mine = local(p)
+            if work.dtype == mine.dtype or mine.is_complex():
+                continue
+            shard = None if shards is None else shards[i]
+            offset = 0 if shard is None else shard.offset * math.prod(shard.shape[1:])
+            if rounding == "kahan":
+                rounded = work.to(mine.dtype)
+                error = work.sub_(rounded)  # what rounding dropped, exact in fp32
+                # The compensation is rounded stochastically (bf16): rounded to nearest, its
+                # own errors add up with a sign under a steady update (measured: 3% of the
+                # total change after 500 sub-ulp steps), stochastically they cancel.
+                error = compressed.round_bf16(error, compressed.uniform_bits(
+                    error.numel(), self._seed(group, p, "compensation"), offset,
+                    error.device)) if mine.dtype == torch.bfloat16 else error.to(mine.dtype)
+                mine.copy_(rounded)
+                if "compensation" in state:
+                    local(state["compensation"]).copy_(error)
+                else:
+                    state["compensation"] = distributed.like_param(
+                        error, p, None if shards is None else shards[i])
+            else:
+                bits = compressed.uniform_bits(work.numel(), self._seed(group, p, "param"),
+                                               offset, work.device)
+                mine.copy_(compressed.round_bf16(work, bits))
+        for p, state in zip(params, states):
+            if not state:
+                del self.state[p]
+
+    def _run_rule(self, group, rule, params, weights, grads, lists, implementation, shards):
+        """Call the group's functional rule on ``weights`` (the local parameters, or their fp32
+        working copies) and the state ``lists``."""
+        inputs = self._rule_inputs(group, params)
+        steps = [self._advance_steps(params)] if rule.takes_steps else []
+        extra = {"shards": shards} if shards is not None and "shards" in rule.options else {}
+        rule(weights, [self._real(g) for g in grads], *lists, *inputs, *steps,
+             **{**_rule_keywords(rule, group), **self._rule_options(group)},
+             **extra, foreach=implementation == "foreach",
+             fused=implementation in ("fused", "triton"))
+
+    def _apply_rule(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    implementation: str, shards: Optional[list] = None) -> None:
         """One update of ``params`` by the group's rule (:meth:`_rule`), with the group's
         options by the rule's keyword names.
 
@@ -580,7 +833,6 @@ class MemoryOptimizer(torch.optim.Optimizer):
         shards, the rule runs on the local shards of the parameters and their state, and the
         rules with matrix stages get ``shards`` to do their communication."""
         rule, keys = self._rule(group)
-        inputs = self._rule_inputs(group, params)
         states = [self.state[p] for p in params]
         for key in keys:
             if key is not None and key not in self.LAZY_STATE:
@@ -590,12 +842,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                                             p)
         lists = [[None] * len(params) if key is None else
                  [self._real(local(state.get(key))) for state in states] for key in keys]
-        steps = [self._advance_steps(params)] if rule.takes_steps else []
-        extra = {"shards": shards} if shards is not None and "shards" in rule.options else {}
-        rule([self._real(local(p)) for p in params], [self._real(g) for g in grads], *lists,
-             *inputs, *steps, **{**_rule_keywords(rule, group), **self._rule_options(group)},
-             **extra, foreach=implementation == "foreach",
-             fused=implementation in ("fused", "triton"))
+        self._run_rule(group, rule, params, [self._real(local(p)) for p in params], grads, lists,
+                       implementation, shards)
         for key, values in zip(keys, lists):
             if key in self.LAZY_STATE:  # created by the rule on a first update
                 for i, (p, state, value) in enumerate(zip(params, states, values)):
@@ -627,17 +875,50 @@ class MemoryOptimizer(torch.optim.Optimizer):
         with its expected shape (``-1``: any size in that dim). Subclasses add theirs."""
         return {"grad_accumulator": tuple(param.shape)}
 
+    def _saved_shapes(self, group: dict[str, Any], param: Tensor) -> dict[str, tuple]:
+        """The entries a checkpoint may hold for ``param`` (:meth:`_state_shapes`), with the
+        block scales of its 8-bit memories and the compensation of ``param_rounding="kahan"``."""
+        shapes = self._state_shapes(group, param)
+        for key in self._memories(group):
+            if key in shapes and self._form(group, key, param) == "8bit":
+                shapes[f"{key}_scale"] = compressed.scale_shape(shapes[key])
+        if group["param_rounding"] == "kahan" and param.dtype in LOW_PRECISION_DTYPES:
+            shapes["compensation"] = tuple(param.shape)
+        return shapes
+
+    def _stored_dtype(self, group: dict[str, Any], key: str,
+                      param: Tensor) -> Optional[torch.dtype]:
+        """The dtype a compressed entry is stored in (None: full precision)."""
+        if key == "compensation":
+            return param.dtype
+        if key.endswith("_scale") and key[:-len("_scale")] in self._memories(group):
+            return torch.float32
+        if key not in self._memories(group):
+            return None
+        form = self._form(group, key, param)
+        if form == "bf16":
+            return torch.bfloat16
+        if form == "8bit":
+            return torch.uint8 if key in self.NONNEGATIVE_STATE else torch.int8
+        return None
+
     def _state_dtype(self, key: str, value: Tensor, param: Tensor) -> torch.dtype:
-        """The dtype a loaded state tensor takes: step counters stay float32; floating state
-        takes the parameter's state dtype (fp32 for bf16/fp16 parameters)."""
+        """The dtype a loaded full-precision state tensor takes: step counters stay float32;
+        floating state takes the parameter's state dtype (fp32 for bf16/fp16 parameters)."""
         if key == "step" or not (value.is_floating_point() or value.is_complex()):
             return value.dtype
         if param.is_complex():
             return param.dtype if value.is_complex() else param.real.dtype
         return state_dtype(param.dtype)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *,
+                        state_dtype: Union[torch.dtype, str, None] = None) -> None:
         """Load a state saved by :meth:`state_dict`, after checking that it fits.
+
+        ``state_dtype`` (optional): convert every group's state to it after loading (e.g. an
+        fp32 checkpoint into bf16 or 8-bit state, or back; :meth:`convert_state`); by default
+        the state keeps the form it was saved in, bit for bit, with the saved groups'
+        ``state_dtype``.
 
         Refused with a ``ValueError`` naming the parameter (by name where the optimizer was
         built from ``named_parameters()``) and the entry, before anything is changed: another
@@ -675,23 +956,43 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for saved_id, index, param, saved_group in pairs:
             entries = state_dict["state"].get(saved_id)
             if entries:
-                self._check_saved_state(index, param, {**self.param_groups[index],
-                                                       **saved_group}, entries)
+                group = {**self.param_groups[index], **saved_group}
+                for key, value in self.GROUP_DEFAULTS.items():  # as saved, or the default
+                    group[key] = saved_group.get(key, value)
+                group["state_dtype"] = compressed.canonical_state_dtype(group["state_dtype"])
+                self._check_saved_state(index, param, group, entries)
 
+        if state_dtype is not None:
+            state_dtype = compressed.canonical_state_dtype(state_dtype)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # options added after the checkpoint was written
             for key, value in self.GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
-        for saved_id, _, param, _ in pairs:
+            for counter in self.GROUP_COUNTERS:
+                group.setdefault(counter, 0)
+            group["state_dtype"] = compressed.canonical_state_dtype(group["state_dtype"])
+        for saved_id, index, param, _ in pairs:
             entries = state_dict["state"].get(saved_id)
             if not entries or param not in self.state:
                 continue
             state = self.state[param]
+            group = self.param_groups[index]
             for key, value in entries.items():
+                stored = self._stored_dtype(group, key, param) if isinstance(value, Tensor) \
+                    else None
                 if key == "step":  # a float32 CPU counter of its own (steps advance in place)
                     state[key] = value.detach().to(dtype=torch.float32, device="cpu", copy=True) \
                         if isinstance(value, Tensor) else torch.tensor(float(value),
                                                                        dtype=torch.float32)
+                elif stored is not None:  # compressed: as saved, bit for bit
+                    whole = key in self.REPLICATED_STATE or \
+                        key[:-len("_scale")] in self.REPLICATED_STATE
+                    value = distributed.load_like(value, param, whole=whole,
+                                                  rows=key.endswith("_scale"))
+                    like = param if value.shape == param.shape and not whole else value
+                    state[key] = torch.empty_like(
+                        like, dtype=stored, device=param.device,
+                        memory_format=torch.preserve_format).copy_(value)
                 elif isinstance(value, Tensor):
                     # From the saved tensor (not torch's cast copy): no double rounding.
                     whole = key in self.REPLICATED_STATE  # even where its shape is param's
@@ -700,18 +1001,73 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     state[key] = torch.empty_like(
                         like, dtype=self._state_dtype(key, value, param), device=param.device,
                         memory_format=torch.preserve_format).copy_(value)
+        if state_dtype is not None:
+            self.convert_state(state_dtype)
+
+    def convert_state(self, state_dtype: Union[torch.dtype, str],
+                      groups: Optional[Iterable[int]] = None) -> None:
+        """Store the state of every group (or of the group indices ``groups``) in
+        ``state_dtype`` from now on, converting what it holds (each memory read into fp32 and
+        rounded to nearest into the new form) and setting the groups' ``state_dtype``."""
+        state_dtype = compressed.canonical_state_dtype(state_dtype)
+        for index in range(len(self.param_groups)) if groups is None else groups:
+            group = self.param_groups[index]
+            if group["state_dtype"] is state_dtype:
+                continue
+            held = {}
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                if p.is_complex() and compressed.is_compressed(state_dtype):
+                    raise UnsupportedTensorError(
+                        f"state_dtype={state_dtype!r} cannot store the state of complex "
+                        f"{self._param_name(index, p)}")
+                for key in self._memories(group):
+                    if key in state:
+                        work = self._read_memory(group, key, p, state)
+                        held[(id(p), key)] = work.float() if work.dtype != torch.float32 \
+                            else work.clone()
+                        del state[key]
+                        state.pop(f"{key}_scale", None)
+            group["state_dtype"] = state_dtype
+            for p in group["params"]:
+                state = self.state.get(p)
+                for key in self._memories(group):
+                    work = held.get((id(p), key))
+                    if work is None:
+                        continue
+                    if self._form(group, key, p) == "full":
+                        work = work.to(p.dtype if p.is_complex() else dmf.state_dtype(p.dtype))
+                    self._write_memory(group, key, p, state, work, None,
+                                       self._row_shard(p))
+
+    @staticmethod
+    def _row_shard(param: Tensor):
+        """The :class:`~deepmomentum.distributed.Shard0` of a row-sharded DTensor (its offset,
+        for stochastic rounding and global shapes), else None."""
+        if not distributed.is_dtensor(param):
+            return None
+        found = distributed.shards_of([param], lambda p: "parameter", matrices=False)
+        return found[0] if found else None
 
     def _check_saved_state(self, index: int, param: Tensor, group: dict[str, Any],
                            entries: dict[str, Any]) -> None:
         """Raise ``ValueError`` unless every saved state entry is one this rule keeps for
         ``param``, with its shape."""
-        allowed = self._state_shapes(group, param)
+        allowed = self._saved_shapes(group, param)
         unknown = sorted(set(entries) - set(allowed))
         if unknown:
             raise ValueError(
                 f"state_dict holds state {unknown} for {self._param_name(index, param)}, which "
                 f"{type(self).__name__} with these settings never keeps (it keeps "
                 f"{sorted(allowed)}): was it saved by another optimizer or configuration?")
+        for key in entries:
+            if f"{key}_scale" in allowed and f"{key}_scale" not in entries:
+                raise ValueError(
+                    f"state_dict entry '{key}' of {self._param_name(index, param)} holds 8-bit "
+                    f"codes (state_dtype={group['state_dtype']!r}) without their block scales "
+                    f"'{key}_scale': the checkpoint is incomplete")
         for key, value in entries.items():
             expected = allowed[key]
             if key == "step" and not isinstance(value, Tensor):
@@ -720,6 +1076,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
             if not isinstance(value, Tensor):
                 raise ValueError(f"state_dict entry '{key}' of {self._param_name(index, param)}"
                                  f" must be a tensor, got {type(value).__name__}")
+            stored = self._stored_dtype(group, key, param)
+            if stored is not None and value.dtype != stored:
+                raise ValueError(
+                    f"state_dict entry '{key}' of {self._param_name(index, param)} is "
+                    f"{value.dtype}; its group's state_dtype={group['state_dtype']!r} stores it "
+                    f"as {stored}: the checkpoint is inconsistent (to convert a checkpoint, "
+                    "load it as saved and pass state_dtype= to load_state_dict)")
             shape = tuple(value.shape)
             if len(shape) != len(expected) or any(e not in (-1, s)
                                                   for e, s in zip(expected, shape)):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import torch
 
 from . import functional as dmf
 from .optimizer import MemoryOptimizer, check_choice, check_flag, check_number
@@ -43,8 +45,9 @@ class PreconditionedMomentum(MemoryOptimizer):
             ``precondition="readout"``, ``preconditioner="adam"``); by default the fused kernel
             is picked where it applies, else the single-tensor loop on CPU and foreach
             elsewhere.
-        skip_nonfinite, update_period, accumulate, update_offset: the group options every
-            optimizer shares (defaults False, 1, "sum", 0); see :class:`MemoryOptimizer`.
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+            the group options every optimizer shares (defaults torch.float32, "nearest",
+            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
 
     Defaults are ``torch.optim.AdamW``'s (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
     weight_decay 0.01, decoupled), so ``PreconditionedMomentum(params)`` is a drop-in for
@@ -81,6 +84,8 @@ class PreconditionedMomentum(MemoryOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         decoupled_weight_decay: bool = True,
+        state_dtype: Union[torch.dtype, str] = torch.float32,
+        param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
         update_period: int = 1,
         accumulate: str = "sum",

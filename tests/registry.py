@@ -59,6 +59,9 @@ COMMON_INVALID = (
     ({"maximize": "yes"}, "maximize"),
     ({"foreach": True, "fused": True}, "fused"),
     ({"skip_nonfinite": "yes"}, "skip_nonfinite"),
+    ({"state_dtype": torch.float16}, "state_dtype"),
+    ({"state_dtype": "4bit"}, "state_dtype"),
+    ({"param_rounding": "up"}, "param_rounding"),
 )
 
 #: M3's literal form with deepmomentum 0.1's defaults (its only form then).
