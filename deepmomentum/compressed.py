@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from functools import lru_cache
 from typing import Optional, Union
 
 import torch
@@ -61,7 +62,8 @@ from torch import Tensor
 
 __all__ = ["STATE_DTYPES", "PARAM_ROUNDINGS", "BLOCK", "MIN_8BIT_NUMEL", "canonical_state_dtype",
            "stored_form", "uniform_bits", "round_bf16", "quantize", "dequantize",
-           "compress", "decompress", "seed_of", "is_compressed", "scale_shape"]
+           "compress", "decompress", "compress_many", "seed_of", "is_compressed",
+           "scale_shape"]
 
 #: The state dtypes a group may keep (``state_dtype``).
 STATE_DTYPES = (torch.float32, torch.bfloat16, "8bit")
@@ -206,6 +208,18 @@ def quantize(x: Tensor, signed: bool, bits: Optional[Tensor]) -> tuple[Tensor, T
     ``(q/T)^p`` (p = 2, 4): the code below is ``b = ⌊T·a^{1/p}⌋`` and ``a`` sits the fraction
     ``(T^p·a − b^p) / ((b+1)^p − b^p)`` of the way to the next."""
     blocks, cols = _blocks(x)
+    u = None if bits is None else _blocks(_uniform(bits).view(x.shape))[0]
+    code, scale = _quantize_blocks(blocks, signed, u)
+    return _unblock(code, cols, x.shape).to(torch.int8 if signed else torch.uint8), scale
+
+
+def _uniform(bits: Tensor) -> Tensor:
+    """Uniform fp32 numbers in [0, 1) from the upper 24 of 32 random bits."""
+    return ((bits >> 8) & 0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
+def _quantize_blocks(blocks: Tensor, signed: bool, u: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Codes (as fp32 integers) and absmax scales of blocks along the last dim."""
     magnitude = blocks.abs()
     scale = magnitude.amax(-1)
     a = magnitude.div_(torch.where(scale > 0, scale, 1.0).unsqueeze(-1))  # in [0, 1]
@@ -217,15 +231,11 @@ def quantize(x: Tensor, signed: bool, bits: Optional[Tensor]) -> tuple[Tensor, T
         below = a.sqrt().sqrt_().mul_(255).floor_().clamp_(max=254)
         low = below.square().square_()
         fraction = a.mul_(255.0 ** 4).sub_(low).div_((below + 1).square_().square_().sub_(low))
-    if bits is None:
-        up = fraction >= 0.5
-    else:
-        u = ((bits >> 8) & 0xFFFFFF).to(torch.float32).mul_(1.0 / (1 << 24))  # in [0, 1)
-        up = _blocks(u.view(x.shape))[0] < fraction
+    up = fraction >= 0.5 if u is None else u < fraction
     code = below.add_(up)
     if signed:
         code.copysign_(blocks)
-    return _unblock(code, cols, x.shape).to(torch.int8 if signed else torch.uint8), scale
+    return code, scale
 
 
 def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
@@ -263,3 +273,88 @@ def decompress(stored: Tensor, scale: Optional[Tensor]) -> Tensor:
     if scale is None:
         return out.copy_(stored)
     return out.copy_(dequantize(stored, scale))
+
+
+# --- many memories at once (one set of torch calls per list: the step path) ------------------
+
+
+#: Tensors at least this large are compressed one by one (their torch calls cost little next
+#: to their size); smaller ones together.
+_MANY_MAX_NUMEL = 1 << 16
+
+
+@lru_cache(maxsize=64)
+def _layout(numels: tuple[int, ...], offsets: tuple[int, ...], device: str
+            ) -> tuple[Tensor, Tensor]:
+    """For concatenated tensors: each element's index in its own (whole) tensor, and its
+    tensor's number — static for an optimizer's small tensors, so computed once."""
+    counts = torch.tensor(numels, dtype=torch.int64)
+    starts = torch.cumsum(counts, 0) - counts
+    segment = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    index = torch.arange(int(counts.sum()), dtype=torch.int64) - starts[segment] + \
+        torch.tensor(offsets, dtype=torch.int64)[segment]
+    return index.to(torch.int32).to(device), segment.to(device)
+
+
+def _many_bits(numels: list[int], seeds: list[int], offsets: list[int], device) -> Tensor:
+    """:func:`uniform_bits` of several small tensors, concatenated, in one pass: the same
+    bits."""
+    index, segment = _layout(tuple(numels), tuple(offsets), str(device))
+    x = torch.tensor([_int32(s & _MASK) for s in seeds], dtype=torch.int32,
+                     device=device)[segment]
+    x ^= index
+    x ^= (x >> 16) & 0xFFFF
+    x *= 0x7FEB352D
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _int32(0x846CA68B)
+    x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+def compress_many(works: list[Tensor], form: str, signed: bool,
+                  seeds: Optional[list[int]], offsets: list[int]
+                  ) -> list[tuple[Tensor, Optional[Tensor]]]:
+    """:func:`compress` of each tensor (same form and code, one device), computed on their
+    concatenation: a fixed number of torch calls whatever the number of tensors. Equal to the
+    one-by-one results bit for bit (the bits are each element's own; blocks never span two
+    tensors)."""
+    alone = [i for i, w in enumerate(works) if w.numel() >= _MANY_MAX_NUMEL or
+             offsets[i] + w.numel() > 1 << 31 or w.device != works[0].device]
+    if alone or len(works) == 1:
+        together = [i for i in range(len(works)) if i not in set(alone)]
+        if len(alone) == len(works) or len(works) == 1:
+            return [compress(w, form, signed, None if seeds is None else seeds[i], offsets[i])
+                    for i, w in enumerate(works)]
+        out = [None] * len(works)
+        for i in alone:
+            out[i] = compress(works[i], form, signed, None if seeds is None else seeds[i],
+                              offsets[i])
+        pick = lambda xs: None if xs is None else [xs[i] for i in together]  # noqa: E731
+        for i, result in zip(together, compress_many(pick(works), form, signed, pick(seeds),
+                                                     pick(offsets))):
+            out[i] = result
+        return out
+    numels = [w.numel() for w in works]
+    device = works[0].device
+    bits = None
+    if seeds is not None and _ROUNDING == "stochastic":
+        bits = _many_bits(numels, seeds, offsets, device)
+    if form == "bf16":
+        flat = torch.cat([w.reshape(-1).float() for w in works])
+        rounded = round_bf16(flat, bits).split(numels)
+        return [(r.view(w.shape), None) for r, w in zip(rounded, works)]
+    if form != "8bit":
+        raise ValueError(f"unknown stored form {form!r}")
+    shaped = [_blocks(w.float()) for w in works]  # (rows, blocks, BLOCK), cols
+    counts = [b.shape[0] * b.shape[1] for b, _ in shaped]
+    blocks = torch.cat([b.reshape(-1, BLOCK) for b, _ in shaped])
+    u = None
+    if bits is not None:
+        u = torch.cat([_blocks(part.view(w.shape))[0].reshape(-1, BLOCK) for part, w in
+                       zip(_uniform(bits).split(numels), works)])
+    code, scale = _quantize_blocks(blocks, signed, u)
+    code = code.to(torch.int8 if signed else torch.uint8)
+    out = []
+    for (b, cols), w, c, sc in zip(shaped, works, code.split(counts), scale.split(counts)):
+        out.append((_unblock(c.view(b.shape), cols, w.shape), sc.view(b.shape[:2])))
+    return out

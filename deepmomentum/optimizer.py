@@ -655,26 +655,44 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def _write_memory(self, group: dict[str, Any], key: str, param: Tensor, state: dict,
                       work: Tensor, seed: Optional[int], shard) -> None:
         """Store the fp32 working copy ``work`` of ``key`` in the group's form (creating the
-        entries on a first write), rounding stochastically with ``seed``."""
-        form = self._stored_form(group, key, param, state)
+        entries on a first write), rounding stochastically with ``seed`` (None: to nearest)."""
+        self._write_memories(group, key, [(param, state, work, shard)],
+                             None if seed is None else [seed])
+
+    def _write_memories(self, group: dict[str, Any], key: str, entries: list,
+                        seeds: Optional[list[int]]) -> None:
+        """:meth:`_write_memory` of ``(param, state, work, shard)`` entries, compressed per
+        stored form in one pass over their concatenation (:func:`compressed.compress_many`)."""
         whole = key in self.REPLICATED_STATE
-        if form == "full":
-            if key not in state:
+        by_form: dict[str, list] = {}
+        for i, (param, state, work, shard) in enumerate(entries):
+            form = self._stored_form(group, key, param, state)
+            if form != "full":
+                by_form.setdefault(form, []).append(i)
+            elif key not in state:
                 state[key] = distributed.like_param(self._like_param(work, local(param)), param,
                                                     None if whole else shard)
-            return
-        offset = 0 if whole or shard is None else shard.offset * math.prod(shard.shape[1:])
-        codes, scale = compressed.compress(work, form, key not in self.NONNEGATIVE_STATE, seed,
-                                           offset)
-        if key in state:
-            local(state[key]).copy_(codes)
-            if scale is not None:
-                local(state[f"{key}_scale"]).copy_(scale)
-            return
-        stored = torch.empty_like(work, dtype=codes.dtype, memory_format=torch.preserve_format)
-        state[key] = distributed.stored_like(stored.copy_(codes), param, whole)
-        if scale is not None:
-            state[f"{key}_scale"] = distributed.stored_like(scale, param, whole)
+        for form, idx in by_form.items():
+            offsets = []
+            for i in idx:
+                shard = entries[i][3]
+                offsets.append(0 if whole or shard is None else
+                               shard.offset * math.prod(shard.shape[1:]))
+            stored = compressed.compress_many(
+                [entries[i][2] for i in idx], form, key not in self.NONNEGATIVE_STATE,
+                None if seeds is None else [seeds[i] for i in idx], offsets)
+            for i, (codes, scale) in zip(idx, stored):
+                param, state, work, _ = entries[i]
+                if key in state:
+                    local(state[key]).copy_(codes)
+                    if scale is not None:
+                        local(state[f"{key}_scale"]).copy_(scale)
+                    continue
+                out = torch.empty_like(work, dtype=codes.dtype,
+                                       memory_format=torch.preserve_format)
+                state[key] = distributed.stored_like(out.copy_(codes), param, whole)
+                if scale is not None:
+                    state[f"{key}_scale"] = distributed.stored_like(scale, param, whole)
 
     def _seed(self, group: dict[str, Any], param: Tensor, key: str) -> int:
         """The seed of ``key``'s write for ``param`` in this call (:func:`compressed.seed_of`)."""
@@ -780,10 +798,11 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for key, values in zip(keys, lists):
             if key is None:
                 continue
-            for i, (p, state, value) in enumerate(zip(params, states, values)):
-                if value is not None:
-                    self._write_memory(group, key, p, state, value, self._seed(group, p, key),
-                                       None if shards is None else shards[i])
+            written = [i for i, value in enumerate(values) if value is not None]
+            self._write_memories(
+                group, key, [(params[i], states[i], values[i],
+                              None if shards is None else shards[i]) for i in written],
+                [self._seed(group, params[i], key) for i in written])
         for i, (p, state, work) in enumerate(zip(params, states, works)):
             mine = local(p)
             if work.dtype == mine.dtype or mine.is_complex():
