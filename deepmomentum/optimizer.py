@@ -759,6 +759,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
         16-bit parameters (``param_rounding`` "kahan"/"stochastic") as fp32 copies (plus their
         compensation), the rule's arithmetic unchanged, then everything stored back rounded."""
         rule, keys = self._rule(group)
+        if implementation == "triton" and compressed.is_compressed(group["state_dtype"]):
+            rest = self._fused_compressed(group, rule, keys, params, grads, shards)
+            if len(rest) < len(params):  # the others (fp32 memories) as below
+                params, grads = [params[i] for i in rest], [grads[i] for i in rest]
+                shards = None if shards is None else [shards[i] for i in rest]
+                if not params:
+                    return
         states = [self.state[p] for p in params]
         index = self._group_index(group)
         for p in params:
@@ -831,6 +838,92 @@ class MemoryOptimizer(torch.optim.Optimizer):
         for p, state in zip(params, states):
             if not state:
                 del self.state[p]
+
+    def _fused_compressed(self, group: dict[str, Any], rule, keys, params: list[Tensor],
+                          grads: list[Tensor], shards: Optional[list]) -> list[int]:
+        """The Triton kernels that read and write compressed memories in one pass
+        (:mod:`deepmomentum.kernels.compressed`: Adam-style and SGD-momentum rules), for the
+        parameters whose memories are stored compressed; the indices of the others."""
+        if rule is dmf.preconditioned_momentum:
+            kind = "adam"
+        elif rule is dmf.associative_momentum:
+            kind = "sgd"
+        else:
+            return list(range(len(params)))
+        from .kernels import compressed as fused
+
+        states = [self.state[p] for p in params]
+        by_form: dict[str, list[int]] = {}
+        rest = []
+        for i, (p, state) in enumerate(zip(params, states)):
+            form = self._stored_form(group, keys[0], p, state)
+            (rest if form == "full" else by_form.setdefault(form, [])).append(i)
+        options = {**_keyword_defaults(rule), **_rule_keywords(rule, group),
+                   **self._rule_options(group)}
+        options["lr"] = dmf._scalar(options["lr"])
+        rounding = group["param_rounding"]
+        for form, idx in by_form.items():
+            ps = [params[i] for i in idx]
+            sts = [states[i] for i in idx]
+            shard = [None if shards is None else shards[i] for i in idx]
+            offsets = [0 if s is None else s.offset * math.prod(s.shape[1:]) for s in shard]
+            seeds = lambda key: [self._seed(group, p, key) for p in ps]  # noqa: E731
+            extra = {"param_rounding": rounding, "offsets": offsets}
+            if rounding == "stochastic":
+                extra["param_seeds"] = seeds("param")
+            if rounding == "kahan":
+                for p, st, sh in zip(ps, sts, shard):
+                    if p.dtype in LOW_PRECISION_DTYPES and "compensation" not in st:
+                        st["compensation"] = distributed.like_param(
+                            torch.zeros_like(local(p)), p, sh)
+                extra["compensations"] = [local(st["compensation"]) if "compensation" in st
+                                          else local(p) for p, st in zip(ps, sts)]
+                extra["compensation_seeds"] = seeds("compensation")
+            stored = lambda key: [local(st[key]) for st in sts]  # noqa: E731
+            scales = lambda key: [local(st[f"{key}_scale"]) for st in sts] \
+                if form == "8bit" else None  # noqa: E731
+            locals_ = [local(p) for p in ps]
+            gs = [grads[i] for i in idx]
+            if kind == "adam":
+                memories = [k for k in keys if k is not None]
+                for key in memories:  # zeros, as Adam starts
+                    missing = [j for j, st in enumerate(sts) if key not in st]
+                    self._write_memories(group, key, [
+                        (ps[j], sts[j], torch.zeros_like(locals_[j], dtype=torch.float32),
+                         shard[j]) for j in missing], None)
+                steps = [float(t) for t in self._advance_steps(ps)]
+                adam = "exp_avg_sq" in memories
+                fused.adam_step(
+                    locals_, gs, stored("exp_avg"), stored("exp_avg_sq") if adam else None,
+                    scales("exp_avg"), scales("exp_avg_sq") if adam else None, steps,
+                    lr=options["lr"], beta1=options["beta1"], beta2=options["beta2"],
+                    eps=options["eps"], weight_decay=options["weight_decay"],
+                    decoupled_weight_decay=options["decoupled_weight_decay"],
+                    precondition=options["precondition"],
+                    preconditioner=options["preconditioner"], maximize=options["maximize"],
+                    form=form, seeds_m=seeds("exp_avg"),
+                    seeds_v=seeds("exp_avg_sq") if adam else None, **extra)
+                continue
+            momentum = options["momentum"]
+            first = [j for j, st in enumerate(sts) if momentum != 0 and keys[0] not in st]
+            self._write_memories(group, keys[0], [
+                (ps[j], sts[j], torch.zeros_like(locals_[j], dtype=torch.float32), shard[j])
+                for j in first], None)  # the buffer of a first step: written with b = g
+            for is_first in (True, False):
+                part = [j for j in range(len(ps)) if (j in first) == is_first]
+                if not part:
+                    continue
+                pick = lambda xs: None if xs is None else [xs[j] for j in part]  # noqa: E731
+                sub = {k: pick(v) if isinstance(v, list) else v for k, v in extra.items()}
+                fused.sgd_step(
+                    pick(locals_), pick(gs), pick(stored(keys[0])) if momentum else None,
+                    pick(scales(keys[0])) if momentum else None, lr=options["lr"],
+                    momentum=momentum, dampening=options["dampening"],
+                    nesterov=options["nesterov"], weight_decay=options["weight_decay"],
+                    decoupled_weight_decay=options["decoupled_weight_decay"],
+                    maximize=options["maximize"], first_step=is_first, form=form,
+                    seeds=pick(seeds(keys[0])) if momentum else None, **sub)
+        return rest
 
     def _run_rule(self, group, rule, params, weights, grads, lists, implementation, shards):
         """Call the group's functional rule on ``weights`` (the local parameters, or their fp32
@@ -1116,6 +1209,13 @@ def _rule_keywords(rule: Callable, group: dict[str, Any]) -> dict[str, Any]:
     """The group's options a rule takes, by the rule's own keyword names
     (``functional.RULES``)."""
     return {name: group[name] for name in rule.options if name in group}
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_defaults(rule: Callable) -> dict[str, Any]:
+    """A rule's keyword arguments with defaults (the options a group may leave out)."""
+    return {name: p.default for name, p in inspect.signature(rule).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
 
 
 def _optimizer_classes() -> list[type]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -422,3 +423,69 @@ def test_stochastic_parameter_rounding_refuses_fp16_naming_it():
     named = [("half", torch.nn.Parameter(torch.ones(3, dtype=torch.float16)))]
     with pytest.raises(ValueError, match="'half'.*float16|param_rounding"):
         dm.AssociativeMomentum(named, lr=0.1, param_rounding="stochastic")
+
+
+# --- the Triton kernels on compressed memories (under the interpreter) ---------------------------
+
+
+def _triton_cases():
+    pytest.importorskip("triton")
+    picked = []
+    for param in cases():
+        info, variant = param.values
+        if info.name in ("AssociativeMomentum", "PreconditionedMomentum") or (
+                info.name in ("Muon", "M3") and variant.get("use_muon") is False):
+            picked.append(param)
+    return picked
+
+
+@pytest.mark.parametrize("state_dtype", FORMS)
+@pytest.mark.parametrize("info,variant", _triton_cases())
+def test_the_fused_compressed_kernels_equal_the_torch_path(info, variant, state_dtype,
+                                                           monkeypatch):
+    # The optimizer's Triton path (deepmomentum.kernels.compressed: dequantize, update and
+    # requantize in one pass) against its torch path: the kernels run under TRITON_INTERPRET
+    # on CPU tensors once the dispatcher is told they may. torch's CPU sqrt is not correctly
+    # rounded (MKL), the kernel's is: a stochastic rounding may rarely fall the other way.
+    import deepmomentum.kernels as kernels
+    from deepmomentum.kernels import compressed as fused
+
+    if not kernels.triton_available() or not torch.cuda.is_available() and \
+            os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton (on CUDA, or its interpreter)")
+    shapes = ((17, 300), (5,)) if state_dtype == "8bit" else ((3, 40), (5,))
+    named = _named(shapes)
+    calls = []
+    original = fused.adam_step, fused.sgd_step
+    monkeypatch.setattr(fused, "adam_step", lambda *a, **k: (calls.append(1),
+                                                             original[0](*a, **k))[1])
+    monkeypatch.setattr(fused, "sgd_step", lambda *a, **k: (calls.append(1),
+                                                            original[1](*a, **k))[1])
+    runs = []
+    for triton in (False, True):
+        params = _fresh(named)
+        opt = info.make(params, state_dtype=state_dtype, **variant)
+        if triton:
+            monkeypatch.setattr(kernels, "usable", lambda ps: bool(ps))
+        g = torch.Generator().manual_seed(8)
+        for _ in range(3):
+            _step(opt, params, _grads(params, g))
+        monkeypatch.undo() if triton else None
+        runs.append((opt, params))
+    momentum = variant.get("momentum", 0.9) if info.name == "AssociativeMomentum" else 1
+    assert calls or momentum == 0  # the fused compressed kernels ran
+    (a, pa), (b, pb) = runs
+    for (_, x), (_, y) in zip(pa, pb):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+        assert a.state.get(p, {}).keys() == b.state.get(q, {}).keys()
+        for key, value in a.state.get(p, {}).items():
+            other = b.state[q][key]
+            assert other.dtype == value.dtype
+            if key.endswith("_scale") or key == "step":
+                torch.testing.assert_close(other, value, rtol=1e-5, atol=0)
+            elif value.dtype in (torch.int8, torch.uint8):
+                assert (other.int() - value.int()).abs().max() <= 1
+                assert (other == value).float().mean() >= 0.99
+            else:
+                torch.testing.assert_close(other.float(), value.float(), rtol=2**-7, atol=1e-6)
