@@ -85,6 +85,32 @@ def _scalar(x) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
+def _quotient(a: float, b):
+    """``a / b`` for a number ``a`` and a number or 0-dim tensor ``b``, rounded once as
+    Python's division (``a / tensor`` is ``tensor.reciprocal() * a``: two roundings)."""
+    return b.new_full((), a) / b if isinstance(b, Tensor) else a / b
+
+
+def _compiling() -> bool:
+    """Whether torch.compile (dynamo) is tracing the caller (False under TorchScript)."""
+    return not torch.jit.is_scripting() and torch.compiler.is_compiling()
+
+
+def _step_count(t):
+    """A step count ``t`` for the bias corrections' arithmetic, as torch's ``_get_value``
+    (torch/optim/optimizer.py): a Python float in eager mode (a CPU read of ``state['step']``:
+    the scalar arithmetic is Python's, in double precision, so eager results are unchanged),
+    but while torch.compile traces, the counter itself as a float64 tensor — ``.item()`` would
+    break the graph (a host read of data), and with the tensor the corrections are graph ops
+    whose value follows the counter without a recompile. float64, not the counter's float32:
+    the corrections are then computed in the precision of eager's Python floats, and their
+    users round them to the tensors' dtype where eager's kernels round a Python float
+    (:func:`preconditioner_denominators`, :func:`_apply_tensor_step_sizes`)."""
+    if isinstance(t, Tensor) and _compiling():
+        return t.to(torch.float64)
+    return _scalar(t)
+
+
 # =============================================================================================
 # Dispatch: one switch for every rule
 # =============================================================================================
@@ -405,17 +431,24 @@ def preconditioner_denominators(second_moments: Sequence[Tensor], *, eps: float,
     r"""Stage (§3, §6): :math:`d = \sqrt{v} / \sqrt{1-\beta_2^t} + \epsilon` (without
     ``bias_corrections`` :math:`1-\beta_2^t`: :math:`\sqrt{v} + \epsilon`), in torch Adam's
     order of operations; the preconditioner is :math:`P_t(x) = x / d`."""
+    # Tensor corrections (0-dim float64, from _step_count while compiling): their square
+    # roots as tensors, as torch's Adam takes them (0-dim tensors for _foreach_div_), rounded
+    # to each moment's dtype as eager rounds a Python float there (a 0-dim float64 divisor of
+    # a 0-dim moment would otherwise promote, or compute, in float64).
+    roots = None if bias_corrections is None else [
+        c.sqrt().to(v.dtype) if isinstance(c, Tensor) else math.sqrt(c)
+        for c, v in zip(bias_corrections, second_moments)]
     if foreach:
         denom = torch._foreach_sqrt(list(second_moments))
-        if bias_corrections is not None:
-            torch._foreach_div_(denom, [math.sqrt(c) for c in bias_corrections])
+        if roots is not None:
+            torch._foreach_div_(denom, roots)
         torch._foreach_add_(denom, eps)
         return list(denom)
     out = []
     for i, v in enumerate(second_moments):
         d = v.sqrt()
-        if bias_corrections is not None:
-            d = d / math.sqrt(bias_corrections[i])
+        if roots is not None:
+            d = d / roots[i]
         out.append(d.add_(eps))
     return out
 
@@ -526,6 +559,9 @@ def apply_updates(params: Sequence[Tensor], weights: Sequence[Tensor],
     is the single-tensor path's.
     """
     scalar = isinstance(step_sizes, (int, float))
+    if not scalar and any(isinstance(s, Tensor) for s in step_sizes):
+        return _apply_tensor_step_sizes(params, weights, updates, step_sizes,
+                                        denominators=denominators, foreach=foreach)
     if not foreach:
         for i, (p, w, u) in enumerate(zip(params, weights, updates)):
             size = step_sizes if scalar else step_sizes[i]
@@ -550,6 +586,32 @@ def apply_updates(params: Sequence[Tensor], weights: Sequence[Tensor],
     rounded = [(p, w) for p, w in zip(params, weights) if w is not p]
     if rounded:
         torch._foreach_copy_([p for p, _ in rounded], [w for _, w in rounded])
+
+
+def _apply_tensor_step_sizes(params, weights, updates, step_sizes, *, denominators, foreach):
+    """:func:`apply_updates` with step sizes that are 0-dim tensors (Adam's bias-corrected
+    sizes while torch.compile traces: :func:`_step_count`). ``alpha``/``value`` take only
+    numbers, so the sizes multiply as tensors, in the eager order of operations: ``(s·u)/d``
+    as the CPU ``addcdiv`` kernel's ``value * t1 / t2``. (``_foreach_addcdiv_`` with a
+    stacked tensor of sizes, torch's Adam's way, fails under fake tensors in torch 2.13:
+    "Expected scalars to be on CPU, got meta".)"""
+    weights, updates = list(weights), list(updates)
+    # Each size rounded to its update's dtype, as eager rounds alpha/value (and a 0-dim
+    # update times a 0-dim float64 size would be float64).
+    sizes = [s.to(u.dtype) if isinstance(s, Tensor) else torch.tensor(float(s), dtype=u.dtype)
+             for s, u in zip(step_sizes, updates)]
+    if foreach:
+        scaled = torch._foreach_mul(updates, sizes)
+        if denominators is not None:
+            torch._foreach_div_(scaled, list(denominators))
+        torch._foreach_add_(weights, scaled)
+    else:
+        for i, (w, u) in enumerate(zip(weights, updates)):
+            scaled = u * sizes[i]
+            w.add_(scaled if denominators is None else scaled / denominators[i])
+    rounded = [(p, w) for p, w in zip(params, weights) if w is not p]
+    for p, w in rounded:
+        p.copy_(w)
 
 
 # =============================================================================================
@@ -838,8 +900,9 @@ def _preconditioned_momentum(params, grads, exp_avgs, exp_avg_sqs, state_steps, 
     works, gs = _weights_and_gradients(params, grads, lr=lr, weight_decay=weight_decay,
                                        decoupled_weight_decay=decoupled_weight_decay,
                                        maximize=maximize, foreach=foreach)
-    ts = [_scalar(t) for t in state_steps]
-    step_sizes = [-lr / (1 - beta1**t) for t in ts]  # the first moment's bias correction
+    ts = [_step_count(t) for t in state_steps]  # floats; tensors while compiling
+    # the first moment's bias correction (a number over a tensor: _quotient)
+    step_sizes = [_quotient(-lr, 1 - beta1**t) for t in ts]
     denominators = None
     if preconditioner == "adam":
         second_moment_write(exp_avg_sqs, gs, decay=beta2, write=1 - beta2, foreach=foreach)
@@ -1106,7 +1169,7 @@ def _dmgd_reads(gs, memory_A, memory_B, exp_avg_sqs, state_steps, *, values, bet
         second_moment_write(exp_avg_sqs, gs, decay=beta2, write=1 - beta2, foreach=foreach)
         vs = preconditioned_values(gs, preconditioner_denominators(
             exp_avg_sqs, eps=eps, foreach=foreach,
-            bias_corrections=[1 - beta2 ** _scalar(t) for t in state_steps]), foreach=foreach)
+            bias_corrections=[1 - beta2 ** _step_count(t) for t in state_steps]), foreach=foreach)
     return deep_memory_reads(gs, vs, memory_A, memory_B, **inner)
 
 
@@ -1437,6 +1500,9 @@ def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chun
                     ns):
     """M3's slow memory at a chunk boundary: ``M² ← μ₃M² + ω₃ΣG``, the sum cleared, ``O² =
     NS(M²)`` kept for the next chunk; untouched on every other step."""
+    if _compiling():
+        return _m3_slow_memory_traced(slow_buffers, slow_updates, chunk_sums, state_steps,
+                                      chunk=chunk, decay=decay, write=write, ns=ns)
     boundary = [i for i, t in enumerate(state_steps) if int(_scalar(t)) % chunk == 0]
     if not boundary:
         return
@@ -1448,6 +1514,47 @@ def _m3_slow_memory(slow_buffers, slow_updates, chunk_sums, state_steps, *, chun
         chunk_sums[i].zero_()
     for i, o2 in zip(boundary, orthogonalize(slow, **ns)):
         slow_updates[i].copy_(o2)
+
+
+def _m3_slow_memory_traced(slow_buffers, slow_updates, chunk_sums, state_steps, *, chunk,
+                           decay, write, ns):
+    """:func:`_m3_slow_memory` while torch.compile traces, without a graph break.
+
+    Eager reads each step counter on the host to choose the boundary tensors; traced, that read
+    (``.item()``) is a graph break, and a Python-int counter would be a guard that recompiles
+    every step. So the boundary test stays a tensor, ``t % chunk == 0`` in int64 (exact, as
+    eager's ``int(t) % chunk``), and a ``torch.cond`` on "some tensor is at a boundary" runs the
+    slow write and its Newton–Schulz only then: computing both sides and selecting with
+    ``torch.where`` would run a second Newton–Schulz (the step's costliest stage) on every
+    step, not once per chunk. The predicate is a CPU tensor (the counters are), so the branch
+    choice costs no device sync. Branches may not mutate their inputs, so they return new
+    memories, copied back in place after; within the boundary branch ``torch.where`` per
+    tensor leaves a tensor whose own counter is not at a boundary (counters can differ: a
+    parameter without a gradient on some step) as it was, so the result is eager's, tensor by
+    tensor (bit for bit when run eagerly: tests/test_compile.py); such a step orthogonalizes
+    every slow memory, the unchanged ones too. Untested with FSDP2 shards: a sharded
+    Newton–Schulz's collectives would run inside the branch (every rank takes the same one,
+    the counters being equal across ranks)."""
+    slow_buffers, slow_updates = list(slow_buffers), list(slow_updates)
+    chunk_sums = list(chunk_sums)
+    at = [t.to(torch.int64).remainder(chunk).eq(0) for t in state_steps]
+
+    def boundary(slow, updates, sums, at):
+        written = [torch.where(b, m.mul(decay).add(c, alpha=write), m)  # μ₃M² + ω₃ΣG
+                   for m, c, b in zip(slow, sums, at)]
+        return ([m.contiguous() for m in written],  # both branches' outputs contiguous
+                [torch.where(b, o2, u).contiguous()  # (NS transposes wide matrices)
+                 for o2, u, b in zip(orthogonalize(written, **ns), updates, at)],
+                [torch.where(b, torch.zeros_like(c), c).contiguous() for c, b in zip(sums, at)])
+
+    def between(slow, updates, sums, at):
+        return tuple([x.clone(memory_format=torch.contiguous_format) for x in xs]
+                     for xs in (slow, updates, sums))
+
+    new = torch.cond(torch.stack(at).any(), boundary, between,
+                     (slow_buffers, slow_updates, chunk_sums, at))
+    for olds, news in zip((slow_buffers, slow_updates, chunk_sums), new):
+        torch._foreach_copy_(olds, list(news))
 
 
 def _triton_m3(params, grads, fast_buffers, second_moments, slow_buffers, slow_updates,
