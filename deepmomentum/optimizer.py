@@ -505,7 +505,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
                                                        process_group)[0]
             if found_inf.item() != 0:
                 return loss
-        initializing = initializes_state(self)
+        # Not while compiling: DCP's state-initializing call is eager, and reading the state
+        # before the groups makes dynamo guard every .grad by identity (a recompile per step).
+        initializing = not torch.compiler.is_compiling() and initializes_state(self)
         for index, group in enumerate(self.param_groups):
             params, grads = [], []
             for p in group["params"]:
