@@ -156,6 +156,12 @@ def uniform_bits(numel: int, seed: int, offset: int = 0, device=None) -> Tensor:
         x = (torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
              & _MASK).sub_(1 << 32).to(torch.int32)
     x ^= _int32(seed & _MASK)
+    return _lowbias32_(x)
+
+
+def _lowbias32_(x: Tensor) -> Tensor:
+    """:func:`_mix_int` in place on an int32 tensor of uint32 bit patterns (wrapping products,
+    masked shifts)."""
     x ^= (x >> 16) & 0xFFFF
     x *= 0x7FEB352D
     x ^= (x >> 15) & 0x1FFFF
@@ -303,12 +309,7 @@ def _many_bits(numels: list[int], seeds: list[int], offsets: list[int], device) 
     x = torch.tensor([_int32(s & _MASK) for s in seeds], dtype=torch.int32,
                      device=device)[segment]
     x ^= index
-    x ^= (x >> 16) & 0xFFFF
-    x *= 0x7FEB352D
-    x ^= (x >> 15) & 0x1FFFF
-    x *= _int32(0x846CA68B)
-    x ^= (x >> 16) & 0xFFFF
-    return x
+    return _lowbias32_(x)
 
 
 def compress_many(works: list[Tensor], form: str, signed: bool,
