@@ -662,9 +662,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
                              None if seed is None else [seed])
 
     def _write_memories(self, group: dict[str, Any], key: str, entries: list,
-                        seeds: Optional[list[int]]) -> None:
+                        seeds: Optional[list[int]], kernel: bool = False) -> None:
         """:meth:`_write_memory` of ``(param, state, work, shard)`` entries, compressed per
-        stored form in one pass over their concatenation (:func:`compressed.compress_many`)."""
+        stored form in one pass over their concatenation (:func:`compressed.compress_many`;
+        ``kernel``: one Triton launch, :func:`deepmomentum.kernels.compressed.compress`)."""
         whole = key in self.REPLICATED_STATE
         by_form: dict[str, list] = {}
         for i, (param, state, work, shard) in enumerate(entries):
@@ -680,9 +681,14 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 shard = entries[i][3]
                 offsets.append(0 if whole or shard is None else
                                shard.offset * math.prod(shard.shape[1:]))
-            stored = compressed.compress_many(
-                [entries[i][2] for i in idx], form, key not in self.NONNEGATIVE_STATE,
-                None if seeds is None else [seeds[i] for i in idx], offsets)
+            if kernel:
+                from .kernels import compressed as fused
+
+                many = fused.compress
+            else:
+                many = compressed.compress_many
+            stored = many([entries[i][2] for i in idx], form, key not in self.NONNEGATIVE_STATE,
+                          None if seeds is None else [seeds[i] for i in idx], offsets)
             for i, (codes, scale) in zip(idx, stored):
                 param, state, work, _ = entries[i]
                 if key in state:
@@ -776,14 +782,22 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     f"state_dtype={group['state_dtype']!r} cannot store the state of complex "
                     f"{self._param_name(index, p)}: compressed state is real; put complex "
                     "parameters in a group with state_dtype=torch.float32")
+        # On CUDA, reading and writing take one multi-tensor kernel per entry and form, whatever
+        # kernels the rule itself has.
+        kernel = compressed.is_compressed(group["state_dtype"]) and \
+            kernels.usable([local(p) for p in params])
         lists = []
         for key in keys:
-            column = []
-            for p, state in zip(params, states):
+            column, pending = [], []
+            for i, (p, state) in enumerate(zip(params, states)):
                 if key is None:
                     column.append(None)
                 elif key in state:
-                    column.append(self._real(self._read_memory(group, key, p, state)))
+                    if kernel and self._stored_form(group, key, p, state) != "full":
+                        pending.append(i)
+                        column.append(None)  # filled below
+                    else:
+                        column.append(self._real(self._read_memory(group, key, p, state)))
                 elif key in self.LAZY_STATE:
                     column.append(None)
                 else:
@@ -791,6 +805,13 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     if self._stored_form(group, key, p, state) == "full":
                         state[key] = initial  # the rule writes it in place
                     column.append(self._real(local(initial)))
+            if pending:
+                from .kernels import compressed as fused
+
+                works = fused.decompress([local(states[i][key]) for i in pending],
+                                         [local(states[i].get(f"{key}_scale")) for i in pending])
+                for i, work in zip(pending, works):
+                    column[i] = work
             lists.append(column)
         rounding = group["param_rounding"]
         works = []
@@ -811,7 +832,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
             self._write_memories(
                 group, key, [(params[i], states[i], values[i],
                               None if shards is None else shards[i]) for i in written],
-                [self._seed(group, params[i], key) for i in written])
+                [self._seed(group, params[i], key) for i in written], kernel=kernel)
         for i, (p, state, work) in enumerate(zip(params, states, works)):
             mine = local(p)
             if work.dtype == mine.dtype or mine.is_complex():

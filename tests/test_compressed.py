@@ -489,3 +489,53 @@ def test_the_fused_compressed_kernels_equal_the_torch_path(info, variant, state_
                 assert (other == value).float().mean() >= 0.99
             else:
                 torch.testing.assert_close(other.float(), value.float(), rtol=2**-7, atol=1e-6)
+
+
+def _other_rules():
+    pytest.importorskip("triton")
+    names = {p.values[0].name for p in _triton_cases()}
+    return [p for p in cases() if p not in _triton_cases() and (
+        p.values[0].name not in names or p.values[1].get("use_muon") is not False)]
+
+
+@pytest.mark.parametrize("info,variant", _other_rules())
+def test_the_compressed_codec_kernels_serve_every_other_rule(info, variant, monkeypatch):
+    # Rules without a fused compressed step (Delta, DMGD, Muon, M3) read and write their
+    # compressed memories with one multi-tensor kernel per entry on the Triton path
+    # (kernels.compressed.decompress/compress), equal to the torch codec; the rules' own
+    # Triton kernels differ from their torch paths within float32 tolerance.
+    import deepmomentum.kernels as kernels
+    from deepmomentum.kernels import compressed as fused
+
+    if not kernels.triton_available() or not torch.cuda.is_available() and \
+            os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton (on CUDA, or its interpreter)")
+    shapes = ((2, 8, 20), (2, 8, 20)) if variant.get("batch_dims") else ((8, 40), (8, 40))
+    named = _named(shapes)
+    used = []
+    original = fused.compress
+    runs = []
+    for triton in (False, True):
+        params = _fresh(named)
+        opt = info.make(params, state_dtype=torch.bfloat16, **variant)
+        if triton:
+            monkeypatch.setattr(kernels, "usable", lambda ps: bool(ps))
+            monkeypatch.setattr(fused, "compress", lambda *a, **k: (used.append(1),
+                                                                    original(*a, **k))[1])
+        g = torch.Generator().manual_seed(9)
+        for _ in range(2):
+            _step(opt, params, _grads(params, g))
+        monkeypatch.undo() if triton else None
+        runs.append((opt, params))
+    assert used or not runs[0][0].state  # the kernels ran wherever there is a memory
+    (a, pa), (b, pb) = runs
+    for (_, x), (_, y) in zip(pa, pb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+    for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+        assert a.state.get(p, {}).keys() == b.state.get(q, {}).keys()
+        for key, value in a.state.get(p, {}).items():
+            other = b.state[q][key]
+            assert other.dtype == value.dtype
+            torch.testing.assert_close(other.float(), value.float(), rtol=2**-7, atol=1e-5)
+            if value.dtype == torch.bfloat16:  # the same roundings, bar a rare flip
+                assert (other == value).float().mean() >= 0.97, key
