@@ -315,26 +315,31 @@ def _many_bits(numels: list[int], seeds: list[int], offsets: list[int], device) 
 def compress_many(works: list[Tensor], form: str, signed: bool,
                   seeds: Optional[list[int]], offsets: list[int]
                   ) -> list[tuple[Tensor, Optional[Tensor]]]:
-    """:func:`compress` of each tensor (same form and code, one device), computed on their
-    concatenation: a fixed number of torch calls whatever the number of tensors. Equal to the
-    one-by-one results bit for bit (the bits are each element's own; blocks never span two
-    tensors)."""
-    alone = [i for i, w in enumerate(works) if w.numel() >= _MANY_MAX_NUMEL or
-             offsets[i] + w.numel() > 1 << 31 or w.device != works[0].device]
-    if alone or len(works) == 1:
-        together = [i for i in range(len(works)) if i not in set(alone)]
-        if len(alone) == len(works) or len(works) == 1:
-            return [compress(w, form, signed, None if seeds is None else seeds[i], offsets[i])
-                    for i, w in enumerate(works)]
-        out = [None] * len(works)
-        for i in alone:
-            out[i] = compress(works[i], form, signed, None if seeds is None else seeds[i],
-                              offsets[i])
-        pick = lambda xs: None if xs is None else [xs[i] for i in together]  # noqa: E731
-        for i, result in zip(together, compress_many(pick(works), form, signed, pick(seeds),
-                                                     pick(offsets))):
-            out[i] = result
-        return out
+    """:func:`compress` of each tensor (same form and code): the small ones of one device
+    together, in a fixed number of torch calls whatever their number (:func:`_compress_together`),
+    the large ones one by one. Equal to one-by-one results bit for bit (the bits are each
+    element's own; blocks never span two tensors)."""
+    seed = (lambda i: None) if seeds is None else (lambda i: seeds[i])  # noqa: E731
+    together = [i for i, w in enumerate(works) if w.numel() < _MANY_MAX_NUMEL and
+                offsets[i] + w.numel() <= 1 << 31 and w.device == works[0].device]
+    if len(together) < 2:
+        together = []
+    out = [None] * len(works)
+    for i, result in zip(together, _compress_together(
+            [works[i] for i in together], form, signed,
+            None if seeds is None else [seeds[i] for i in together],
+            [offsets[i] for i in together]) if together else []):
+        out[i] = result
+    for i, w in enumerate(works):
+        if out[i] is None:
+            out[i] = compress(w, form, signed, seed(i), offsets[i])
+    return out
+
+
+def _compress_together(works: list[Tensor], form: str, signed: bool,
+                       seeds: Optional[list[int]], offsets: list[int]
+                       ) -> list[tuple[Tensor, Optional[Tensor]]]:
+    """:func:`compress` of small tensors of one device, on their concatenation."""
     numels = [w.numel() for w in works]
     device = works[0].device
     bits = None
@@ -355,7 +360,5 @@ def compress_many(works: list[Tensor], form: str, signed: bool,
                        zip(_uniform(bits).split(numels), works)])
     code, scale = _quantize_blocks(blocks, signed, u)
     code = code.to(torch.int8 if signed else torch.uint8)
-    out = []
-    for (b, cols), w, c, sc in zip(shaped, works, code.split(counts), scale.split(counts)):
-        out.append((_unblock(c.view(b.shape), cols, w.shape), sc.view(b.shape[:2])))
-    return out
+    return [(_unblock(c.view(b.shape), cols, w.shape), sc.view(b.shape[:2]))
+            for (b, cols), w, c, sc in zip(shaped, works, code.split(counts), scale.split(counts))]

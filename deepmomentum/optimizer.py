@@ -1120,8 +1120,8 @@ class MemoryOptimizer(torch.optim.Optimizer):
                         if isinstance(value, Tensor) else torch.tensor(float(value),
                                                                        dtype=torch.float32)
                 elif stored is not None:  # compressed: as saved, bit for bit
-                    whole = key in self.REPLICATED_STATE or \
-                        key[:-len("_scale")] in self.REPLICATED_STATE
+                    memory = key[:-len("_scale")] if key.endswith("_scale") else key
+                    whole = memory in self.REPLICATED_STATE
                     value = distributed.load_like(value, param, whole=whole,
                                                   rows=key.endswith("_scale"))
                     like = param if value.shape == param.shape and not whole else value
@@ -1149,15 +1149,16 @@ class MemoryOptimizer(torch.optim.Optimizer):
             group = self.param_groups[index]
             if group["state_dtype"] is state_dtype:
                 continue
+            for p in group["params"]:  # refused before anything is converted
+                if self.state.get(p) and p.is_complex() and compressed.is_compressed(state_dtype):
+                    raise UnsupportedTensorError(
+                        f"state_dtype={state_dtype!r} cannot store the state of complex "
+                        f"{self._param_name(index, p)}")
             held = {}
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
-                if p.is_complex() and compressed.is_compressed(state_dtype):
-                    raise UnsupportedTensorError(
-                        f"state_dtype={state_dtype!r} cannot store the state of complex "
-                        f"{self._param_name(index, p)}")
                 for key in self._memories(group):
                     if key in state:
                         work = self._read_memory(group, key, p, state)

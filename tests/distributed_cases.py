@@ -127,6 +127,27 @@ def snapshot(model: nn.Module, opt) -> dict[str, Any]:
     return {"params": params, "state": state}
 
 
+def dcp_save(model: nn.Module, opt, path: str) -> None:
+    """Save model and optimizer with torch.distributed.checkpoint (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def dcp_load(model: nn.Module, opt, path: str) -> None:
+    """Load what :func:`dcp_save` wrote into a fresh model and optimizer, resharded to this
+    world (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def spawn(worker: Callable, world: int, *args) -> list[Any]:
     """Run ``worker(rank, world, *args)`` in ``world`` gloo processes; their return values."""
     with tempfile.TemporaryDirectory() as out:

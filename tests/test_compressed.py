@@ -429,7 +429,6 @@ def test_stochastic_parameter_rounding_refuses_fp16_naming_it():
 
 
 def _triton_cases():
-    pytest.importorskip("triton")
     picked = []
     for param in cases():
         info, variant = param.values
@@ -492,7 +491,6 @@ def test_the_fused_compressed_kernels_equal_the_torch_path(info, variant, state_
 
 
 def _other_rules():
-    pytest.importorskip("triton")
     names = {p.values[0].name for p in _triton_cases()}
     return [p for p in cases() if p not in _triton_cases() and (
         p.values[0].name not in names or p.values[1].get("use_muon") is not False)]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 import deepmomentum as dm
-from distributed_cases import snapshot, spawn
+from distributed_cases import dcp_load, dcp_save, snapshot, spawn
 
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
@@ -81,34 +81,23 @@ def _placed(opt, model):
 
 
 def _save_worker(rank, world, path):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     out = {}
     for name, build in SETTINGS.items():
         model = _model(True)
         opt = build(model)
         _train(model, opt, range(SAVE_AT), rank, world)
-        model_sd, optim_sd = get_state_dict(model, opt)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(path, name))
+        dcp_save(model, opt, os.path.join(path, name))
         _train(model, opt, range(SAVE_AT, STEPS), rank, world)
         out[name] = dict(snapshot(model, opt), placed=_placed(opt, model))
     return out
 
 
 def _load_worker(rank, world, path):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     out = {}
     for name, build in SETTINGS.items():
         model = _model(True)
         opt = build(model)
-        model_sd, optim_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=os.path.join(path, name))
-        set_state_dict(model, opt, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        dcp_load(model, opt, os.path.join(path, name))
         _train(model, opt, range(SAVE_AT, STEPS), rank, world)
         out[name] = snapshot(model, opt)
     return out

@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
 import deepmomentum as dm
-from distributed_cases import STEPS, Net, dtype_of, make, snapshot, spawn, train
+from distributed_cases import (STEPS, Net, dcp_load, dcp_save, dtype_of, make, snapshot, spawn,
+                              train)
 from registry import cases
 
 SAVE_AT = 5  # mid-period for update_period 2 and 3 (5 calls)
@@ -138,30 +139,20 @@ def _sharded_model(dtype=torch.float32):
 
 
 def _save_worker(rank, world, path):
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     for name in RESHARDED:
         model = _sharded_model(dtype_of(name))
         opt = make(name, model)
         train(model, opt, range(SAVE_AT), rank, world)
-        model_sd, optim_sd = get_state_dict(model, opt)
-        dcp.save({"model": model_sd, "optim": optim_sd},
-                 checkpoint_id=os.path.join(path, name))
+        dcp_save(model, opt, os.path.join(path, name))
     return None
 
 
 def _load_worker(rank, world, path):
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     out = {}
     for name in RESHARDED:
         model = _sharded_model(dtype_of(name))
         opt = make(name, model)
-        model_sd, optim_sd = get_state_dict(model, opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=os.path.join(path, name))
-        set_state_dict(model, opt, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        dcp_load(model, opt, os.path.join(path, name))
         train(model, opt, range(SAVE_AT, STEPS), rank, world)
         out[name] = snapshot(model, opt)
     return out
