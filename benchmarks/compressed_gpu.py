@@ -17,7 +17,11 @@ Correctness (fails loudly, exit status 1, on any mismatch):
   equal is printed; anything below 1 is reported as a failure), and (b) on the card with
   torch's CUDA ops: at tolerance (torch's CUDA ``x / scalar`` multiplies by a reciprocal and its
   ``addcdiv`` is a fused multiply-add, so parameters differ in last bits), state within one
-  code step and ≥ 99% of the codes identical.
+  code step and ≥ 99% of the codes identical;
+* Muon's momentum (``ema_step``: nesterov on/off, maximize, μ on both sides of lerp's 0.5
+  switch and 0; bf16 and 8-bit buffers; fp32 and bf16 gradients) against ``decompress →
+  ema_write → nesterov_readout(ema=True) → compress``: on the CPU (correctly rounded sqrt)
+  bit for bit — buffers, scales and the fp32 update U —, on the card at tolerance as above.
 
 Timing (``triton.testing.do_bench``, median of the reps after warm-up; random data, ``--params``
 fp32 parameters in ``--tensors`` tensors of (4096, ·), far larger than L2), one card, one run:
@@ -26,7 +30,10 @@ fp32 parameters in ``--tensors`` tensors of (4096, ·), far larger than L2), one
   compressed step (bf16 and 8-bit state), and today's compressed path —
   ``compressed.decompress → elementwise.adam_step → compressed.compress`` — for both forms;
 * SGD-momentum: ``torch._fused_sgd_``, ``elementwise.sgd_step``, fused compressed (bf16, 8-bit),
-  today's path.
+  today's path;
+* Muon's momentum (the memory pass before Newton–Schulz): ``elementwise.ema_momentum`` (fp32
+  buffers), ``ema_step`` (bf16, 8-bit), and the codec path — ``compressed.decompress →
+  elementwise.ema_momentum → compressed.compress``.
 
 Prints ms, the bytes per parameter the step must move (reads + writes of parameter, gradient,
 memories and block scales), effective GB/s and ratios against ``elementwise`` fp32 and torch's
@@ -61,6 +68,11 @@ SGD_OPTIONS = {
     "dampening-decoupled-maximize": dict(momentum=0.5, dampening=0.3, nesterov=False,
                                          weight_decay=0.1, decoupled_weight_decay=True,
                                          maximize=True),
+}
+MUON_OPTIONS = {
+    "nesterov-0.95": dict(momentum=0.95, nesterov=True),
+    "plain-0.3-maximize": dict(momentum=0.3, nesterov=False, maximize=True),
+    "nesterov-0": dict(momentum=0.0, nesterov=True),
 }
 CHECK_SHAPES = {"bf16": [(1000, 1031), (257, 256), (3, 7), (4099,)],
                 "8bit": [(1000, 1031), (257, 256), (33, 7)]}
@@ -315,6 +327,61 @@ def check_sgd(checks, steps=3):
                                              ref[i][0], ref[i][1])
 
 
+def _reference_ema(device, grads, b, bs, kw, form, seeds, offsets):
+    """decompress → ema_write → nesterov_readout(ema=True) (single-tensor) → compress on
+    ``device``: (the updates U, the stored buffers)."""
+    import deepmomentum.functional as dmf
+    from deepmomentum import compressed as C
+
+    n = len(grads)
+    gs = dmf.effective_gradients([g.to(device) for g in grads], [g.to(device) for g in grads],
+                                 maximize=kw.get("maximize", False))
+    wb = [C.decompress(b[i].to(device), None if bs is None else bs[i].to(device))
+          for i in range(n)]
+    us = dmf.ema_write(wb, gs, beta=kw["momentum"])
+    if kw["nesterov"]:
+        us = dmf.nesterov_readout(gs, us, momentum=kw["momentum"], ema=True)
+    return [u.clone() for u in us], [C.compress(w, form, True, seeds[i], offsets[i])
+                                     for i, w in enumerate(wb)]
+
+
+def check_muon(checks, steps=3):
+    from deepmomentum import compressed as C
+    from deepmomentum.kernels import compressed as K
+
+    gen = torch.Generator().manual_seed(3)
+    for form, shapes in CHECK_SHAPES.items():
+        n = len(shapes)
+        offsets = [0, 1_000_003, (1 << 31) - 77, 5][:n]
+        for gdtype in (torch.float32, torch.bfloat16):
+            for name, options in MUON_OPTIONS.items():
+                b, bs = _initial_states(shapes, form, True, gen)
+                for step in range(steps):
+                    grads = [_randn(s, gen, "cuda", gdtype) for s in shapes]
+                    seeds = [C.seed_of(step, 0, i, "momentum_buffer") for i in range(n)]
+                    b0 = [x.clone() for x in b]
+                    bs0 = None if bs is None else [x.clone() for x in bs]
+                    us = K.ema_step(b, grads, bs, **options, form=form, seeds=seeds,
+                                    offsets=offsets)
+                    torch.cuda.synchronize()
+                    tag = f"muon ema {name} {form} grads {str(gdtype)[6:]} step {step}"
+                    with _IEEESqrt():
+                        cpu = _reference_ema("cpu", grads, b0, bs0, options, form, seeds,
+                                             offsets)
+                    gpu = _reference_ema("cuda", grads, b0, bs0, options, form, seeds,
+                                         offsets)
+                    for i in range(n):
+                        scale = None if bs is None else bs[i]
+                        checks.exact(f"{tag} update[{i}] vs CPU", us[i], cpu[0][i])
+                        checks.exact(f"{tag} buffer[{i}] vs CPU", b[i], cpu[1][i][0])
+                        if scale is not None:
+                            checks.exact(f"{tag} scale[{i}] vs CPU", scale, cpu[1][i][1])
+                        checks.close(f"{tag} update[{i}] vs CUDA", us[i], gpu[0][i], 1e-5,
+                                     1e-6)
+                        checks.state(f"{tag} buffer[{i}] vs CUDA", b[i], scale,
+                                     gpu[1][i][0], gpu[1][i][1])
+
+
 # --- timing -----------------------------------------------------------------------------------
 
 
@@ -354,7 +421,7 @@ def time_steps(total, tensors, sweep_warps):
     seeds = list(range(tensors))
     hyper = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     results = {"numel": numel, "tensors": tensors, "shape": list(shapes[0]), "adam": {},
-               "sgd": {}}
+               "sgd": {}, "muon momentum": {}}
 
     def fused_compressed_adam(form):
         m, ms, v, vs = stored[form]
@@ -439,10 +506,48 @@ def time_steps(total, tensors, sweep_warps):
             today_sgd("8bit"), bytes_per_param(4, 4, 1, 1, scales=True)),
     }
 
+    muon_hyper = dict(momentum=0.95, nesterov=True)
+
+    def fused_compressed_ema(form):
+        b, bs = sgd_stored[form]
+        return lambda: K.ema_step(b, grads, bs, **muon_hyper, form=form, seeds=seeds)
+
+    def today_ema(form):
+        b, bs = sgd_stored[form]
+
+        def step():
+            wb = [C.decompress(c, None if bs is None else bs[i]) for i, c in enumerate(b)]
+            E.ema_momentum(wb, grads, **muon_hyper)
+            for i, (w, c) in enumerate(zip(wb, b)):
+                codes, scale = C.compress(w, form, True, seeds[i])
+                c.copy_(codes)
+                if scale is not None:
+                    bs[i].copy_(scale)
+        return step
+
+    def ema_bytes(memory_bytes, scales=False):
+        """Read g and the buffer, write the buffer and the fp32 update U."""
+        return 4 + 4 + 2 * memory_bytes + (2 * 4 / 256 if scales else 0)
+
+    muon = {
+        "elementwise.ema_momentum (fp32 state)": (
+            lambda: E.ema_momentum(b32, grads, **muon_hyper), ema_bytes(4)),
+        "fused compressed, bf16 state": (fused_compressed_ema("bf16"), ema_bytes(2)),
+        "fused compressed, 8-bit state": (fused_compressed_ema("8bit"),
+                                          ema_bytes(1, scales=True)),
+        "today: decompress → elementwise → compress, bf16": (today_ema("bf16"),
+                                                              ema_bytes(2)),
+        "today: decompress → elementwise → compress, 8-bit": (today_ema("8bit"),
+                                                               ema_bytes(1, scales=True)),
+    }
+
     for rule, table, base, theirs in (("adam", adam, "elementwise.adam_step (fp32 state)",
                                        "torch fused AdamW (fp32 state)"),
                                       ("sgd", sgd, "elementwise.sgd_step (fp32 state)",
-                                       "torch fused SGD (fp32 state)")):
+                                       "torch fused SGD (fp32 state)"),
+                                      ("muon momentum", muon,
+                                       "elementwise.ema_momentum (fp32 state)",
+                                       "elementwise.ema_momentum (fp32 state)")):
         rows = {}
         for name, (fn, per_param) in table.items():
             fn()
@@ -470,7 +575,8 @@ def time_steps(total, tensors, sweep_warps):
             for warps in choices:
                 K.NUM_WARPS[form] = warps
                 for rule, make in (("adam", fused_compressed_adam),
-                                   ("sgd", fused_compressed_sgd)):
+                                   ("sgd", fused_compressed_sgd),
+                                   ("muon momentum", fused_compressed_ema)):
                     fn = make(form)
                     fn()
                     sweep[f"{rule} {form} num_warps={warps}"] = bench(fn)
@@ -503,6 +609,7 @@ def main(argv=None):
     check_codec(checks)
     check_adam(checks)
     check_sgd(checks)
+    check_muon(checks)
     exact = [r for r in checks.rows if "vs CPU" in r["check"] or "codec" in r["check"]
              or r["check"].startswith("bits")]
     worst = min((r["identical"] for r in exact), default=1.0)

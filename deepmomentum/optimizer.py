@@ -865,12 +865,31 @@ class MemoryOptimizer(torch.optim.Optimizer):
     def _fused_compressed(self, group: dict[str, Any], rule, keys, params: list[Tensor],
                           grads: list[Tensor], shards: Optional[list]) -> list[int]:
         """The Triton kernels that read and write compressed memories in one pass
-        (:mod:`deepmomentum.kernels.compressed`: Adam-style and SGD-momentum rules), for the
-        parameters whose memories are stored compressed; the indices of the others."""
+        (:mod:`deepmomentum.kernels.compressed`) for the parameters whose memories are stored
+        compressed; the indices of the others, which take the codec path (decompress → the
+        rule's own kernels on fp32 copies → compress).
+
+        Adam-style and SGD-momentum rules: the whole step in one kernel (``adam_step``,
+        ``sgd_step``), every ``param_rounding``. Muon (:meth:`_fused_muon`): its momentum in
+        one pass (``ema_step``), then the rule's own batched Newton–Schulz and apply kernel;
+        its parameters that need rounding work (16-bit with ``param_rounding`` "kahan" or
+        "stochastic") and FSDP2 shards take the codec path. Each kernel is the rule's
+        single-tensor torch arithmetic op for op, so the memories it writes are the torch
+        path's, bit for bit where torch's ops are correctly rounded; Muon's step is also the
+        codec path's, parameters included (``elementwise.ema_momentum`` is the same ``lerp``;
+        the same NS on the same fp32 update, the same apply kernel).
+
+        The other rules stay on the codec path. DeltaMomentum's erase term ``b·K`` and DMGD's
+        memory step read the whole fp32 memory in a matmul before its write, so no elementwise
+        pass can read, update and requantize it at once; M3's default normalized form has no
+        Triton kernel at all, and its literal form's write (``elementwise.m3_write``) is not
+        fused with the codec yet."""
         if rule is dmf.preconditioned_momentum:
             kind = "adam"
         elif rule is dmf.associative_momentum:
             kind = "sgd"
+        elif rule is dmf.muon:
+            return self._fused_muon(group, keys, params, grads, shards)
         else:
             return list(range(len(params)))
         from .kernels import compressed as fused
@@ -946,6 +965,57 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     decoupled_weight_decay=options["decoupled_weight_decay"],
                     maximize=options["maximize"], first_step=is_first, form=form,
                     seeds=pick(seeds(keys[0])) if momentum else None, **sub)
+        return rest
+
+    def _fused_muon(self, group: dict[str, Any], keys, params: list[Tensor],
+                    grads: list[Tensor], shards: Optional[list]) -> list[int]:
+        """Muon on compressed momentum buffers (``functional._triton_muon`` with the momentum
+        read and written compressed): ``kernels.compressed.ema_step`` per stored form (a
+        first step reads zeros, written as Muon's buffers start), one batched
+        :func:`functional.orthogonalize` of the fp32 updates, ``elementwise.apply_update``
+        on the parameters. For fp32 parameters and ``param_rounding="nearest"`` (16-bit ones
+        rounded once by the apply kernel, as on the codec path), unsharded; the indices of the
+        others."""
+        if shards is not None and any(s is not None for s in shards):
+            return list(range(len(params)))  # NS gathers across ranks: the codec path's call
+        from .kernels import compressed as fused, elementwise
+
+        key = keys[0]
+        rounding = group["param_rounding"]
+        by_form: dict[str, list[int]] = {}
+        rest = []
+        for i, p in enumerate(params):
+            form = self._stored_form(group, key, p, self.state[p])
+            if form == "full" or rounding != "nearest" and local(p).dtype != torch.float32:
+                rest.append(i)
+            else:
+                by_form.setdefault(form, []).append(i)
+        if not by_form:
+            return rest
+        options = {**_keyword_defaults(dmf.muon), **_rule_keywords(dmf.muon, group),
+                   **self._rule_options(group)}
+        done, updates = [], []
+        for form, idx in by_form.items():
+            ps = [params[i] for i in idx]
+            sts = [self.state[p] for p in ps]
+            self._write_memories(group, key, [  # zeros, as Muon's buffers start
+                (p, st, self._initial_state(group, p, key), None)
+                for p, st in zip(ps, sts) if key not in st], None)
+            updates += fused.ema_step(
+                [local(st[key]) for st in sts], [grads[i] for i in idx],
+                [local(st[f"{key}_scale"]) for st in sts] if form == "8bit" else None,
+                momentum=options["momentum"], nesterov=options["nesterov"],
+                maximize=options["maximize"], form=form,
+                seeds=[self._seed(group, p, key) for p in ps])
+            done += idx
+        batch_dims = options["batch_dims"]
+        ns = dmf._ns_options(batch_dims, options["ns_steps"], options["ns_coefficients"],
+                             options["eps"], options["ns_dtype"])
+        mine = [local(params[i]) for i in done]
+        elementwise.apply_update(mine, dmf.orthogonalize(updates, **ns),
+                                 dmf._shape_scales(mine, options["adjust_lr_fn"], batch_dims),
+                                 lr=dmf._scalar(options["lr"]),
+                                 weight_decay=options["weight_decay"])
         return rest
 
     def _run_rule(self, group, rule, params, weights, grads, lists, implementation, shards):

@@ -490,15 +490,86 @@ def test_the_fused_compressed_kernels_equal_the_torch_path(info, variant, state_
                 torch.testing.assert_close(other.float(), value.float(), rtol=2**-7, atol=1e-6)
 
 
+def _muon_cases():
+    return [p for p in cases() if p.values[0].name == "Muon" and
+            p.values[1].get("use_muon") is not False]
+
+
+def _ieee_sqrt(monkeypatch):
+    """torch's fp32 ``Tensor.sqrt``/``sqrt_`` correctly rounded (through fp64), as the kernels'
+    (tests/test_kernels_compressed.py: the torch codec's 8-bit codes then equal the kernels')."""
+    real = torch.Tensor.sqrt
+
+    def sqrt(self):
+        return real(self.double()).float() if self.dtype == torch.float32 else real(self)
+
+    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt)
+    monkeypatch.setattr(torch.Tensor, "sqrt_", lambda self: self.copy_(sqrt(self)))
+
+
+@pytest.mark.parametrize("state_dtype", FORMS)
+@pytest.mark.parametrize("info,variant", _muon_cases())
+def test_the_fused_compressed_muon_momentum_equals_the_codec_and_torch_paths(
+        info, variant, state_dtype, monkeypatch):
+    # Muon's Triton path on compressed momentum (kernels.compressed.ema_step: read, lerp and
+    # requantize in one pass, then the rule's NS and apply kernel) against the codec path
+    # (decompress → functional._triton_muon → compress) — equal bit for bit, parameters and
+    # state — and against the torch path: the same state bit for bit (torch's lerp op for op,
+    # the same seeds; sqrt made IEEE for the torch codec's 8-bit codes), parameters within
+    # float32 tolerance (the apply kernel's arithmetic is not torch's). Under "8bit" the small
+    # matrix stays fp32 and takes the codec path beside the fused one.
+    import deepmomentum.kernels as kernels
+    from deepmomentum.kernels import compressed as fused
+    from deepmomentum.optimizer import MemoryOptimizer
+
+    if not kernels.triton_available() or not torch.cuda.is_available() and \
+            os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton (on CUDA, or its interpreter)")
+    if variant.get("batch_dims"):
+        shapes = ((2, 32, 64), (2, 4, 3)) if state_dtype == "8bit" else ((2, 8, 20), (2, 4, 3))
+    else:
+        shapes = ((17, 300), (4, 3)) if state_dtype == "8bit" else ((3, 40), (4, 3))
+    named = _named(shapes)
+    _ieee_sqrt(monkeypatch)
+    calls = []
+    original = fused.ema_step
+    runs = {}
+    for path in ("torch", "codec", "fused"):
+        params = _fresh(named)
+        opt = info.make(params, state_dtype=state_dtype, **variant)
+        with monkeypatch.context() as patch:
+            if path != "torch":
+                patch.setattr(kernels, "usable", lambda ps: bool(ps))
+            if path == "codec":  # no fused Muon: every tensor to the codec path
+                patch.setattr(MemoryOptimizer, "_fused_muon",
+                              lambda self, group, keys, ps, *a: list(range(len(ps))))
+            patch.setattr(fused, "ema_step", lambda *a, **k: (calls.append(path),
+                                                              original(*a, **k))[1])
+            g = torch.Generator().manual_seed(8)
+            for _ in range(3):
+                _step(opt, params, _grads(params, g))
+        runs[path] = (opt, params)
+    assert calls == ["fused"] * 3  # one ema_step per step (one compressed form), fused only
+    (a, pa), (b, pb), (c, pc) = runs["torch"], runs["codec"], runs["fused"]
+    for (_, x), (_, y), (_, z) in zip(pa, pb, pc):
+        assert torch.equal(z, y)
+        torch.testing.assert_close(z, x, rtol=1e-5, atol=1e-6)
+    for p, q, r in zip(*(o.param_groups[0]["params"] for o in (a, b, c))):
+        assert c.state[r].keys() == b.state[q].keys() == a.state[p].keys()
+        for key, value in c.state[r].items():
+            for other in (a.state[p][key], b.state[q][key]):
+                assert other.dtype == value.dtype and torch.equal(other, value), key
+
+
 def _other_rules():
     names = {p.values[0].name for p in _triton_cases()}
-    return [p for p in cases() if p not in _triton_cases() and (
+    return [p for p in cases() if p not in _triton_cases() and p not in _muon_cases() and (
         p.values[0].name not in names or p.values[1].get("use_muon") is not False)]
 
 
 @pytest.mark.parametrize("info,variant", _other_rules())
 def test_the_compressed_codec_kernels_serve_every_other_rule(info, variant, monkeypatch):
-    # Rules without a fused compressed step (Delta, DMGD, Muon, M3) read and write their
+    # Rules without a fused compressed step (Delta, DMGD, M3) read and write their
     # compressed memories with one multi-tensor kernel per entry on the Triton path
     # (kernels.compressed.decompress/compress), equal to the torch codec; the rules' own
     # Triton kernels differ from their torch paths within float32 tolerance.

@@ -32,6 +32,11 @@ _ADAM_DENOMINATOR = ("DMGD's preconditioned values use §3's denominator stage �
 _BATCHED_NS = ("foreach=False no longer means one-matrix-at-a-time Newton–Schulz: matrices are "
                "always batched (batched=False stays on functional.orthogonalize as the "
                "reference); bf16 NS rounding differs from step 20 (a chunk boundary) on")
+_EMA_LERP = ("elementwise.ema_momentum computes torch's lerp (one fma from the nearer end, "
+             "the fp32 weight of 1 − μ as torch rounds it) instead of b + (1 − μ)(g − b) with "
+             "1 − μ in fp32, as kernels.compressed.ema_step: the parameters stay bit-identical "
+             "over the recorded steps (bf16 Newton–Schulz), the momentum buffers differ in the "
+             "last bits")
 
 #: case id → (why its arithmetic changed, the largest relative difference of the final
 #: parameters allowed: the measured one, rounded up).
@@ -43,6 +48,7 @@ DELIBERATE: dict[str, tuple[str, float]] = {
     **{f"DeepMomentum-3-{impl}-{dtype}": (_ADAM_DENOMINATOR, 0.0)
        for impl in ("default", "single", "foreach", "period3") for dtype in ("float64", "float32")},
     "DeepMomentum-3-triton-float32": (_ADAM_DENOMINATOR, 0.0),
+    **{f"Muon-{v}-triton-float32": (_EMA_LERP, 0.0) for v in range(4)},
     "M3-3-single-float64": (_BATCHED_NS, 2.5e-5),
     "M3-3-single-float32": (_BATCHED_NS, 2.5e-5),
 }

@@ -159,6 +159,9 @@ def test_ema_kernel_equals_ema_write_and_nesterov_readout(dtype, nesterov):
             u2 = dmf.nesterov_readout(gs, u2, momentum=0.9, ema=True)
         _states_close(u1, u2, torch.float32)
         _states_close(b1, b2, torch.float32)
+        # torch's lerp op for op (one fma from the nearer end): equal bit for bit
+        for x, y in zip(u1 + b1, u2 + b2):
+            assert torch.equal(x.view(torch.int32), y.view(torch.int32))
         # new tensors, never the buffers (Newton–Schulz must not alias the state)
         assert all(u.data_ptr() != b.data_ptr() for u, b in zip(u1, b1))
 

@@ -375,6 +375,85 @@ def test_sgd_param_rounding_equals_the_optimizers(param_rounding):
              param_rounding=param_rounding)
 
 
+# --- Muon's momentum (ema_step) ---------------------------------------------------------------
+
+#: μ: Muon's default, both sides of lerp's 0.5 switch for both weights (1 − μ written, μ read),
+#: exactly on it, 0 (b = g, U = g) and next to 1 (a write weight of ~1e-7)
+EMA_MOMENTA = [0.95, 0.3, 0.5, 0.5000001, 0.0, 0.9999999]
+EMA_Q8_SHAPES = [(17, 300), (6, 256), (5, 7)]
+
+
+def _run_ema(form, momentum, nesterov, steps, maximize=False, gdtype=torch.float32,
+             start="random", stochastic=True):
+    shapes = BF16_SHAPES if form == "bf16" else EMA_Q8_SHAPES
+    n = len(shapes)
+    if start == "zeros":  # Muon's first step: the optimizer writes zero buffers first
+        ref = [list(C.compress(torch.zeros(s), form, True, None, 0)) for s in shapes]
+    else:
+        ref = _stored(shapes, form, True, 40)
+    b, bs = _split(ref)
+    offsets = _offsets(shapes)
+    for step in range(steps):
+        grads = _randn(shapes, 300 + step, gdtype)
+        seeds = _seeds(step, "momentum_buffer", n) if stochastic else None
+        us = K.ema_step(b, grads, bs, momentum=momentum, nesterov=nesterov, maximize=maximize,
+                        form=form, seeds=seeds, offsets=offsets)
+        # the reference: decompress → functional.muon's stages (single-tensor) → compress
+        wb = [C.decompress(c, s) for c, s in ref]
+        gs = dmf.effective_gradients(grads, grads, maximize=maximize)
+        ref_u = dmf.ema_write(wb, gs, beta=momentum)
+        if nesterov:
+            ref_u = dmf.nesterov_readout(gs, ref_u, momentum=momentum, ema=True)
+        ref = [list(C.compress(w, form, True, None if seeds is None else seeds[i], offsets[i]))
+               for i, w in enumerate(wb)]
+        for i in range(n):
+            assert us[i].dtype == torch.float32 and us[i].shape == shapes[i]
+            _equal_bits(us[i], ref_u[i], f"step {step}: updates[{i}]")
+            _equal_bits(b[i], ref[i][0], f"step {step}: momentum_buffers[{i}]")
+            if bs is not None:
+                _equal_bits(bs[i], ref[i][1], f"step {step}: scales[{i}]")
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("momentum", EMA_MOMENTA)
+def test_ema_bf16_state_equals_the_reference_bit_for_bit(momentum, nesterov):
+    _run_ema("bf16", momentum, nesterov, steps=3, maximize=momentum == 0.3)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("momentum", [0.95, 0.3, 0.0])
+def test_ema_8bit_state_equals_the_reference_bit_for_bit(ieee_sqrt, momentum, nesterov):
+    _run_ema("8bit", momentum, nesterov, steps=2, maximize=momentum == 0.3)
+
+
+@pytest.mark.parametrize("form", ["bf16", "8bit"])
+def test_ema_first_steps_from_zero_buffers_equal_the_reference(ieee_sqrt, form):
+    _run_ema(form, 0.95, True, steps=2, start="zeros")
+
+
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float16])
+def test_ema_16bit_gradients_and_nearest_rounding_equal_the_reference(ieee_sqrt, gdtype):
+    _run_ema("bf16", 0.9, True, steps=2, gdtype=gdtype, stochastic=False)
+    _run_ema("8bit", 0.9, False, steps=1, gdtype=gdtype, stochastic=False)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(momentum_buffers=[torch.zeros(4, 300, dtype=torch.uint8)]),
+     r"momentum_buffers\[0\] has dtype torch.uint8, expected torch.int8"),
+    (dict(scales=None), r"scales is None"),
+    (dict(grads=[torch.randn(4, 300, dtype=torch.float64)]), r"grads\[0\] has dtype"),
+    (dict(seeds=[1, 2]), r"seeds has 2 entries"),
+    (dict(form="4bit"), r"form must be one of"),
+])
+def test_ema_refusals_name_the_tensor(changes, message):
+    b, s = C.compress(torch.randn(4, 300), "8bit", True, 1)
+    args = dict(momentum_buffers=[b], grads=[torch.randn(4, 300)], scales=[s], momentum=0.9,
+                nesterov=True, form="8bit", seeds=[1])
+    args.update(changes)
+    with pytest.raises(ValueError, match=message):
+        K.ema_step(**args)
+
+
 def test_row_shards_step_as_the_whole_tensor():
     # blocks never cross a row and the bits are the global index's: two row shards (the
     # second at its offset) step as the whole tensor does (FSDP2's layout)

@@ -16,16 +16,25 @@ The codec is :mod:`deepmomentum.compressed`'s, bit for bit:
   launch with ``enable_fp_fusion=False`` so no multiply-add is contracted behind the code's
   back.
 
+Steps: :func:`adam_step` (PreconditionedMomentum's whole step), :func:`sgd_step`
+(AssociativeMomentum's), and :func:`ema_step` — Muon's momentum, the one elementwise pass of its
+step: it reads and rewrites the compressed buffer and returns the fp32 Newton–Schulz input, and
+the optimizer runs the rule's batched NS and apply kernel on it as ``functional._triton_muon``
+does (``MemoryOptimizer._fused_compressed``).
+
 The update arithmetic is the single-tensor torch composition of the rule
-(:func:`deepmomentum.functional.preconditioned_momentum`, ``associative_momentum``) op for op,
-including the fused multiply-adds torch's CPU and CUDA kernels make (``lerp``, ``addcmul``,
-``add(alpha=)`` are one ``fma`` each there; written here as ``tl.fma``), and the same fp32
-scalars (``1 − β`` computed in double then rounded, as torch's scalar arguments are). On the
-CPU (the interpreter) a kernel step therefore equals ``decompress → rule → compress`` bit for bit
-wherever torch's own ops are correctly rounded — all but ``torch.sqrt``, which on the CPU goes
-through MKL's vector math (not correctly rounded: about one fp32 result in six differs in its
-last bit); with an IEEE square root in the reference, parameters, codes and scales are equal bit
-for bit (tests/test_kernels_compressed.py).
+(:func:`deepmomentum.functional.preconditioned_momentum`, ``associative_momentum``, ``muon``'s
+``ema_write`` and ``nesterov_readout``) op for op, including the fused multiply-adds torch's
+CPU and CUDA kernels make (``lerp``, ``addcmul``, ``add(alpha=)`` are one ``fma`` each there;
+written here as ``tl.fma``), and the same fp32 scalars (``1 − β`` computed in double then
+rounded, as torch's scalar arguments are). On the CPU (the interpreter) a kernel step therefore
+equals ``decompress → rule → compress`` bit for bit wherever torch's own ops are correctly
+rounded — all but ``torch.sqrt``, which on the CPU goes through MKL's vector math (not
+correctly rounded: about one fp32 result in six differs in its last bit); with an IEEE square
+root in the reference, parameters, codes and scales are equal bit for bit
+(tests/test_kernels_compressed.py). Muon's momentum has no square root of its own: ``ema_step``'s
+fp32 update and bf16 buffers equal the torch reference as it is, its 8-bit codes and scales
+with the reference codec's sqrt made IEEE, as every 8-bit comparison.
 
 Tables: one launch per (device, param dtype, grad dtype) group, multi-tensor-apply style: an
 int64 table of per-tensor values (data pointers of every role, seeds, offsets) and an fp32 table
@@ -58,10 +67,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import SUPPORTED_DTYPES
+from .elementwise import _lerp_coefficient
 from .. import compressed as codec
 
-__all__ = ["adam_step", "sgd_step", "compress", "decompress", "uniform_bits", "QBLOCK",
-           "FORMS", "PARAM_ROUNDINGS"]
+__all__ = ["adam_step", "sgd_step", "ema_step", "compress", "decompress", "uniform_bits",
+           "QBLOCK", "FORMS", "PARAM_ROUNDINGS"]
 
 #: Entries per 8-bit quantization block (one program each): :data:`compressed.BLOCK`.
 QBLOCK = codec.BLOCK
@@ -515,6 +525,83 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor],
                      STOCHASTIC=stochastic,
                      PARAM_MODE=_PARAM_MODE[mode] if p_dtype != torch.float32 else 0),
                 form if has_momentum else "bf16")
+
+
+# =============================================================================================
+# Muon's EMA momentum (§5): the memory step before Newton–Schulz
+# =============================================================================================
+
+# The int64 table's rows: 0 momentum buffers, 1 their scales, 2 grads, 3 the fp32 updates U,
+# 4 seeds, 5 offsets.
+
+
+@triton.jit
+def _ema_kernel(meta, f32_table, T, tensor_of_block, tab_a, tab_b, tab_c,
+                write_coeff, read_coeff, G_DTYPE: tl.constexpr, EIGHT_BIT: tl.constexpr,
+                WRITE_SMALL: tl.constexpr, NESTEROV: tl.constexpr, READ_SMALL: tl.constexpr,
+                MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    t, offsets, mask, block = _locate(tensor_of_block, tab_a, tab_b, tab_c, EIGHT_BIT, BLOCK)
+    b_int = tl.load(meta + 0 * T + t)
+    bs_int = tl.load(meta + 1 * T + t)
+    g_ptr = tl.load(meta + 2 * T + t).to(tl.pointer_type(G_DTYPE))
+    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    b = _read_memory(b_int, bs_int, offsets, mask, block, EIGHT_BIT, True)
+    # b.lerp_(g, 1 − μ): torch's lerp, one fma from the nearer end
+    if WRITE_SMALL:
+        b = tl.fma(write_coeff, g - b, b)
+    else:
+        b = tl.fma(write_coeff, g - b, g)
+    _write_memory(b_int, bs_int, offsets, mask, block, b,
+                  tl.load(meta + 4 * T + t).to(tl.uint32), tl.load(meta + 5 * T + t),
+                  EIGHT_BIT, True, STOCHASTIC)
+    u = b
+    if NESTEROV:  # g.lerp(b, μ), from the fp32 b (before its rounding), as the rule reads it
+        if READ_SMALL:
+            u = tl.fma(read_coeff, b - g, g)
+        else:
+            u = tl.fma(read_coeff, b - g, b)
+    tl.store(tl.load(meta + 3 * T + t).to(tl.pointer_type(tl.float32)) + offsets, u, mask=mask)
+
+
+def ema_step(momentum_buffers: Sequence[Tensor], grads: Sequence[Tensor],
+             scales: Optional[Sequence[Tensor]], *, momentum: float, nesterov: bool,
+             maximize: bool = False, form: str, seeds: Optional[Sequence[int]],
+             offsets: Optional[Sequence[int]] = None) -> list[Tensor]:
+    """Muon's momentum (``functional.muon``'s ``effective_gradients → ema_write →
+    nesterov_readout(ema=True)``, :func:`elementwise.ema_momentum` on fp32 buffers) on
+    compressed buffers, one pass per group: read ``momentum_buffers`` in ``form`` (signed),
+    ``b ← lerp(b, g, 1 − μ)`` (``g = −G`` when maximizing), write ``b`` back rounded
+    (stochastically with ``seeds``, to nearest where None), and return new fp32 tensors
+    ``U = lerp(g, b, μ)`` (nesterov) or ``b`` — of the fp32 ``b``, before its rounding: the
+    Newton–Schulz input. A first step reads buffers that hold zeros (Muon's start)."""
+    n = len(grads)
+    if not n:
+        return []
+    offsets = _offsets(offsets, n)
+    grads = [g.contiguous() for g in grads]
+    _check_lengths(n, momentum_buffers=momentum_buffers, offsets=offsets,
+                   **({} if seeds is None else {"seeds": seeds}))
+    for i, g in enumerate(grads):
+        if g.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"grads[{i}] has dtype {g.dtype}; the fused kernels take "
+                             f"{SUPPORTED_DTYPES}")
+    _check_memories("momentum_buffers", momentum_buffers, scales, grads, form, signed=True,
+                    scale_name="scales")
+    write_coeff, write_small = _lerp_coefficient(1 - momentum)
+    read_coeff, read_small = _lerp_coefficient(momentum)
+    updates = [torch.empty_like(b, dtype=torch.float32) for b in momentum_buffers]
+    for indices in _groups(momentum_buffers, grads):
+        rows = [_pointer_row(momentum_buffers, n),
+                _pointer_row(scales if form == "8bit" else None, n), _pointer_row(grads, n),
+                _pointer_row(updates, n), _seed_row(seeds, n), list(offsets)]
+        _launch(_ema_kernel, [grads[i] for i in indices],
+                [[r[i] for i in indices] for r in rows], [], [write_coeff, read_coeff],
+                dict(G_DTYPE=_TL[grads[indices[0]].dtype], EIGHT_BIT=form == "8bit",
+                     WRITE_SMALL=write_small, NESTEROV=nesterov, READ_SMALL=read_small,
+                     MAXIMIZE=maximize, STOCHASTIC=seeds is not None), form)
+    return updates
 
 
 # =============================================================================================

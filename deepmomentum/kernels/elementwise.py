@@ -206,7 +206,8 @@ def accumulate(accumulators, grads) -> None:
 
 @triton.jit
 def _ema_kernel(b_table, g_table, u_table, sizes, tensor_of_block, block_start,
-                momentum, G_DTYPE: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                write_coeff, read_coeff, G_DTYPE: tl.constexpr, NESTEROV: tl.constexpr,
+                MAXIMIZE: tl.constexpr, WRITE_SMALL: tl.constexpr, READ_SMALL: tl.constexpr,
                 BLOCK: tl.constexpr):
     t, offsets, mask = _program(sizes, tensor_of_block, block_start, BLOCK)
     b_ptr = _ptr(b_table, t, tl.float32)
@@ -214,30 +215,51 @@ def _ema_kernel(b_table, g_table, u_table, sizes, tensor_of_block, block_start,
     if MAXIMIZE:
         g = -g
     b = tl.load(b_ptr + offsets, mask=mask)
-    b = b + (1.0 - momentum) * (g - b)
+    # b.lerp_(g, 1 − μ) and g.lerp(b, μ) as torch computes lerp: one fma from the nearer end
+    if WRITE_SMALL:
+        b = tl.fma(write_coeff, g - b, b)
+    else:
+        b = tl.fma(write_coeff, g - b, g)
     tl.store(b_ptr + offsets, b, mask=mask)
     if NESTEROV:
-        u = g + momentum * (b - g)
+        if READ_SMALL:
+            u = tl.fma(read_coeff, b - g, g)
+        else:
+            u = tl.fma(read_coeff, b - g, b)
     else:
         u = b
     tl.store(_ptr(u_table, t, tl.float32) + offsets, u, mask=mask)
 
 
+def _lerp_coefficient(weight: float) -> tuple[float, bool]:
+    """torch's ``lerp`` with the Python scalar ``weight``: (the fp32 coefficient of its one
+    fma, whether it runs from the start, ``|w| < 0.5``)."""
+    w = torch.tensor(weight, dtype=torch.float32).item()
+    small = abs(w) < 0.5
+    return torch.tensor(w if small else w - 1, dtype=torch.float32).item(), small
+
+
 def ema_momentum(momentum_buffers, grads, *, momentum, nesterov, maximize=False) -> list[Tensor]:
     """Muon's effective_gradients → ema_write → nesterov_readout(ema=True): ``b ← lerp(b, g,
     1 − μ)``; returns new fp32 tensors ``U = lerp(g, b, μ)`` (nesterov) or copies of ``b`` —
-    never the buffers themselves, so NS cannot alias the state."""
+    never the buffers themselves, so NS cannot alias the state. Bit for bit torch's ``lerp``
+    (the fp32 weight of the Python scalar; ``start + w·(end − start)`` for ``|w| < 0.5``, else
+    ``end + (w − 1)·(end − start)``, one fma each), as
+    :func:`deepmomentum.kernels.compressed.ema_step` on compressed buffers."""
     if not grads:
         return []
     _check("momentum_buffers", momentum_buffers, torch.float32)
     grads = [g.contiguous() for g in grads]
     updates = [torch.empty_like(b) for b in momentum_buffers]
     device = grads[0].device
+    write_coeff, write_small = _lerp_coefficient(1 - momentum)
+    read_coeff, read_small = _lerp_coefficient(momentum)
     for indices in _groups(momentum_buffers, grads):
         _launch(_ema_kernel, indices, [momentum_buffers, grads, updates],
-                [float(momentum)],
+                [write_coeff, read_coeff],
                 dict(G_DTYPE=_TL[grads[indices[0]].dtype], NESTEROV=nesterov,
-                     MAXIMIZE=maximize), device)
+                     MAXIMIZE=maximize, WRITE_SMALL=write_small, READ_SMALL=read_small),
+                device)
     return updates
 
 
