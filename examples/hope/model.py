@@ -149,6 +149,9 @@ class InContextMemories(nn.Module):
         self.activation = activation
 
     def phi(self, z: Tensor) -> Tensor:
+        """φ(z) alone (a read needs no φ′): the same values as ``dmf.activate(...)[0]``."""
+        if self.activation == "silu":
+            return F.silu(z)
         return dmf.activate(self.activation, z)[0]
 
     def clip_scale(self, norm: Tensor) -> Tensor:
@@ -159,24 +162,34 @@ class InContextMemories(nn.Module):
         return self.grad_clip / norm.clamp_min(self.grad_clip)
 
     def read(self, z: Tensor, A: Tensor, B: Tensor) -> Tensor:
-        """``M(z)`` with one state for all tokens: z (…, T, e), A (…, e, h), B (…, h, e)."""
-        return z + self.phi(z @ A) @ B
+        """``M(z)`` with one state for all tokens: z (…, T, e), A (…, e, h), B (…, h, e);
+        a state shared by the batch (dim 1 of size 1, as at the start) broadcasts."""
+        return z + _matmul(self.phi(_matmul(z, A)), B)
 
     def read_per_token(self, z: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """``M_t(z_t)`` with a state per token: z (…, T, e), A (…, T, e, h), B (…, T, h, e)."""
         hidden = self.phi(torch.einsum("...te,...teh->...th", z, A))
         return z + torch.einsum("...th,...the->...te", hidden, B)
 
-    def learn(self, state: tuple[Tensor, ...], keys: Tensor, values: Tensor, eta: Tensor,
-              theta: Tensor, alpha: Tensor, queries: Tensor, sequential: bool = False):
-        """One chunk of in-context learning from ``state = (A, B, S_A, S_B)`` (each (m, …)),
-        and the read of the last memory at every token's updated state, ``M_t(q_t)``.
+    def initial_state(self, batch: int) -> tuple[Optional[Tensor], ...]:
+        """``(A, B, S_A, S_B)`` at the start of every sequence: the learned ``A0, B0`` shared by
+        the batch (a broadcast dim 1, never copied per sequence) and zero momenta (``None``)."""
+        return self.A0.unsqueeze(1), self.B0.unsqueeze(1), None, None
 
-        keys (…, C, e) are shared by the memories, values are (m, …, C, e), the gates (…, C),
-        queries (…, C, e). Every gradient is taken at the chunk-start state. Returns the reads
-        (…, C, e) and the chunk-end state. The parallel form never materializes a per-token
-        state: each gradient is an outer product ``xᵀδ`` (``deep_memory_gradient_factors``), so
-        with the scan's coefficients ``a, c, G`` (``scan_coefficients``)
+    def learn(self, state: tuple[Optional[Tensor], ...], keys: Tensor, values: Tensor,
+              eta: Tensor, theta: Tensor, alpha: Tensor, queries: Tensor,
+              sequential: bool = False, self_generated: bool = False):
+        """One chunk of in-context learning from ``state = (A, B, S_A, S_B)`` (each (m, …);
+        :meth:`initial_state` at the start), and the read of the last memory at every token's
+        updated state, ``M_t(q_t)``.
+
+        keys (…, C, e) are shared by the memories, values are (m, …, C, e) — or, with
+        ``self_generated``, (…, C, e), and each memory's values are its own read of them at
+        the chunk start, ``v̂_□ = M_□(v)`` — the gates (…, C), queries (…, C, e). Every
+        gradient is taken at the chunk-start state. Returns the reads (…, C, e) and the
+        chunk-end state. The parallel form never materializes a per-token state: each
+        gradient is an outer product ``xᵀδ`` (``deep_memory_gradient_factors``), so with the
+        scan's coefficients ``a, c, G`` (``scan_coefficients``)
 
             z_t W_t = a_t z_t W_0 + c_t z_t S_0 − Σ_j G_tj (z_t·x_j) δ_j,
 
@@ -184,33 +197,52 @@ class InContextMemories(nn.Module):
         state and steps through the tokens one by one: the reference the parallel form is
         tested against."""
         A, B, SA, SB = state
-        X = keys.expand(A.shape[0], *keys.shape)
+        m = A.shape[0]
         if sequential:
-            return self._learn_sequential(state, X, values, (eta, theta, alpha), queries)
-        # ½‖M(k) − v̂‖² is ½‖φ(kA)B − y‖² with y = v̂ − k: the factors of every token's gradient
-        hidden, dZ, D = dmf.deep_memory_gradient_factors(X, values - X, A, B, objective="l2",
-                                                           activation=self.activation)
+            if self_generated:
+                values = self.read(values.expand(m, *values.shape), A, B)
+            return self._learn_sequential(_full_state(state, keys.shape[0]),
+                                          keys.expand(m, *keys.shape), values,
+                                          (eta, theta, alpha), queries)
+        C = keys.shape[-2]
+        X = keys.expand(m, *keys.shape)
+        # ½‖M(k) − v̂‖² is ½‖φ(kA)B − y‖² with y = v̂ − k. The self-generated values' read and
+        # the gradients' forward read the same state: one product over both sets of rows.
+        rows = torch.cat([values.expand(m, *values.shape), X], dim=-2) if self_generated \
+            else X
+        Z = _matmul(rows, A)
+        if self_generated:
+            v_hidden = self.phi(Z[..., :C, :])
+            hidden, dH = dmf.activate(self.activation, Z[..., C:, :])
+            out = _matmul(torch.cat([v_hidden, hidden], dim=-2), B)
+            y = values + out[..., :C, :] - keys  # v̂ − k
+            D = out[..., C:, :] - y
+        else:
+            hidden, dH = dmf.activate(self.activation, Z)
+            D = _matmul(hidden, B) - (values - X)
+        dZ = _matmul_transposed(D, B) * dH  # the factors of every token's gradient (as
+        # deep_memory_gradient_factors): ∇_A = xᵀ dZ, ∇_B = hiddenᵀ D
         # ‖x ⊗ δ‖_F = ‖x‖ ‖δ‖: each token's gradient is clipped on its factors
-        dZ = dZ * self.clip_scale(X.norm(dim=-1, keepdim=True) * dZ.norm(dim=-1, keepdim=True))
+        dZ = dZ * self.clip_scale(keys.norm(dim=-1, keepdim=True) * dZ.norm(dim=-1, keepdim=True))
         D = D * self.clip_scale(hidden.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
         c = dmf.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
+        last = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731 — per token j
+        at_end = lambda coefficient: coefficient[..., -1, None, None]  # noqa: E731
 
         def end_of_chunk(W0, S0, x, delta):
-            last_row = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731
-            S = c.momentum_from_start[..., -1, None, None] * S0 \
-                - x.mT @ (last_row(c.momentum_from_grads) * delta)
-            W = c.param_from_start[..., -1, None, None] * W0 \
-                + c.param_from_momentum[..., -1, None, None] * S0 \
-                - x.mT @ (last_row(c.param_from_grads) * delta)
-            return W, S
+            return _ChunkEnd.apply(W0, S0, x, last(c.param_from_grads) * delta,
+                                   last(c.momentum_from_grads) * delta, c.param_from_start[..., -1],
+                                   c.param_from_momentum[..., -1], c.momentum_from_start[..., -1])
 
-        def read_through(z, W0, S0, x, delta, n):  # z_t W_t of memory n, for every token t
-            return c.param_from_start[..., None] * (z @ W0[n]) \
-                + c.param_from_momentum[..., None] * (z @ S0[n]) \
-                - (c.param_from_grads * (z @ x[n].mT)) @ delta[n]
+        def read_through(z, W0, S0, x, delta):  # z_t W_t of the last memory, for every token t
+            out = c.param_from_start[..., None] * _matmul(z, W0[-1]) \
+                - (c.param_from_grads * (z @ x[-1].mT)) @ delta[-1]
+            if S0 is not None:
+                out = out + c.param_from_momentum[..., None] * (z @ S0[-1])
+            return out
 
-        hidden_q = self.phi(read_through(queries, A, SA, X, dZ, -1))
-        reads = queries + read_through(hidden_q, B, SB, hidden, D, -1)
+        hidden_q = self.phi(read_through(queries, A, SA, X, dZ))
+        reads = queries + read_through(hidden_q, B, SB, hidden, D)
         (A, SA), (B, SB) = end_of_chunk(A, SA, X, dZ), end_of_chunk(B, SB, hidden, D)
         return reads, (A, B, SA, SB)
 
@@ -228,6 +260,105 @@ class InContextMemories(nn.Module):
         SB_t, B_t = _sequential_scan(gB.view(*Bt.shape), *gates, SB, B)
         reads = self.read_per_token(queries, A_t[-1], B_t[-1])
         return reads, tuple(t.select(-3, -1) for t in (A_t, B_t, SA_t, SB_t))
+
+
+def _matmul(z: Tensor, W: Tensor) -> Tensor:
+    """``z @ W`` for z (…, batch, H, r, i) and W (…, batch or 1, H, i, o). A W shared by the
+    batch (dim −4 of size 1: the start state) takes the batch as rows of one product per
+    memory and head, instead of the copy of W per sequence that broadcasting in ``@`` makes."""
+    if W.dim() < 4 or z.dim() < 4 or W.shape[-4] != 1 or z.shape[-4] == 1:
+        return z @ W
+    batch, rows = z.shape[-4], z.shape[-2]
+    flat = z.transpose(-4, -3).flatten(-3, -2)  # (…, H, batch·r, i)
+    return (flat @ W.squeeze(-4)).unflatten(-2, (batch, rows)).transpose(-4, -3)
+
+
+def _matmul_transposed(z: Tensor, W: Tensor) -> Tensor:
+    """``z @ Wᵀ``, computed as ``(W zᵀ)ᵀ`` for a per-sequence W: W's gradient is then in W's
+    own layout. (Through ``W.mT`` it is a transposed view, and every later sum with W's other
+    gradients, and each product with the state, runs strided: 5× slower on the CPU.)"""
+    if W.dim() >= 4 and z.dim() >= 4 and W.shape[-4] == 1:
+        return _matmul(z, W.mT)  # the shared start state: a small parameter-sized gradient
+    return (W @ z.mT).mT
+
+
+def _dot(g: Tensor, W: Tensor) -> Tensor:
+    """``Σ_{i,o} g ⊙ W`` over the last two dims, summed over the memories (dim 0): (batch, H).
+    Equal layouts: one batched product reading each tensor once (no temporary of their size)."""
+    if g.shape == W.shape and g.is_contiguous() and W.is_contiguous():
+        n = g.shape[-2] * g.shape[-1]
+        dots = (g.view(-1, 1, n) @ W.view(-1, n, 1)).view(g.shape[:-2])
+    else:
+        dots = (g * W).sum((-2, -1))
+    return dots.sum(0)
+
+
+class _ChunkEnd(torch.autograd.Function):
+    r"""The memories' state at a chunk's end, with a backward pass that touches each
+    state-sized tensor as few times as it can (the states are the largest tensors of the
+    model and the CPU step is bound by their memory traffic):
+
+    .. math::
+        W = a\,W_0 + b\,S_0 - x^\top u_W,\qquad S = \mu\,S_0 - x^\top u_S
+
+    W0, S0 (m, batch or 1, H, i, o) — S0 ``None`` for zero momentum; x (m, batch, H, C, i);
+    u (m, batch, H, C, o); a, b, μ (batch, H), shared by the memories. A gradient that does not
+    arrive (the last chunk's state is never read) costs nothing."""
+
+    @staticmethod
+    def forward(ctx, W0, S0, x, uW, uS, a, b, mu):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(W0, S0, x, uW, uS, a, b, mu)
+        xt = x.mT
+        W = (xt @ -uW).addcmul_(a[..., None, None], W0)
+        S = xt @ -uS
+        if S0 is not None:
+            W.addcmul_(b[..., None, None], S0)
+            S.addcmul_(mu[..., None, None], S0)
+        return W, S
+
+    @staticmethod
+    def backward(ctx, gW, gS):
+        W0, S0, x, uW, uS, a, b, mu = ctx.saved_tensors
+        grads = [None] * 8
+        need = ctx.needs_input_grad
+        gx = None
+        if gW is not None:
+            if need[0]:
+                gW0 = gW * a[..., None, None]
+                grads[0] = gW0.sum(1, keepdim=True) if W0.shape[1] == 1 < gW.shape[1] else gW0
+            if need[5]:
+                grads[5] = _dot(gW, W0)
+            if S0 is not None and need[6]:
+                grads[6] = _dot(gW, S0)
+            if need[3]:
+                grads[3] = -(x @ gW)
+            if need[2]:
+                gx = -(uW @ gW.mT)
+        if gS is not None:
+            if need[4]:
+                grads[4] = -(x @ gS)
+            if need[2]:
+                gx = -(uS @ gS.mT) if gx is None else gx.sub_(uS @ gS.mT)
+            if S0 is not None and need[7]:
+                grads[7] = _dot(gS, S0)
+        grads[2] = gx
+        if S0 is not None and need[1] and (gW is not None or gS is not None):
+            if gW is None:
+                grads[1] = gS * mu[..., None, None]
+            else:
+                gS0 = gW * b[..., None, None]
+                grads[1] = gS0 if gS is None else gS0.addcmul_(gS, mu[..., None, None])
+        return tuple(grads)
+
+
+def _full_state(state, batch: int) -> tuple[Tensor, ...]:
+    """:meth:`InContextMemories.initial_state`'s broadcast state and ``None`` momenta as the
+    per-sequence tensors the token-by-token reference steps."""
+    A, B, SA, SB = state
+    A, B = (W.expand(W.shape[0], batch, *W.shape[2:]) for W in (A, B))
+    return (A, B, torch.zeros_like(A) if SA is None else SA,
+            torch.zeros_like(B) if SB is None else SB)
 
 
 def _sequential_scan(g, eta, theta, alpha, S, W):
@@ -286,17 +417,15 @@ class TitansLayer(nn.Module):
             eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).unflatten(1, (2, H))\
                 .unbind(1)
         mem = self.memories
-        m = mem.A0.shape[0]
-        batch = lambda p: p.unsqueeze(1).expand(m, Bsz, *p.shape[1:])  # noqa: E731
-        zeros = lambda p: torch.zeros_like(batch(p))  # noqa: E731
-        state = (batch(mem.A0), batch(mem.B0), zeros(mem.A0), zeros(mem.B0))
+        state = mem.initial_state(Bsz)
         tails = (None, None)
         outputs = []
         for start in range(0, T, C):
             part = slice(start, min(start + C, T))
             A, B = state[0], state[1]
             if self.self_modifying:  # k, v, η, α are read from memories at the chunk start
-                z = mem.read(xh[:, :, part], A[:MEM], B[:MEM])  # (4, B, H, C, e)
+                z = mem.read(xh[:, :, part], A, B)[:MEM]  # (4, B, H, C, e); the state
+                # is not indexed: its index's backward fills a state-sized zero tensor
                 k_c, tail_k = self.conv_k(z[K], tails[0])
                 v_c, tail_v = self.conv_v(z[V], tails[1])
                 tails = (tail_k, tail_v)
@@ -304,14 +433,15 @@ class TitansLayer(nn.Module):
                 gate = (z[ETA:MEM] * self.gate_readout[:, None, :, None]).sum(-1) \
                     + self.gate_bias[:, None, :, None]
                 eta_c, alpha_c = torch.sigmoid(gate).unbind(0)
-                values = mem.read(v_c.expand(m, *v_c.shape), A, B)  # v̂_□ = M_□(v)
+                values = v_c  # v̂_□ = M_□(v), read by learn at the chunk start
             else:
                 k_c, v_c = k[:, :, part], v[:, :, part]
                 eta_c, alpha_c = eta[..., part], alpha[..., part]
                 values = v_c.unsqueeze(0)
             theta_c = self.inner_lr_scale * (1 - eta_c) * theta[..., part]
             read, state = mem.learn(state, k_c, values, eta_c, theta_c, alpha_c,
-                                    q[:, :, part], sequential=self.config.sequential)
+                                    q[:, :, part], sequential=self.config.sequential,
+                                    self_generated=self.self_modifying)
             outputs.append(read)
         return self.out(merge_heads(torch.cat(outputs, dim=2)))
 

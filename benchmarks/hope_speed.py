@@ -1,0 +1,104 @@
+"""Training speed of the HOPE example's three models, interleaved in one process.
+
+    python -m benchmarks.hope_speed [--size small] [--repeats 30] [--threads 2] [--out FILE]
+
+Each repeat times one training step (forward, backward, ``torch.optim.AdamW`` step) of every
+model in turn — ``transformer`` (Transformer++), ``titans``, ``hope`` at the size's
+configuration and equal parameter count (``examples.hope.model.build``) — on the same batch of
+random bytes, so all three see the same machine state; the table is tokens per second from the
+median step time, and the ratio to Transformer++ measured in the same run. The first
+``--warmup`` steps of each model are not counted. ``--compile`` also times each model under
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from examples.hope.model import HopeConfig, build, count_parameters
+from examples.hope.train import SIZES
+
+from . import core
+
+ARCHS = ("transformer", "titans", "hope")
+
+
+def _stepper(arch: str, size: dict, compile_: bool):
+    torch.manual_seed(0)
+    model = build(HopeConfig(arch=arch, **size["model"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if compile_ else model
+
+    def step(batch: torch.Tensor) -> None:
+        logits = forward(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return model, step
+
+
+def measure(size_name: str, repeats: int, warmup: int, compile_: bool) -> dict:
+    size = SIZES[size_name]
+    batch = torch.randint(0, 256, (size["batch"], size["seq_len"] + 1),
+                          generator=torch.Generator().manual_seed(0))
+    models = {}
+    for arch in ARCHS:
+        model, step = _stepper(arch, size, compile_)
+        models[arch] = (count_parameters(model), step)
+    times = {arch: [] for arch in ARCHS}
+    for r in range(warmup + repeats):
+        for arch in ARCHS:
+            start = time.perf_counter()
+            models[arch][1](batch)
+            if r >= warmup:
+                times[arch].append(time.perf_counter() - start)
+    tokens = size["batch"] * size["seq_len"]
+    base = statistics.median(times["transformer"])
+    rows = {}
+    for arch in ARCHS:
+        median = statistics.median(times[arch])
+        rows[arch] = {"parameters": models[arch][0], "median_step_s": median,
+                      "tokens_per_s": tokens / median, "ratio_to_transformer": base / median,
+                      "step_s": times[arch]}
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = {"size": args.size, "threads": args.threads, "repeats": args.repeats,
+              "environment": core.environment()}
+    for mode in (["eager", "compiled"] if args.compile else ["eager"]):
+        rows = measure(args.size, args.repeats, args.warmup, mode == "compiled")
+        result[mode] = rows
+        print(f"\n{args.size}, {mode}, {args.threads} threads, median of {args.repeats} "
+              "interleaved steps (AdamW)\n")
+        print("| model | params | step (ms) | tokens/s | × Transformer++ |\n|---|---:|---:|---:|---:|")
+        for arch, row in rows.items():
+            print(f"| {arch} | {row['parameters']:,} | {1e3 * row['median_step_s']:.1f} | "
+                  f"{row['tokens_per_s']:,.0f} | {row['ratio_to_transformer']:.2f} |")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
