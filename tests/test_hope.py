@@ -247,6 +247,45 @@ def test_optimizer_by_name():
     assert all(train.optimizer_class(n) for n in names)
 
 
+@pytest.mark.parametrize("optim", ["PreconditionedMomentum", "Muon", "torch.AdamW"])
+def test_make_optimizer_decays_only_weight_matrices_and_passes_the_options(optim):
+    """Weight decay on ≥ 2-D weights only (not norm gains, biases, gate_bias), unless
+    decay_all; the class's own options (betas, …) reach every group."""
+    model = build(HopeConfig(arch="hope", **train.SIZES["micro"]["model"]))
+    names = {id(p): n for n, p in model.named_parameters()}
+    option = {"Muon": {"adamw_betas": (0.8, 0.9)}}.get(optim, {"betas": (0.8, 0.9)})
+    optimizer = train.make_optimizer(model, optim, 1e-2, 0.1, **option)
+    seen = set()
+    for group in optimizer.param_groups:
+        key, value = next(iter(option.items()))
+        assert tuple(group[key]) == value
+        for p in group["params"]:
+            p = p[1] if isinstance(p, tuple) else p
+            name = names[id(p)]
+            seen.add(name)
+            weight = p.dim() >= 2 and not name.endswith("bias")
+            if optim == "Muon" and not group["use_muon"]:  # AdamW part: its own adamw decay
+                if not weight:
+                    assert group["adamw_weight_decay"] == 0.0, name
+                continue
+            assert group["weight_decay"] == (0.1 if weight else 0.0), name
+    assert seen == set(names.values())  # every parameter
+    assert {"blocks.0.norm.weight", "blocks.0.mixer.gate_bias"} <= seen
+    everything = train.make_optimizer(model, optim, 1e-2, 0.1, decay_all=True, **option)
+    assert all(g["weight_decay"] == 0.1 for g in everything.param_groups
+               if g.get("use_muon", True))
+
+
+def test_optim_option_is_parsed_and_a_wrong_one_is_a_usage_error(capsys):
+    args = train.parse_args(["--out", "x", "--optim", "torch.AdamW",
+                             "--optim-option", "betas=(0.9, 0.95)", "--optim-option", "eps=1e-10"])
+    assert dict(args.optim_option) == {"betas": (0.9, 0.95), "eps": 1e-10}
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(["--out", "x", "--optim-option", "betaz=1"])
+    assert exit_.value.code == 2
+    assert "no option 'betaz'" in capsys.readouterr().err
+
+
 def test_unknown_optim_is_a_usage_error_listing_the_names(tmp_path, capsys):
     """``--optim Foo`` exits like argparse (status 2, usage, the valid names), before any work;
     it was a ValueError traceback from inside the training."""

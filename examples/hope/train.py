@@ -29,6 +29,8 @@ to start without ``--fsdp`` (N independent runs would write the same files).
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import math
 import os
@@ -56,6 +58,11 @@ SIZES: dict[str, dict[str, Any]] = {
                             cms_periods=(1, 4, 16), cms_hidden=128),
                  batch=16, seq_len=128, steps=800, lr=3e-3, warmup=50, eval_every=200,
                  eval_windows=128),
+    # ~1.1M parameters at context 128 (issue 21's char-level benchmark): d 128, 3 layers.
+    "small": dict(model=dict(d_model=128, n_layers=3, n_heads=4, chunk_size=16,
+                             cms_periods=(1, 4, 16), cms_hidden=192),
+                  batch=32, seq_len=128, steps=500, lr=3e-3, warmup=50, eval_every=100,
+                  eval_windows=128),
     "gpu": dict(model=dict(d_model=384, n_layers=6, n_heads=6, chunk_size=64,
                            cms_periods=(1, 8, 64), cms_hidden=768),
                 batch=64, seq_len=512, steps=5000, lr=2e-3, warmup=200, eval_every=500,
@@ -150,9 +157,18 @@ def optimizer_class(name: str) -> type:
                      "torch's also without 'torch.' where deepmomentum has no such name)")
 
 
-def param_groups(model: LanguageModel, matrix_split: bool) -> list[dict[str, Any]]:
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether weight decay applies to parameter ``name``: weight matrices and tensors of ≥ 2
+    dims, as Transformer recipes decay them; not norm gains, biases (``gate_bias`` too, though
+    it is 2-D) or other vectors."""
+    return p.dim() >= 2 and not name.endswith("bias")
+
+
+def param_groups(model: LanguageModel, matrix_split: bool, decay_all: bool = False
+                 ) -> list[dict[str, Any]]:
     """Everything but the CMS levels at period 1, HOPE's level ℓ at ``cms_periods[ℓ]``; for a
-    Muon-type optimizer each is split further by :func:`deepmomentum.muon_param_groups`."""
+    Muon-type optimizer each is split further by :func:`deepmomentum.muon_param_groups`; then
+    by :func:`decays` (``weight_decay=0`` for the rest; ``decay_all``: no such split)."""
     levels = model.cms_levels() if model.config.arch == "hope" else []
     in_levels = {id(p) for level in levels for p in level}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -164,6 +180,12 @@ def param_groups(model: LanguageModel, matrix_split: bool) -> list[dict[str, Any
         parts = [(params, {})] if not matrix_split else [
             ([p for p in params if id(p) in matrices], {"use_muon": True}),
             ([p for p in params if id(p) not in matrices], {"use_muon": False})]
+        if not decay_all:
+            parts = [split for part, options in parts for split in (
+                ([p for p in part if decays(names[id(p)], p)], options),
+                ([p for p in part if not decays(names[id(p)], p)],
+                 {**options, "weight_decay": 0.0,  # Muon's AdamW part has its own decay
+                  **({"adamw_weight_decay": 0.0} if matrix_split else {})}))]
         groups += [{"params": [(names[id(p)], p) for p in part], "update_period": period,
                     "accumulate": "mean", **options} for part, options in parts if part]
     return groups
@@ -186,18 +208,42 @@ def default_lr(name: str, size_lr: float) -> float:
     return size_lr
 
 
-def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: float
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: float,
+                   decay_all: bool = False, **options: Any) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over :func:`param_groups`: ``lr`` and ``weight_decay`` (on the
+    weights :func:`decays` picks, every tensor with ``decay_all``) and any other option of
+    the class (``betas``, ``eps``, ``momentum``, Muon's ``adamw_*``, …), passed as given."""
     cls = optimizer_class(name)
     matrix_split = cls in (dm.Muon, dm.M3)
-    groups = param_groups(model, matrix_split)
+    groups = param_groups(model, matrix_split, decay_all)
     if issubclass(cls, dm.MemoryOptimizer):
-        options = M3_OPTIONS if cls is dm.M3 else {}  # recorded as metrics' optim_options
+        defaults = M3_OPTIONS if cls is dm.M3 else {}
         if matrix_split:  # the AdamW part as deepmomentum 0.1.0 defaulted it: results stay valid
-            options = {**MUON_ADAMW_0_1, **options}
-        return cls(groups, lr=lr, weight_decay=weight_decay, **options)
+            defaults = {**MUON_ADAMW_0_1, **defaults}
+        return cls(groups, lr=lr, weight_decay=weight_decay, **{**defaults, **options})
     plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # torch: tensors
-    return dm.MultiFrequency(cls(plain, lr=lr, weight_decay=weight_decay))
+    return dm.MultiFrequency(cls(plain, lr=lr, weight_decay=weight_decay, **options))
+
+
+def optim_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`make_optimizer` passes to ``cls`` beyond lr and weight decay (the record in
+    ``metrics.json``)."""
+    defaults = M3_OPTIONS if cls is dm.M3 else {}
+    if cls in (dm.Muon, dm.M3):
+        defaults = {**MUON_ADAMW_0_1, **defaults}
+    return {**defaults, **given}
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``--optim-option KEY=VALUE``: the value as a Python literal (``0.9``, ``(0.9, 0.95)``,
+    ``True``), else as the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def schedule(warmup: int, steps: int):
@@ -379,7 +425,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--optim", default="PreconditionedMomentum")
     parser.add_argument("--lr", type=float, default=None, help="default: the size's")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=float, default=0.01,
+                        help="on weight matrices (≥ 2-D, not biases) unless --decay-all")
+    parser.add_argument("--decay-all", action="store_true",
+                        help="decay every tensor, norm gains and biases too (what train.py did before issue 21)")
+    parser.add_argument("--optim-option", type=parse_option, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="an option of the optimizer class, e.g. betas=(0.9,0.95) eps=1e-10 "
+                             "(repeatable)")
     parser.add_argument("--steps", type=int, default=None, help="default: the size's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "stdlib"))
@@ -395,9 +448,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "split each batch across them")
     args = parser.parse_args(argv)
     try:
-        optimizer_class(args.optim)
+        cls = optimizer_class(args.optim)
     except ValueError as e:  # argparse's way: usage, the names, exit status 2
         parser.error(f"argument --optim: {e}")
+    accepted = inspect.signature(cls).parameters
+    for key, _ in args.optim_option:
+        if key not in accepted or key in ("params", "lr", "weight_decay"):
+            names = ", ".join(n for n in accepted if n not in ("params", "lr", "weight_decay"))
+            parser.error(f"argument --optim-option: {cls.__name__} has no option {key!r} "
+                         f"(lr and weight decay have their own flags; options: {names})")
     world = torchrun_world()
     if world > 1 and not args.fsdp:
         parser.error(f"launched on {world} ranks (WORLD_SIZE={world}) without --fsdp: each "
@@ -434,7 +493,9 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
     parameters = count_parameters(model)
     if ranks.fsdp:
         shard(model, ranks.mesh)
-    optimizer = make_optimizer(model, args.optim, lr, args.weight_decay)
+    options = dict(args.optim_option)
+    optimizer = make_optimizer(model, args.optim, lr, args.weight_decay, args.decay_all,
+                               **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(size["warmup"], steps))
     sampler = torch.Generator().manual_seed(args.seed)
     corpus, tokens = byte_tokens(args.corpus)
@@ -442,8 +503,8 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
     val = validation_windows(val_tokens, size["eval_windows"], size["seq_len"])
     metrics: dict[str, Any] = {
         "arch": args.arch, "size": args.size, "optim": args.optim, "lr": lr,
-        "optim_options": M3_OPTIONS if optimizer_class(args.optim) is dm.M3 else {},
-        "weight_decay": args.weight_decay, "seed": args.seed, "steps": steps,
+        "optim_options": optim_options(optimizer_class(args.optim), options),
+        "weight_decay": args.weight_decay, "decay_all": args.decay_all, "seed": args.seed, "steps": steps,
         "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
         "parameters": parameters, "corpus": corpus,
         "environment": environment() if ranks.main else {}, "train_loss": [], "val": [],
