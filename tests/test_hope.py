@@ -21,8 +21,8 @@ from hypothesis import given
 import deepmomentum as dm
 from deepmomentum import functional as dmf
 from examples.hope import evaluate, train
-from examples.hope.model import ARCHITECTURES, HopeConfig, InContextMemories, build, \
-    count_parameters
+from examples.hope.model import ARCHITECTURES, STATIC_PARTS, HopeConfig, InContextMemories, \
+    build, count_parameters
 
 TINY = dict(d_model=16, n_heads=2, n_layers=1, memory_expansion=2, cms_hidden=8,
             cms_periods=(1, 2))
@@ -145,13 +145,15 @@ def test_chunk_size_one_follows_the_delta_rule_recursion(T, heads, e, m, clip, s
 # No max_examples pin: the loaded profile sets it (25 under "ci", 500 under "thorough"); the
 # model is TINY and T ≤ 13, so an example takes well under 0.1 s.
 @given(arch=st.sampled_from(["hope", "titans"]), T=st.integers(1, 13), chunk=st.integers(1, 6),
-       clip=st.sampled_from([0.01, 1.0]), seed=st.integers(0, 2**16))
-def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, clip, seed):
+       clip=st.sampled_from([0.01, 1.0]), seed=st.integers(0, 2**16),
+       static=st.one_of(st.just(()), st.sets(st.sampled_from(STATIC_PARTS)).map(sorted)))
+def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, clip, seed, static):
     """The parallel chunk form (factored gradients, scan coefficients) and the reference that
     materializes every per-token gradient and state and loops over tokens: same logits and
-    same outer gradients, in float64."""
+    same outer gradients, in float64 — HOPE with any of its parts made static too."""
     torch.manual_seed(seed)
-    config = HopeConfig(arch=arch, chunk_size=chunk, inner_grad_clip=clip, **TINY)
+    config = HopeConfig(arch=arch, chunk_size=chunk, inner_grad_clip=clip, **TINY,
+                        static_parts=tuple(static) if arch == "hope" else ())
     model = build(config).double()
     reference = build(replace(model.config, sequential=True)).double()
     reference.load_state_dict(model.state_dict())
@@ -164,10 +166,12 @@ def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, clip, seed):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=name)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, ("k", "values"), ("eta", "alpha")])
 def test_causal_no_output_depends_on_a_later_token(arch):
     torch.manual_seed(0)
-    model = build(HopeConfig(arch=arch, chunk_size=4, **TINY)).double()
+    static = () if isinstance(arch, str) else arch  # HOPE with these parts static
+    model = build(HopeConfig(arch=arch if isinstance(arch, str) else "hope", chunk_size=4,
+                             static_parts=static, **TINY)).double()
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(256, (2, 19), generator=g)
     base = model(idx)
@@ -186,10 +190,26 @@ def test_models_have_equal_parameter_counts():
     assert max(tiny.values()) / min(tiny.values()) < 1.03, tiny
 
 
+def test_hope_with_every_part_static_is_titans():
+    """static_parts = all of them: the same layer as Titans (same parameters, same outputs)."""
+    torch.manual_seed(0)
+    size = {**TINY, "cms_periods": (1,), "cms_hidden": 24}
+    titans = build(HopeConfig(arch="titans", mlp_hidden=24, **size)).double()
+    hope = build(HopeConfig(arch="hope", static_parts=STATIC_PARTS, **size)).double()
+    assert hope.state_dict().keys() == titans.state_dict().keys()
+    hope.load_state_dict(titans.state_dict())
+    idx = torch.randint(256, (2, 11), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hope(idx), titans(idx), rtol=0, atol=0)
+    partly = build(HopeConfig(arch="hope", static_parts=STATIC_PARTS[:-1], **size)).double()
+    partly.load_state_dict(titans.state_dict())  # self-generated values: another layer
+    assert not torch.allclose(partly(idx), titans(idx))
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(arch="mamba"), "arch"), (dict(chunk_size=0), "chunk_size"),
     (dict(cms_periods=()), "cms_periods"), (dict(cms_periods=(1, 0)), "cms_periods"),
-    (dict(d_model=30, n_heads=4), "d_model"), (dict(inner_grad_clip=0.0), "inner_grad_clip")])
+    (dict(d_model=30, n_heads=4), "d_model"), (dict(inner_grad_clip=0.0), "inner_grad_clip"),
+    (dict(static_parts=("q",)), "static_parts")])
 def test_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         HopeConfig(**kwargs)
@@ -284,6 +304,14 @@ def test_optim_option_is_parsed_and_a_wrong_one_is_a_usage_error(capsys):
         train.parse_args(["--out", "x", "--optim-option", "betaz=1"])
     assert exit_.value.code == 2
     assert "no option 'betaz'" in capsys.readouterr().err
+    args = train.parse_args(["--out", "x", "--model-option", "cms_periods=(1, 1)",
+                             "--model-option", "inner_grad_clip=1e6"])
+    assert dict(args.model_option) == {"cms_periods": (1, 1), "inner_grad_clip": 1e6}
+    for wrong, says in (("arch=titans", "no field 'arch'"), ("inner_grad_clip=-1",
+                                                              "inner_grad_clip")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--out", "x", "--model-option", wrong])
+        assert says in capsys.readouterr().err
 
 
 def test_unknown_optim_is_a_usage_error_listing_the_names(tmp_path, capsys):

@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from deepmomentum import functional as dmf
 
 ARCHITECTURES = ("hope", "titans", "transformer")
-K, V, ETA, ALPHA, MEM = range(5)  # the self-modifying layer's memories, in this order
+PARTS = ("k", "v", "eta", "alpha")  # what HOPE's memories make (then the output memory)
+STATIC_PARTS = (*PARTS, "values")  # what HopeConfig.static_parts may make static
 
 
 @dataclass
@@ -64,6 +65,7 @@ class HopeConfig:
     cms_hidden: int = 128  # hidden width of each CMS level
     mlp_hidden: Optional[int] = None  # baselines' MLP; None: matched to HOPE's parameter count
     sequential: bool = False  # token-by-token in-context updates (the reference; slow)
+    static_parts: tuple[str, ...] = ()  # HOPE's ablation: parts made as Titans makes them
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -80,6 +82,11 @@ class HopeConfig:
             raise ValueError(f"Invalid cms_periods: {self.cms_periods}; a non-empty tuple of "
                              "integers ≥ 1")
         self.cms_periods = tuple(int(p) for p in self.cms_periods)
+        self.static_parts = tuple(self.static_parts)
+        for name in self.static_parts:
+            if name not in STATIC_PARTS:
+                raise ValueError(f"Invalid static_parts: {self.static_parts}; each must be one "
+                                 f"of {STATIC_PARTS}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -374,13 +381,22 @@ def _sequential_scan(g, eta, theta, alpha, S, W):
 
 
 class TitansLayer(nn.Module):
-    """The memory layer; ``self_modifying`` makes it HOPE's (k, v, η, α from memories)."""
+    """The memory layer; ``self_modifying`` makes it HOPE's (k, v, η, α from memories).
+
+    HOPE's ``config.static_parts`` (the ablation's switch) makes some of them what they are in
+    Titans instead: ``"k"``/``"v"`` a static projection, ``"eta"``/``"alpha"`` a static gate,
+    ``"values"`` the memories' targets v itself instead of their own reads ``M_□(v)``. The
+    memories are those of the parts still read from memories, in :data:`PARTS` order, then
+    the output memory."""
 
     def __init__(self, config: HopeConfig, self_modifying: bool):
         super().__init__()
         d, H = config.d_model, config.n_heads
         e = d // H
         self.config, self.self_modifying, self.n_heads = config, self_modifying, H
+        static = set(config.static_parts) if self_modifying else set(STATIC_PARTS)
+        self.generated = [name for name in PARTS if name not in static]  # from memories
+        self.self_generated_values = "values" not in static
         self.q = nn.Linear(d, d, bias=False)
         # The inner learning rate is a static projection in both, θ_t = s (1 − η_t) σ(x w_θ):
         # the momentum's steady-state step θ/(1 − η) is then ≤ s on unit keys. A chunk's C
@@ -390,18 +406,26 @@ class TitansLayer(nn.Module):
         self.theta = nn.Linear(d, H)
         self.conv_q, self.conv_k, self.conv_v = (CausalConv(H, e, config.conv_width)
                                                  for _ in range(3))
-        self.memories = InContextMemories(5 if self_modifying else 1, H, e,
+        self.memories = InContextMemories(len(self.generated) + 1, H, e,
                                           config.memory_expansion * e, config.memory_activation,
                                           config.inner_grad_clip)
-        if self_modifying:  # η and α are read out of their memories' outputs
-            self.gate_readout = nn.Parameter(torch.zeros(2, H, e))
-            self.gate_bias = nn.Parameter(torch.tensor([2.0, -4.0])[:, None].repeat(1, H))
-        else:
-            self.k, self.v = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
-            self.gates = nn.Linear(d, 2 * H)
+        gate_init = {"eta": 2.0, "alpha": -4.0}  # σ: η ≈ 0.88, α ≈ 0.018 at the start
+        self.read_gates = [g for g in ("eta", "alpha") if g in self.generated]
+        self.static_gates = [g for g in ("eta", "alpha") if g not in self.generated]
+        if self.read_gates:  # η and α read out of their memories' outputs
+            self.gate_readout = nn.Parameter(torch.zeros(len(self.read_gates), H, e))
+            self.gate_bias = nn.Parameter(torch.tensor(
+                [gate_init[g] for g in self.read_gates])[:, None].repeat(1, H))
+        if "k" not in self.generated:
+            self.k = nn.Linear(d, d, bias=False)
+        if "v" not in self.generated:
+            self.v = nn.Linear(d, d, bias=False)
+        if self.static_gates:
+            self.gates = nn.Linear(d, len(self.static_gates) * H)
             with torch.no_grad():
                 self.gates.weight.zero_()
-                self.gates.bias.copy_(torch.tensor([2.0, -4.0]).repeat_interleave(H))
+                self.gates.bias.copy_(torch.tensor(
+                    [gate_init[g] for g in self.static_gates]).repeat_interleave(H))
         self.out = nn.Linear(d, d, bias=False)
         self.inner_lr_scale = config.inner_lr_scale or 1.0 / config.chunk_size
 
@@ -411,37 +435,43 @@ class TitansLayer(nn.Module):
         q = l2_normalize(self.conv_q(heads(self.q(x), H))[0])
         theta = torch.sigmoid(self.theta(x)).transpose(1, 2)  # (B, H, T), before × (1 − η)
         xh = l2_normalize(heads(x, H))  # memories read unit inputs, the scale they learn at
-        if not self.self_modifying:
-            k = l2_normalize(self.conv_k(heads(self.k(x), H))[0])
-            v = l2_normalize(self.conv_v(heads(self.v(x), H))[0])
-            eta, alpha = torch.sigmoid(self.gates(x)).transpose(1, 2).unflatten(1, (2, H))\
-                .unbind(1)
+        static = {}  # the static parts over the whole sequence, (B, H, T[, e])
+        if "k" not in self.generated:
+            static["k"] = l2_normalize(self.conv_k(heads(self.k(x), H))[0])
+        if "v" not in self.generated:
+            static["v"] = l2_normalize(self.conv_v(heads(self.v(x), H))[0])
+        if self.static_gates:
+            static.update(zip(self.static_gates, torch.sigmoid(self.gates(x)).transpose(1, 2)
+                              .unflatten(1, (len(self.static_gates), H)).unbind(1)))
+        index = {name: i for i, name in enumerate(self.generated)}
         mem = self.memories
         state = mem.initial_state(Bsz)
-        tails = (None, None)
+        tails = {"k": None, "v": None}
         outputs = []
         for start in range(0, T, C):
             part = slice(start, min(start + C, T))
             A, B = state[0], state[1]
-            if self.self_modifying:  # k, v, η, α are read from memories at the chunk start
-                z = mem.read(xh[:, :, part], A, B)[:MEM]  # (4, B, H, C, e); the state
-                # is not indexed: its index's backward fills a state-sized zero tensor
-                k_c, tail_k = self.conv_k(z[K], tails[0])
-                v_c, tail_v = self.conv_v(z[V], tails[1])
-                tails = (tail_k, tail_v)
-                k_c, v_c = l2_normalize(k_c), l2_normalize(v_c)
-                gate = (z[ETA:MEM] * self.gate_readout[:, None, :, None]).sum(-1) \
-                    + self.gate_bias[:, None, :, None]
-                eta_c, alpha_c = torch.sigmoid(gate).unbind(0)
-                values = v_c  # v̂_□ = M_□(v), read by learn at the chunk start
-            else:
-                k_c, v_c = k[:, :, part], v[:, :, part]
-                eta_c, alpha_c = eta[..., part], alpha[..., part]
-                values = v_c.unsqueeze(0)
+            parts = {name: t[..., part, :] if name in ("k", "v") else t[..., part]
+                     for name, t in static.items()}
+            if self.generated:  # read from the memories at the chunk start
+                z = mem.read(xh[:, :, part], A, B)  # (m, B, H, C, e); the state is not
+                # indexed: the backward of its index fills a state-sized zero tensor
+                for name, conv in (("k", self.conv_k), ("v", self.conv_v)):
+                    if name in index:
+                        read, tails[name] = conv(z[index[name]], tails[name])
+                        parts[name] = l2_normalize(read)
+                if self.read_gates:
+                    gate = torch.stack([z[index[g]] for g in self.read_gates])
+                    gate = (gate * self.gate_readout[:, None, :, None]).sum(-1) \
+                        + self.gate_bias[:, None, :, None]
+                    parts.update(zip(self.read_gates, torch.sigmoid(gate).unbind(0)))
+            # v̂_□ = M_□(v), read by learn at the chunk start; or v itself
+            values = parts["v"] if self.self_generated_values else parts["v"].unsqueeze(0)
+            eta_c, alpha_c = parts["eta"], parts["alpha"]
             theta_c = self.inner_lr_scale * (1 - eta_c) * theta[..., part]
-            read, state = mem.learn(state, k_c, values, eta_c, theta_c, alpha_c,
+            read, state = mem.learn(state, parts["k"], values, eta_c, theta_c, alpha_c,
                                     q[:, :, part], sequential=self.config.sequential,
-                                    self_generated=self.self_modifying)
+                                    self_generated=self.self_generated_values)
             outputs.append(read)
         return self.out(merge_heads(torch.cat(outputs, dim=2)))
 

@@ -5,7 +5,10 @@
     python -m examples.hope.train --out runs/hope-0 --resume      # continue from its checkpoint
 
 The outer optimizer is any deepmomentum or ``torch.optim`` class, by name (``Muon``/``M3``
-get deepmomentum's matrix/AdamW split). HOPE's CMS levels are param groups with
+get deepmomentum's matrix/AdamW split), with its own options (``--optim-option betas=(0.9,0.95)``,
+repeatable); weight decay applies to weight matrices only (≥ 2-D, not biases or norm gains;
+``--decay-all`` decays every tensor). ``--model-option KEY=VALUE`` overrides a ``HopeConfig``
+field of the size (``inner_grad_clip=1e6``, ``cms_periods=(1,1,1)``): the ablations' switch. HOPE's CMS levels are param groups with
 ``update_period = C^(ℓ)`` (mean-accumulated); a ``torch.optim`` class gets the schedule from
 ``deepmomentum.MultiFrequency``. Every ``--ckpt-every`` steps and at the end, ``OUT/checkpoint.pt``
 holds the model, optimizer, scheduler and data-sampler state, so a resumed run follows the same
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import inspect
 import json
 import math
@@ -433,6 +437,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         metavar="KEY=VALUE",
                         help="an option of the optimizer class, e.g. betas=(0.9,0.95) eps=1e-10 "
                              "(repeatable)")
+    parser.add_argument("--model-option", type=parse_option, action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="a HopeConfig field over the size's, e.g. inner_grad_clip=1e6 "
+                             "cms_periods=(1,1,1) (repeatable; recorded in metrics' config)")
     parser.add_argument("--steps", type=int, default=None, help="default: the size's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "stdlib"))
@@ -451,6 +459,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         cls = optimizer_class(args.optim)
     except ValueError as e:  # argparse's way: usage, the names, exit status 2
         parser.error(f"argument --optim: {e}")
+    fields = [f.name for f in dataclasses.fields(HopeConfig) if f.name != "arch"]
+    for key, value in args.model_option:
+        if key not in fields:
+            parser.error(f"argument --model-option: HopeConfig has no field {key!r} (fields: "
+                         f"{', '.join(fields)}; the architecture is --arch)")
+    try:
+        HopeConfig(arch=args.arch, **{**SIZES[args.size]["model"], **dict(args.model_option)})
+    except (ValueError, TypeError) as e:
+        parser.error(f"argument --model-option: {e}")
     accepted = inspect.signature(cls).parameters
     for key, _ in args.optim_option:
         if key not in accepted or key in ("params", "lr", "weight_decay"):
@@ -487,7 +504,7 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
     dcp_path = os.path.join(args.out, CHECKPOINT_DIR)
 
     torch.manual_seed(args.seed)  # every rank: the same initial model, then its shards of it
-    config = HopeConfig(arch=args.arch, **size["model"])
+    config = HopeConfig(arch=args.arch, **{**size["model"], **dict(args.model_option)})
     model = build(config).to(device)
     config = model.config
     parameters = count_parameters(model)
