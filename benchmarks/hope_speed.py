@@ -1,6 +1,7 @@
 """Training speed of the HOPE example's three models, interleaved in one process.
 
-    python -m benchmarks.hope_speed [--size small] [--repeats 30] [--threads 2] [--out FILE]
+    python -m benchmarks.hope_speed [--size small] [--repeats 30] [--threads 2] [--compile]
+                                    [--device cpu|cuda] [--out FILE]
 
 Each repeat times one training step (forward, backward, ``torch.optim.AdamW`` step) of every
 model in turn — ``transformer`` (Transformer++), ``titans``, ``hope`` at the size's
@@ -30,9 +31,9 @@ from . import core
 ARCHS = ("transformer", "titans", "hope")
 
 
-def _stepper(arch: str, size: dict, compile_: bool):
+def _stepper(arch: str, size: dict, compile_: bool, device: str):
     torch.manual_seed(0)
-    model = build(HopeConfig(arch=arch, **size["model"]))
+    model = build(HopeConfig(arch=arch, **size["model"])).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     forward = torch.compile(model) if compile_ else model
 
@@ -47,19 +48,23 @@ def _stepper(arch: str, size: dict, compile_: bool):
     return model, step
 
 
-def measure(size_name: str, repeats: int, warmup: int, compile_: bool) -> dict:
+def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
+            device: str = "cpu") -> dict:
     size = SIZES[size_name]
     batch = torch.randint(0, 256, (size["batch"], size["seq_len"] + 1),
-                          generator=torch.Generator().manual_seed(0))
+                          generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     models = {}
     for arch in ARCHS:
-        model, step = _stepper(arch, size, compile_)
+        model, step = _stepper(arch, size, compile_, device)
         models[arch] = (count_parameters(model), step)
     times = {arch: [] for arch in ARCHS}
     for r in range(warmup + repeats):
         for arch in ARCHS:
+            sync()
             start = time.perf_counter()
             models[arch][1](batch)
+            sync()
             if r >= warmup:
                 times[arch].append(time.perf_counter() - start)
     tokens = size["batch"] * size["seq_len"]
@@ -80,15 +85,16 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"size": args.size, "threads": args.threads, "repeats": args.repeats,
-              "environment": core.environment()}
+              "device": args.device, "environment": core.environment(args.device)}
     for mode in (["eager", "compiled"] if args.compile else ["eager"]):
-        rows = measure(args.size, args.repeats, args.warmup, mode == "compiled")
+        rows = measure(args.size, args.repeats, args.warmup, mode == "compiled", args.device)
         result[mode] = rows
-        print(f"\n{args.size}, {mode}, {args.threads} threads, median of {args.repeats} "
+        print(f"\n{args.size}, {mode}, {args.device}, {args.threads} threads, median of {args.repeats} "
               "interleaved steps (AdamW)\n")
         print("| model | params | step (ms) | tokens/s | × Transformer++ |\n|---|---:|---:|---:|---:|")
         for arch, row in rows.items():

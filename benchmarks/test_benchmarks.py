@@ -235,7 +235,7 @@ def test_nearly_identical_curves_are_marked_as_such_and_distinct_ones_are_not():
 
 # --- one stamp, one summary, one sweep: the single-purpose scripts use benchmarks.core --------
 
-SCRIPTS = ["delta", "dmgd", "cms", "fused_step_gpu", "ns_gpu", "muon_step"]
+SCRIPTS = ["delta", "dmgd", "cms", "fused_step_gpu", "ns_gpu", "muon_step", "hope_speed"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -253,6 +253,24 @@ def test_each_script_imports_stamps_with_core_environment_and_has_help(name, cap
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_hope_speed_times_every_model_and_reports_the_ratio_to_the_transformer(tmp_path,
+                                                                               capsys):
+    from benchmarks import hope_speed
+
+    out = tmp_path / "speed.json"
+    hope_speed.main(["--size", "micro", "--repeats", "2", "--warmup", "0", "--threads", "1",
+                     "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["eager"]
+    assert list(rows) == ["transformer", "titans", "hope"]
+    for row in rows.values():
+        assert len(row["step_s"]) == 2 and row["median_step_s"] > 0
+        assert row["ratio_to_transformer"] == pytest.approx(
+            rows["transformer"]["median_step_s"] / row["median_step_s"])
+    assert rows["transformer"]["ratio_to_transformer"] == 1.0
+    assert "| hope |" in capsys.readouterr().out
 
 
 def test_summarize_reports_a_diverged_seed_instead_of_averaging_it():
