@@ -94,9 +94,10 @@ def main(argv=None):
     for mode in (["eager", "compiled"] if args.compile else ["eager"]):
         rows = measure(args.size, args.repeats, args.warmup, mode == "compiled", args.device)
         result[mode] = rows
-        print(f"\n{args.size}, {mode}, {args.device}, {args.threads} threads, median of {args.repeats} "
-              "interleaved steps (AdamW)\n")
-        print("| model | params | step (ms) | tokens/s | × Transformer++ |\n|---|---:|---:|---:|---:|")
+        print(f"\n{args.size}, {mode}, {args.device}, {args.threads} threads, median of "
+              f"{args.repeats} interleaved steps (AdamW)\n")
+        print("| model | params | step (ms) | tokens/s | × Transformer++ |")
+        print("|---|---:|---:|---:|---:|")
         for arch, row in rows.items():
             print(f"| {arch} | {row['parameters']:,} | {1e3 * row['median_step_s']:.1f} | "
                   f"{row['tokens_per_s']:,.0f} | {row['ratio_to_transformer']:.2f} |")

@@ -234,7 +234,6 @@ class InContextMemories(nn.Module):
         D = D * self.clip_scale(hidden.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
         c = dmf.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
         last = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731 — per token j
-        at_end = lambda coefficient: coefficient[..., -1, None, None]  # noqa: E731
 
         def end_of_chunk(W0, S0, x, delta):
             return _ChunkEnd.apply(W0, S0, x, last(c.param_from_grads) * delta,

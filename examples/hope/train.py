@@ -5,10 +5,11 @@
     python -m examples.hope.train --out runs/hope-0 --resume      # continue from its checkpoint
 
 The outer optimizer is any deepmomentum or ``torch.optim`` class, by name (``Muon``/``M3``
-get deepmomentum's matrix/AdamW split), with its own options (``--optim-option betas=(0.9,0.95)``,
-repeatable); weight decay applies to weight matrices only (≥ 2-D, not biases or norm gains;
-``--decay-all`` decays every tensor). ``--model-option KEY=VALUE`` overrides a ``HopeConfig``
-field of the size (``inner_grad_clip=1e6``, ``cms_periods=(1,1,1)``): the ablations' switch. HOPE's CMS levels are param groups with
+get deepmomentum's matrix/AdamW split), with its own options (repeatable
+``--optim-option betas=(0.9,0.95)``); weight decay applies to weight matrices only (≥ 2-D, not
+biases or norm gains; ``--decay-all`` decays every tensor). ``--model-option KEY=VALUE``
+overrides a ``HopeConfig`` field of the size (``inner_grad_clip=1e6``, ``cms_periods=(1,1,1)``):
+the ablations' switch. HOPE's CMS levels are param groups with
 ``update_period = C^(ℓ)`` (mean-accumulated); a ``torch.optim`` class gets the schedule from
 ``deepmomentum.MultiFrequency``. Every ``--ckpt-every`` steps and at the end, ``OUT/checkpoint.pt``
 holds the model, optimizer, scheduler and data-sampler state, so a resumed run follows the same
@@ -432,7 +433,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.01,
                         help="on weight matrices (≥ 2-D, not biases) unless --decay-all")
     parser.add_argument("--decay-all", action="store_true",
-                        help="decay every tensor, norm gains and biases too (what train.py did before issue 21)")
+                        help="decay every tensor, norm gains and biases too (what train.py "
+                             "did before issue 21)")
     parser.add_argument("--optim-option", type=parse_option, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="an option of the optimizer class, e.g. betas=(0.9,0.95) eps=1e-10 "
@@ -521,7 +523,8 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
     metrics: dict[str, Any] = {
         "arch": args.arch, "size": args.size, "optim": args.optim, "lr": lr,
         "optim_options": optim_options(optimizer_class(args.optim), options),
-        "weight_decay": args.weight_decay, "decay_all": args.decay_all, "seed": args.seed, "steps": steps,
+        "weight_decay": args.weight_decay, "decay_all": args.decay_all, "seed": args.seed,
+        "steps": steps,
         "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
         "parameters": parameters, "corpus": corpus,
         "environment": environment() if ranks.main else {}, "train_loss": [], "val": [],
