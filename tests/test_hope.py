@@ -423,6 +423,29 @@ def test_table_aggregates_runs_over_seeds(tmp_path):
     assert summary["hope"]["val_bits_per_byte"] == [2.0, 2.2]
 
 
+def test_ablation_table_gives_each_variant_its_difference_and_calls_ties(tmp_path):
+    base = HopeConfig().to_dict()
+    runs = [("hope", 0, 2.50, {}), ("hope", 1, 2.52, {}), ("hope-clip", 0, 2.515,
+                                                         {"inner_grad_clip": 1e6}),
+            ("hope-cms", 0, 2.40, {"cms_periods": [1, 1, 1]}), ("hope-cut", 0, None, {})]
+    for variant, seed, val, change in runs:
+        run = tmp_path / f"{variant}-{seed}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps(
+            {"final_val_bits_per_byte": val, "seed": seed, "parameters": 1234, "arch": "hope",
+             "optim": "PreconditionedMomentum", "lr": 3e-3, "seconds": 10.0,
+             "config": {**base, **change}}))
+    text = evaluate.ablation(str(tmp_path))
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert list(rows) == ["hope-cms", "hope", "hope-clip"]  # best first; the cut run left out
+    assert "2.510 ± 0.014" in rows["hope"]
+    assert "+0.005 (tie)" in rows["hope-clip"] and "inner_grad_clip=1000000.0" in rows["hope-clip"]
+    assert "-0.110 |" in rows["hope-cms"] and "cms_periods=(1, 1, 1)" in rows["hope-cms"]
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["variants"]["hope-cms"]["delta"] == pytest.approx(-0.11)
+    assert saved["tie_within"] == pytest.approx(2 * 0.0141421, rel=1e-4)
+
+
 def test_table_marks_a_partial_run_instead_of_crashing(tmp_path):
     """`evaluate table` over a run cut short raised KeyError: 'final_val_bits_per_byte'; the
     run is now left out of the mean and marked partial with the step it reached."""

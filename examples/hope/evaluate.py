@@ -250,6 +250,56 @@ def table(root: str) -> str:
     return "\n".join(lines)
 
 
+DEFAULTS = HopeConfig().to_dict()
+
+
+def ablation(root: str, reference: str = "hope") -> str:
+    """A markdown table over ``root/<variant>-<seed>/`` runs: each variant's final val
+    bits/byte (mean ± std over its seeds), parameters, seconds, and its difference from the
+    ``reference`` variant's mean. A difference within two standard deviations of the
+    reference's seeds — or with a single-seed reference, within 0.01 — is called a tie.
+    Writes ``root/ablation.json``."""
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(glob.glob(os.path.join(root, "*-*", "metrics.json"))):
+        variant = os.path.basename(os.path.dirname(path)).rsplit("-", 1)[0]
+        metrics = json.load(open(path))
+        if metrics.get("final_val_bits_per_byte") is not None:
+            by_variant.setdefault(variant, []).append(metrics)
+    if reference not in by_variant:
+        raise ValueError(f"no finished {reference!r} runs under {root}")
+    ref = [m["final_val_bits_per_byte"] for m in by_variant[reference]]
+    noise = 2 * statistics.stdev(ref) if len(ref) > 1 else 0.01
+    lines = [f"| variant | seeds | params | val bits/byte | Δ vs {reference} | s/run | options |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    summary = {}
+    for variant, runs in sorted(by_variant.items(),
+                                key=lambda kv: statistics.mean(
+                                    m["final_val_bits_per_byte"] for m in kv[1])):
+        val = [m["final_val_bits_per_byte"] for m in runs]
+        delta = statistics.mean(val) - statistics.mean(ref)
+        verdict = "—" if variant == reference else (
+            f"{delta:+.3f} (tie)" if abs(delta) <= noise else f"{delta:+.3f}")
+        first = runs[0]
+        base = by_variant[reference][0]["config"]
+        options = {k: v for k, v in first["config"].items()  # what the variant changes
+                   if k not in ("arch", "mlp_hidden") and v != base.get(k, DEFAULTS.get(k))
+                   and not (v in ((), []) and k not in base)}
+        label = ", ".join([first["arch"], f"{first['optim']} lr {first['lr']:g}"]
+                          + [f"{k}={tuple(v) if isinstance(v, list) else v}"
+                             for k, v in options.items()])
+        lines.append(f"| {variant} | {len(runs)} | {first['parameters']:,} | {_mean_std(val)} | "
+                     f"{verdict} | {statistics.mean(m['seconds'] for m in runs):.0f} | "
+                     f"{label} |")
+        summary[variant] = {"val_bits_per_byte": val, "seeds": [m["seed"] for m in runs],
+                            "parameters": first["parameters"], "arch": first["arch"],
+                            "optim": first["optim"], "lr": first["lr"], "config": first["config"],
+                            "seconds": [m["seconds"] for m in runs], "delta": delta}
+    with open(os.path.join(root, "ablation.json"), "w") as f:
+        json.dump({"reference": reference, "tie_within": noise, "variants": summary}, f,
+                  indent=1)
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +314,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", required=True)
     p = sub.add_parser("table")
     p.add_argument("root")
+    p = sub.add_parser("ablation")
+    p.add_argument("root")
+    p.add_argument("--reference", default="hope")
     args = parser.parse_args(argv)
     if args.command == "ttt":
         r = ttt(args.run, args.windows, args.lr)
@@ -273,6 +326,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif args.command == "recall":
         r = recall(args.arch, args.seed, args.out, steps=args.steps)
         print(json.dumps({k: r[k] for k in ("arch", "seed", "seconds", "accuracy")}))
+    elif args.command == "ablation":
+        print(ablation(args.root, args.reference))
     else:
         print(table(args.root))
 
