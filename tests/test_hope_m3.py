@@ -57,7 +57,8 @@ def test_hope_trains_with_m3_without_nan(tmp_path, lr):
     assert len(metrics["train_loss"]) == 6
     assert all(math.isfinite(v) for v in metrics["train_loss"])
     assert math.isfinite(metrics["final_val_bits_per_byte"])
-    assert metrics["optim_options"] == {}
+    # M3 takes no options of its own; the record names what its AdamW part is given
+    assert metrics["optim_options"] == {**train.MUON_ADAMW_0_1, **train.M3_OPTIONS}
     assert metrics["lr"] == pytest.approx(float(lr) if lr else 3e-3)  # the micro size's, or --lr
 
 
