@@ -219,20 +219,17 @@ def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: flo
     weights :func:`decays` picks, every tensor with ``decay_all``) and any other option of
     the class (``betas``, ``eps``, ``momentum``, Muon's ``adamw_*``, …), passed as given."""
     cls = optimizer_class(name)
-    matrix_split = cls in (dm.Muon, dm.M3)
-    groups = param_groups(model, matrix_split, decay_all)
+    groups = param_groups(model, cls in (dm.Muon, dm.M3), decay_all)
     if issubclass(cls, dm.MemoryOptimizer):
-        defaults = M3_OPTIONS if cls is dm.M3 else {}
-        if matrix_split:  # the AdamW part as deepmomentum 0.1.0 defaulted it: results stay valid
-            defaults = {**MUON_ADAMW_0_1, **defaults}
-        return cls(groups, lr=lr, weight_decay=weight_decay, **{**defaults, **options})
+        return cls(groups, lr=lr, weight_decay=weight_decay, **optim_options(cls, options))
     plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # torch: tensors
     return dm.MultiFrequency(cls(plain, lr=lr, weight_decay=weight_decay, **options))
 
 
 def optim_options(cls: type, given: dict[str, Any]) -> dict[str, Any]:
     """What :func:`make_optimizer` passes to ``cls`` beyond lr and weight decay (the record in
-    ``metrics.json``)."""
+    ``metrics.json``): the ``given`` options over Muon's/M3's AdamW part as deepmomentum 0.1.0
+    defaulted it (so earlier results stay valid) and M3's own."""
     defaults = M3_OPTIONS if cls is dm.M3 else {}
     if cls in (dm.Muon, dm.M3):
         defaults = {**MUON_ADAMW_0_1, **defaults}
