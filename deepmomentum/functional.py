@@ -64,7 +64,8 @@ __all__ = [
     # keys, DMGD's memory, the gated scan of the HOPE memories
     "as_matrix", "matrix_shape", "gradient_keys", "input_keys_matrix", "erase_along_keys", "delta_keys",
     "unit_rows", "activate", "deep_memory_gradient_factors", "deep_memory_gradients",
-    "deep_memory_reads", "momentum_scan", "scan_coefficients",
+    "deep_memory_reads", "momentum_scan", "scan_coefficients", "memory_chunk_read",
+    "memory_chunk_end",
     "state_dtype", "LOW_PRECISION_DTYPES",
 ]
 
@@ -1680,3 +1681,44 @@ def momentum_scan(grads: Tensor, momentum: Tensor, lr: Tensor, decay: Tensor,
     W = c.param_from_start.unsqueeze(-1) * w0 + c.param_from_momentum.unsqueeze(-1) * s0 \
         - c.param_from_grads @ g
     return S.reshape(*batch, steps, *event), W.reshape(*batch, steps, *event)
+
+
+def memory_chunk_read(z: Tensor, W0: Tensor, S0: Optional[Tensor], x: Tensor, delta: Tensor,
+                      from_start: Tensor, from_momentum: Tensor, from_grads: Tensor) -> Tensor:
+    r"""Every token's read ``z_t W_t`` of a linear memory through its own state within a chunk
+    of :func:`momentum_scan` whose gradients factor as ``g_j = x_jᵀ δ_j``:
+
+    .. math::
+        z_t W_t = a_t\, z_t W_0 + b_t\, z_t S_0 - \sum_j G_{tj} (z_t \cdot x_j)\, \delta_j
+
+    with ``a = from_start`` (``param_from_start``), ``b = from_momentum`` and
+    ``G = from_grads`` of :func:`scan_coefficients`: no per-token state is formed. z (…, C, i),
+    W₀ and S₀ (…, i, o) broadcasting over z's batch dims (S₀ ``None``: zero momentum),
+    x (…, C, i), δ (…, C, o), a and b (…, C), G (…, C, C). The plain-torch twin of
+    :func:`deepmomentum.kernels.memory_scan.chunk_read`."""
+    out = from_start[..., None] * (z @ W0) - (from_grads * (z @ x.mT)) @ delta
+    if S0 is not None:
+        out = out + from_momentum[..., None] * (z @ S0)
+    return out
+
+
+def memory_chunk_end(W0: Tensor, S0: Optional[Tensor], x: Tensor, uW: Tensor, uS: Tensor,
+                     a: Tensor, b: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+    r"""A linear memory's state at the end of a chunk of :func:`momentum_scan` with factored
+    gradients ``g_j = x_jᵀ δ_j``:
+
+    .. math::
+        W = a\, W_0 + b\, S_0 - x^\top u_W,\qquad S = \mu\, S_0 - x^\top u_S
+
+    where ``u_W,j = G_{Cj} δ_j`` and ``u_S,j = P^η_{Cj} θ_j δ_j`` fold the last row of
+    :func:`scan_coefficients` into the factors, ``a``, ``b``, ``μ`` its last
+    param_from_start, param_from_momentum and momentum_from_start. W₀, S₀ (…, i, o) (S₀
+    ``None``: zero momentum), x (…, C, i), u (…, C, o), a, b, μ the batch dims (…). The
+    plain-torch twin of :func:`deepmomentum.kernels.memory_scan.chunk_end`."""
+    xt = x.mT
+    W = (xt @ -uW).addcmul_(a[..., None, None], W0)
+    S = xt @ -uS
+    if S0 is not None:
+        W.addcmul_(b[..., None, None], S0)
+        S.addcmul_(mu[..., None, None], S0)
+    return W, S

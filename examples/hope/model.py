@@ -46,6 +46,7 @@ from deepmomentum import functional as dmf
 ARCHITECTURES = ("hope", "titans", "transformer")
 PARTS = ("k", "v", "eta", "alpha")  # what HOPE's memories make (then the output memory)
 STATIC_PARTS = (*PARTS, "values")  # what HopeConfig.static_parts may make static
+KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -66,6 +67,10 @@ class HopeConfig:
     mlp_hidden: Optional[int] = None  # baselines' MLP; None: matched to HOPE's parameter count
     sequential: bool = False  # token-by-token in-context updates (the reference; slow)
     static_parts: tuple[str, ...] = ()  # HOPE's ablation: parts made as Titans makes them
+    # the chunk products: "auto" the Triton kernels (deepmomentum.kernels.memory_scan) on
+    # CUDA where Triton is installed, torch otherwise; "torch" always torch; "triton" always
+    # the kernels (on the CPU: under TRITON_INTERPRET=1, for the tests)
+    kernel: str = "auto"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -83,6 +88,8 @@ class HopeConfig:
                              "integers ≥ 1")
         self.cms_periods = tuple(int(p) for p in self.cms_periods)
         self.static_parts = tuple(self.static_parts)
+        if self.kernel not in KERNELS:
+            raise ValueError(f"Invalid kernel: {self.kernel!r}; must be one of {KERNELS}")
         for name in self.static_parts:
             if name not in STATIC_PARTS:
                 raise ValueError(f"Invalid static_parts: {self.static_parts}; each must be one "
@@ -148,9 +155,10 @@ class InContextMemories(nn.Module):
     outer optimizer; in context each sequence gets its own copy, updated by :meth:`learn`."""
 
     def __init__(self, m: int, n_heads: int, head_dim: int, hidden: int, activation: str,
-                 grad_clip: float = 1.0):
+                 grad_clip: float = 1.0, kernel: str = "auto"):
         super().__init__()
         self.grad_clip = grad_clip
+        self.kernel = kernel
         self.A0 = nn.Parameter(torch.randn(m, n_heads, head_dim, hidden) / math.sqrt(head_dim))
         self.B0 = nn.Parameter(torch.randn(m, n_heads, hidden, head_dim) * 0.02)
         self.activation = activation
@@ -185,7 +193,7 @@ class InContextMemories(nn.Module):
 
     def learn(self, state: tuple[Optional[Tensor], ...], keys: Tensor, values: Tensor,
               eta: Tensor, theta: Tensor, alpha: Tensor, queries: Tensor,
-              sequential: bool = False, self_generated: bool = False):
+              sequential: bool = False, self_generated: bool = False, final: bool = False):
         """One chunk of in-context learning from ``state = (A, B, S_A, S_B)`` (each (m, …);
         :meth:`initial_state` at the start), and the read of the last memory at every token's
         updated state, ``M_t(q_t)``.
@@ -194,9 +202,10 @@ class InContextMemories(nn.Module):
         ``self_generated``, (…, C, e), and each memory's values are its own read of them at
         the chunk start, ``v̂_□ = M_□(v)`` — the gates (…, C), queries (…, C, e). Every
         gradient is taken at the chunk-start state. Returns the reads (…, C, e) and the
-        chunk-end state. The parallel form never materializes a per-token state: each
-        gradient is an outer product ``xᵀδ`` (``deep_memory_gradient_factors``), so with the
-        scan's coefficients ``a, c, G`` (``scan_coefficients``)
+        chunk-end state (``None`` with ``final``: the parallel form skips it). The parallel
+        form never materializes a per-token state: each gradient is an outer product ``xᵀδ``
+        (``deep_memory_gradient_factors``), so with the scan's coefficients ``a, c, G``
+        (``scan_coefficients``)
 
             z_t W_t = a_t z_t W_0 + c_t z_t S_0 − Σ_j G_tj (z_t·x_j) δ_j,
 
@@ -234,13 +243,19 @@ class InContextMemories(nn.Module):
         D = D * self.clip_scale(hidden.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
         c = dmf.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
         last = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731 — per token j
+        kernel = self.uses_kernel(keys)
 
         def end_of_chunk(W0, S0, x, delta):
             return _ChunkEnd.apply(W0, S0, x, last(c.param_from_grads) * delta,
                                    last(c.momentum_from_grads) * delta, c.param_from_start[..., -1],
-                                   c.param_from_momentum[..., -1], c.momentum_from_start[..., -1])
+                                   c.param_from_momentum[..., -1], c.momentum_from_start[..., -1],
+                                   kernel)
 
         def read_through(z, W0, S0, x, delta):  # z_t W_t of the last memory, for every token t
+            if kernel:
+                return _ChunkRead.apply(z, W0[-1], None if S0 is None else S0[-1], x[-1],
+                                        delta[-1], c.param_from_start, c.param_from_momentum,
+                                        c.param_from_grads)
             out = c.param_from_start[..., None] * _matmul(z, W0[-1]) \
                 - (c.param_from_grads * (z @ x[-1].mT)) @ delta[-1]
             if S0 is not None:
@@ -249,8 +264,19 @@ class InContextMemories(nn.Module):
 
         hidden_q = self.phi(read_through(queries, A, SA, X, dZ))
         reads = queries + read_through(hidden_q, B, SB, hidden, D)
+        if final:  # the sequence's last chunk: its end state is never read
+            return reads, None
         (A, SA), (B, SB) = end_of_chunk(A, SA, X, dZ), end_of_chunk(B, SB, hidden, D)
         return reads, (A, B, SA, SB)
+
+    def uses_kernel(self, like: Tensor) -> bool:
+        """Whether the chunk products run as Triton kernels (``kernel``: "triton" always,
+        "auto" on CUDA where Triton is installed)."""
+        if self.kernel == "auto":
+            from deepmomentum.kernels import triton_available
+
+            return like.is_cuda and triton_available()
+        return self.kernel == "triton"
 
     def _learn_sequential(self, state, X, values, gates, queries):
         A, B, SA, SB = state
@@ -312,16 +338,14 @@ class _ChunkEnd(torch.autograd.Function):
     arrive (the last chunk's state is never read) costs nothing."""
 
     @staticmethod
-    def forward(ctx, W0, S0, x, uW, uS, a, b, mu):
+    def forward(ctx, W0, S0, x, uW, uS, a, b, mu, kernel=False):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(W0, S0, x, uW, uS, a, b, mu)
-        xt = x.mT
-        W = (xt @ -uW).addcmul_(a[..., None, None], W0)
-        S = xt @ -uS
-        if S0 is not None:
-            W.addcmul_(b[..., None, None], S0)
-            S.addcmul_(mu[..., None, None], S0)
-        return W, S
+        if kernel:
+            from deepmomentum.kernels import memory_scan
+
+            return memory_scan.chunk_end(W0, S0, x, uW, uS, a, b, mu)
+        return dmf.memory_chunk_end(W0, S0, x, uW, uS, a, b, mu)
 
     @staticmethod
     def backward(ctx, gW, gS):
@@ -355,6 +379,52 @@ class _ChunkEnd(torch.autograd.Function):
             else:
                 gS0 = gW * b[..., None, None]
                 grads[1] = gS0 if gS is None else gS0.addcmul_(gS, mu[..., None, None])
+        return (*grads, None)
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """A gradient of a state shared by the batch (dim −4 of size 1) summed over the batch."""
+    if like.dim() >= 4 and like.shape[-4] == 1 < grad.shape[-4]:
+        return grad.sum(-4, keepdim=True)
+    return grad
+
+
+class _ChunkRead(torch.autograd.Function):
+    r"""Every token's read through its own state within a chunk, by the Triton kernel
+    (:func:`deepmomentum.kernels.memory_scan.chunk_read`; the model's CUDA path), with a torch
+    backward:
+
+    .. math::
+        o = a \odot zW_0 + b \odot zS_0 - (G \odot z x^\top)\,\delta
+
+    z, x (batch, H, C, i), δ (batch, H, C, o), W₀, S₀ (batch or 1, H, i, o), a, b (batch, H, C),
+    G (batch, H, C, C). The backward, with ``P = z xᵀ`` and ``E = G ⊙ (g δᵀ)``:
+    ``∂z = a ⊙ gW₀ᵀ + b ⊙ gS₀ᵀ − E x``, ``∂W₀ = zᵀ(a ⊙ g)``, ``∂S₀ = zᵀ(b ⊙ g)``,
+    ``∂x = −Eᵀ z``, ``∂δ = −(G ⊙ P)ᵀ g``, ``∂a = Σ z ⊙ gW₀ᵀ``, ``∂b = Σ z ⊙ gS₀ᵀ``,
+    ``∂G = −(g δᵀ) ⊙ P``."""
+
+    @staticmethod
+    def forward(ctx, z, W0, S0, x, delta, a, b, G):
+        from deepmomentum.kernels import memory_scan
+
+        ctx.save_for_backward(z, W0, S0, x, delta, a, b, G)
+        return memory_scan.chunk_read(z, W0, S0, x, delta, a, b, G)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, W0, S0, x, delta, a, b, G = ctx.saved_tensors
+        P = z @ x.mT
+        g_delta = g @ delta.mT  # (…, C, C): g_t · δ_j
+        E = G * g_delta
+        gW = g @ W0.mT  # (…, C, i)
+        gz = a[..., None] * gW - E @ x
+        grads = [gz, _sum_to(z.mT @ (a[..., None] * g), W0), None, -(E.mT @ z),
+                 -((G * P).mT @ g), (z * gW).sum(-1), None, -(g_delta * P)]
+        if S0 is not None:
+            gS = g @ S0.mT
+            gz.addcmul_(b[..., None], gS)
+            grads[2] = _sum_to(z.mT @ (b[..., None] * g), S0)
+            grads[6] = (z * gS).sum(-1)
         return tuple(grads)
 
 
@@ -407,7 +477,7 @@ class TitansLayer(nn.Module):
                                                  for _ in range(3))
         self.memories = InContextMemories(len(self.generated) + 1, H, e,
                                           config.memory_expansion * e, config.memory_activation,
-                                          config.inner_grad_clip)
+                                          config.inner_grad_clip, config.kernel)
         gate_init = {"eta": 2.0, "alpha": -4.0}  # σ: η ≈ 0.88, α ≈ 0.018 at the start
         self.read_gates = [g for g in ("eta", "alpha") if g in self.generated]
         self.static_gates = [g for g in ("eta", "alpha") if g not in self.generated]
@@ -470,7 +540,8 @@ class TitansLayer(nn.Module):
             theta_c = self.inner_lr_scale * (1 - eta_c) * theta[..., part]
             read, state = mem.learn(state, parts["k"], values, eta_c, theta_c, alpha_c,
                                     q[:, :, part], sequential=self.config.sequential,
-                                    self_generated=self.self_generated_values)
+                                    self_generated=self.self_generated_values,
+                                    final=start + C >= T)
             outputs.append(read)
         return self.out(merge_heads(torch.cat(outputs, dim=2)))
 
