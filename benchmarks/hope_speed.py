@@ -1,7 +1,7 @@
 """Training speed of the HOPE example's three models, interleaved in one process.
 
     python -m benchmarks.hope_speed [--size small] [--repeats 30] [--threads 2] [--compile]
-                                    [--device cpu|cuda] [--out FILE]
+                                    [--device cpu|cuda] [--compare-kernels] [--out FILE]
 
 Each repeat times one training step (forward, backward, ``torch.optim.AdamW`` step) of every
 model in turn — ``transformer`` (Transformer++), ``titans``, ``hope`` at the size's
@@ -9,7 +9,9 @@ configuration and equal parameter count (``examples.hope.model.build``) — on t
 random bytes, so all three see the same machine state; the table is tokens per second from the
 median step time, and the ratio to Transformer++ measured in the same run. The first
 ``--warmup`` steps of each model are not counted. ``--compile`` also times each model under
-``torch.compile``.
+``torch.compile``. ``--compare-kernels`` adds ``titans[torch]`` and ``hope[torch]``: the
+memory models with ``kernel="torch"``, against the default (on CUDA, the Triton chunk kernels of
+``deepmomentum.kernels.memory_scan``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ from examples.hope.train import SIZES
 from . import core
 
 ARCHS = ("transformer", "titans", "hope")
+TORCH_KERNEL = ("titans[torch]", "hope[torch]")  # --compare-kernels: kernel="torch"
 
 
-def _stepper(arch: str, size: dict, compile_: bool, device: str):
+def _stepper(name: str, size: dict, compile_: bool, device: str):
     torch.manual_seed(0)
-    model = build(HopeConfig(arch=arch, **size["model"])).to(device)
+    arch, _, kernel = name.partition("[")
+    options = {"kernel": kernel.rstrip("]")} if kernel else {}
+    model = build(HopeConfig(arch=arch, **size["model"], **options)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     forward = torch.compile(model) if compile_ else model
 
@@ -49,18 +54,19 @@ def _stepper(arch: str, size: dict, compile_: bool, device: str):
 
 
 def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", compare_kernels: bool = False) -> dict:
     size = SIZES[size_name]
+    names = ARCHS + TORCH_KERNEL if compare_kernels else ARCHS
     batch = torch.randint(0, 256, (size["batch"], size["seq_len"] + 1),
                           generator=torch.Generator().manual_seed(0)).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     models = {}
-    for arch in ARCHS:
+    for arch in names:
         model, step = _stepper(arch, size, compile_, device)
         models[arch] = (count_parameters(model), step)
-    times = {arch: [] for arch in ARCHS}
+    times = {arch: [] for arch in names}
     for r in range(warmup + repeats):
-        for arch in ARCHS:
+        for arch in names:
             sync()
             start = time.perf_counter()
             models[arch][1](batch)
@@ -70,7 +76,7 @@ def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
     tokens = size["batch"] * size["seq_len"]
     base = statistics.median(times["transformer"])
     rows = {}
-    for arch in ARCHS:
+    for arch in names:
         median = statistics.median(times[arch])
         rows[arch] = {"parameters": models[arch][0], "median_step_s": median,
                       "tokens_per_s": tokens / median, "ratio_to_transformer": base / median,
@@ -86,13 +92,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compare-kernels", action="store_true",
+                        help="also time titans and hope with kernel='torch'")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"size": args.size, "threads": args.threads, "repeats": args.repeats,
+              "compare_kernels": args.compare_kernels,
               "device": args.device, "environment": core.environment(args.device)}
     for mode in (["eager", "compiled"] if args.compile else ["eager"]):
-        rows = measure(args.size, args.repeats, args.warmup, mode == "compiled", args.device)
+        rows = measure(args.size, args.repeats, args.warmup, mode == "compiled", args.device,
+                       args.compare_kernels)
         result[mode] = rows
         print(f"\n{args.size}, {mode}, {args.device}, {args.threads} threads, median of "
               f"{args.repeats} interleaved steps (AdamW)\n")

@@ -235,7 +235,8 @@ def test_nearly_identical_curves_are_marked_as_such_and_distinct_ones_are_not():
 
 # --- one stamp, one summary, one sweep: the single-purpose scripts use benchmarks.core --------
 
-SCRIPTS = ["delta", "dmgd", "cms", "fused_step_gpu", "ns_gpu", "muon_step", "hope_speed"]
+SCRIPTS = ["delta", "dmgd", "cms", "fused_step_gpu", "ns_gpu", "muon_step", "hope_speed",
+           "memory_scan_gpu"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -271,6 +272,27 @@ def test_hope_speed_times_every_model_and_reports_the_ratio_to_the_transformer(t
             rows["transformer"]["median_step_s"] / row["median_step_s"])
     assert rows["transformer"]["ratio_to_transformer"] == 1.0
     assert "| hope |" in capsys.readouterr().out
+
+
+def test_hope_speed_compares_the_memory_models_without_their_kernels(tmp_path):
+    from benchmarks import hope_speed
+
+    out = tmp_path / "speed.json"
+    hope_speed.main(["--size", "micro", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                     "--compare-kernels", "--out", str(out)])
+    rows = json.loads(out.read_text())["eager"]
+    assert list(rows) == ["transformer", "titans", "hope", "titans[torch]", "hope[torch]"]
+    assert all(len(row["step_s"]) == 1 for row in rows.values())
+
+
+def test_memory_scan_gpu_says_it_needs_a_gpu_and_runs_nothing(capsys, monkeypatch):
+    import torch
+
+    from benchmarks import memory_scan_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory_scan_gpu.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
 def test_summarize_reports_a_diverged_seed_instead_of_averaging_it():
