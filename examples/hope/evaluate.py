@@ -253,6 +253,12 @@ def table(root: str) -> str:
 DEFAULTS = HopeConfig().to_dict()
 
 
+# train.py's options beyond the optimizer's name and lr a variant may change, with their
+# values in runs that predate them
+TRAINING_OPTIONS = {"cms_lr_power": 0.0, "weight_decay": 0.01, "decay_all": False,
+                    "optim_options": None}
+
+
 def ablation(root: str, reference: str = "hope") -> str:
     """A markdown table over ``root/<variant>-<seed>/`` runs: each variant's final val
     bits/byte (mean ± std over its seeds), parameters, seconds, and its difference from the
@@ -284,6 +290,10 @@ def ablation(root: str, reference: str = "hope") -> str:
         options = {k: v for k, v in first["config"].items()  # what the variant changes
                    if k not in ("arch", "mlp_hidden") and v != base.get(k, DEFAULTS.get(k))
                    and not (v in ((), []) and k not in base)}
+        reference_run = by_variant[reference][0]
+        options.update({k: first.get(k) for k in TRAINING_OPTIONS  # and how it trains
+                        if first.get(k, TRAINING_OPTIONS[k])
+                        != reference_run.get(k, TRAINING_OPTIONS[k])})
         label = ", ".join([first["arch"], f"{first['optim']} lr {first['lr']:g}"]
                           + [f"{k}={tuple(v) if isinstance(v, list) else v}"
                              for k, v in options.items()])

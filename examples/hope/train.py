@@ -169,11 +169,17 @@ def decays(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and not name.endswith("bias")
 
 
-def param_groups(model: LanguageModel, matrix_split: bool, decay_all: bool = False
+def param_groups(model: LanguageModel, matrix_split: bool, decay_all: bool = False,
+                 lr: Optional[float] = None, cms_lr_power: float = 0.0
                  ) -> list[dict[str, Any]]:
     """Everything but the CMS levels at period 1, HOPE's level ℓ at ``cms_periods[ℓ]``; for a
     Muon-type optimizer each is split further by :func:`deepmomentum.muon_param_groups`; then
-    by :func:`decays` (``weight_decay=0`` for the rest; ``decay_all``: no such split)."""
+    by :func:`decays` (``weight_decay=0`` for the rest; ``decay_all``: no such split).
+
+    ``cms_lr_power`` p gives level ℓ the lr ``lr · C^(ℓ)^p`` (p = 0: the one lr; p = 1: a level
+    that steps C times less often takes C times the step, so that it travels as far under a
+    normalized optimizer such as Adam, whose step size ignores the accumulated gradient's
+    scale)."""
     levels = model.cms_levels() if model.config.arch == "hope" else []
     in_levels = {id(p) for level in levels for p in level}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -191,8 +197,9 @@ def param_groups(model: LanguageModel, matrix_split: bool, decay_all: bool = Fal
                 ([p for p in part if not decays(names[id(p)], p)],
                  {**options, "weight_decay": 0.0,  # Muon's AdamW part has its own decay
                   **({"adamw_weight_decay": 0.0} if matrix_split else {})}))]
+        scaled = {"lr": lr * period ** cms_lr_power} if cms_lr_power and period > 1 else {}
         groups += [{"params": [(names[id(p)], p) for p in part], "update_period": period,
-                    "accumulate": "mean", **options} for part, options in parts if part]
+                    "accumulate": "mean", **scaled, **options} for part, options in parts if part]
     return groups
 
 
@@ -214,12 +221,14 @@ def default_lr(name: str, size_lr: float) -> float:
 
 
 def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: float,
-                   decay_all: bool = False, **options: Any) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over :func:`param_groups`: ``lr`` and ``weight_decay`` (on the
-    weights :func:`decays` picks, every tensor with ``decay_all``) and any other option of
-    the class (``betas``, ``eps``, ``momentum``, Muon's ``adamw_*``, …), passed as given."""
+                   decay_all: bool = False, cms_lr_power: float = 0.0,
+                   **options: Any) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over :func:`param_groups`: ``lr`` (the slow CMS levels' scaled by
+    ``cms_lr_power``) and ``weight_decay`` (on the weights :func:`decays` picks, every tensor
+    with ``decay_all``) and any other option of the class (``betas``, ``eps``, ``momentum``,
+    Muon's ``adamw_*``, …), passed as given."""
     cls = optimizer_class(name)
-    groups = param_groups(model, cls in (dm.Muon, dm.M3), decay_all)
+    groups = param_groups(model, cls in (dm.Muon, dm.M3), decay_all, lr, cms_lr_power)
     if issubclass(cls, dm.MemoryOptimizer):
         return cls(groups, lr=lr, weight_decay=weight_decay, **optim_options(cls, options))
     plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # torch: tensors
@@ -440,6 +449,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         metavar="KEY=VALUE",
                         help="a HopeConfig field over the size's, e.g. inner_grad_clip=1e6 "
                              "cms_periods=(1,1,1) (repeatable; recorded in metrics' config)")
+    parser.add_argument("--cms-lr-power", type=float, default=0.0, metavar="P",
+                        help="HOPE's CMS level of period C trains at lr·C^P (default 0: one lr)")
     parser.add_argument("--steps", type=int, default=None, help="default: the size's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "stdlib"))
@@ -511,7 +522,7 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
         shard(model, ranks.mesh)
     options = dict(args.optim_option)
     optimizer = make_optimizer(model, args.optim, lr, args.weight_decay, args.decay_all,
-                               **options)
+                               args.cms_lr_power, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(size["warmup"], steps))
     sampler = torch.Generator().manual_seed(args.seed)
     corpus, tokens = byte_tokens(args.corpus)
@@ -520,7 +531,8 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
     metrics: dict[str, Any] = {
         "arch": args.arch, "size": args.size, "optim": args.optim, "lr": lr,
         "optim_options": optim_options(optimizer_class(args.optim), options),
-        "weight_decay": args.weight_decay, "decay_all": args.decay_all, "seed": args.seed,
+        "weight_decay": args.weight_decay, "decay_all": args.decay_all,
+        "cms_lr_power": args.cms_lr_power, "seed": args.seed,
         "steps": steps,
         "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
         "parameters": parameters, "corpus": corpus,
