@@ -252,6 +252,24 @@ def test_cms_level_changes_only_every_period_steps(optim):
     assert changed_at == [list(range(1, 13)), [2, 4, 6, 8, 10, 12], [3, 6, 9, 12]]
 
 
+@pytest.mark.parametrize("optim", ["PreconditionedMomentum", "Muon", "torch.AdamW"])
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_cms_lr_power_scales_each_slow_level_by_its_period(optim, power):
+    periods = (1, 2, 8)
+    model = build(HopeConfig(arch="hope", **{**TINY, "cms_periods": periods}))
+    optimizer = train.make_optimizer(model, optim, 1e-2, 0.0, cms_lr_power=power)
+    level_of = {id(p): i for i, level in enumerate(model.cms_levels()) for p in level}
+    for group in optimizer.param_groups:
+        params = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
+        levels = {level_of.get(id(p)) for p in params}
+        assert len(levels) == 1  # a group is one level's, or the rest's
+        level = levels.pop()
+        period = 1 if level is None else periods[level]
+        base = train.MUON_ADAMW_0_1["adamw_lr"] if not group.get("use_muon", True) else 1e-2
+        assert group["lr"] == pytest.approx(base * period ** power)
+        assert group["update_period"] == period
+
+
 def test_optimizer_by_name():
     assert train.optimizer_class("DeltaMomentum") is dm.DeltaMomentum
     assert train.optimizer_class("torch.AdamW") is torch.optim.AdamW
