@@ -142,18 +142,61 @@ def test_chunk_size_one_follows_the_delta_rule_recursion(T, heads, e, m, clip, s
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@given(T=st.integers(1, 8), m=st.integers(1, 3), clip=st.sampled_from([0.05, 1e6]),
+       seed=st.integers(0, 2**16))
+def test_linear_memories_follow_the_delta_rule_recursion(T, m, clip, seed):
+    """``memory_depth=1``, chunk size 1: W_t from the autograd gradient of
+    ½‖k + k W − v‖² (clipped), the read q + q W_t."""
+    torch.manual_seed(seed)
+    memories = InContextMemories(m, 2, 3, 0, "silu", grad_clip=clip, depth=1).double()
+    g = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(2, 2, T, 3, generator=g, dtype=torch.float64), dim=-1)
+    values = torch.randn(m, 2, 2, T, 3, generator=g, dtype=torch.float64)
+    queries = torch.randn(2, 2, T, 3, generator=g, dtype=torch.float64)
+    eta, theta, alpha = _gates((2, 2, T), g)
+    state = memories.initial_state(2)
+    W = memories.W0.detach().unsqueeze(1).expand(m, 2, 2, 3, 3).clone()
+    S = torch.zeros_like(W)
+    for t in range(T):
+        step = slice(t, t + 1)
+        read, state = memories.learn(state, keys[..., step, :], values[..., step, :],
+                                     eta[..., step], theta[..., step], alpha[..., step],
+                                     queries[..., step, :])
+        W_ = W.clone().requires_grad_(True)
+        k = keys[..., t, None, :]
+        loss = 0.5 * ((k + k @ W_ - values[..., t, None, :]) ** 2).sum()
+        (gW,) = torch.autograd.grad(loss, (W_,))
+        n = gW.flatten(-2).norm(dim=-1)[..., None, None]
+        gW = torch.where(n > clip, gW * clip / n, gW)
+        gate = lambda x: x[..., t, None, None]  # noqa: E731
+        S = gate(eta) * S - gate(theta) * gW
+        W = (1 - gate(alpha)) * W + S
+        q = queries[..., t, None, :]
+        torch.testing.assert_close(read, q + q @ W[-1], rtol=1e-10, atol=1e-12)
+        for got, want in zip(state, (W, S)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_memory_depth_is_validated():
+    with pytest.raises(ValueError, match="memory_depth"):
+        HopeConfig(memory_depth=3)
+
+
 # No max_examples pin: the loaded profile sets it (25 under "ci", 500 under "thorough"); the
 # model is TINY and T ≤ 13, so an example takes well under 0.1 s.
 @given(arch=st.sampled_from(["hope", "titans"]), T=st.integers(1, 13), chunk=st.integers(1, 6),
        clip=st.sampled_from([0.01, 1.0]), seed=st.integers(0, 2**16),
-       static=st.one_of(st.just(()), st.sets(st.sampled_from(STATIC_PARTS)).map(sorted)))
-def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, clip, seed, static):
+       static=st.one_of(st.just(()), st.sets(st.sampled_from(STATIC_PARTS)).map(sorted)),
+       depth=st.sampled_from([1, 2]))
+def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, clip, seed, static, depth):
     """The parallel chunk form (factored gradients, scan coefficients) and the reference that
     materializes every per-token gradient and state and loops over tokens: same logits and
-    same outer gradients, in float64 — HOPE with any of its parts made static too."""
+    same outer gradients, in float64 — HOPE with any of its parts made static too, and with
+    linear memories (``memory_depth=1``)."""
     torch.manual_seed(seed)
     config = HopeConfig(arch=arch, chunk_size=chunk, inner_grad_clip=clip, **TINY,
-                        static_parts=tuple(static) if arch == "hope" else ())
+                        static_parts=tuple(static) if arch == "hope" else (),
+                        memory_depth=depth)
     model = build(config).double()
     reference = build(replace(model.config, sequential=True)).double()
     reference.load_state_dict(model.state_dict())

@@ -179,14 +179,14 @@ def test_chunk_read_backward_equals_autograd_of_the_twin(monkeypatch, momentum, 
     assert torch.autograd.gradcheck(model._ChunkRead.apply, inputs)
 
 
-@pytest.mark.parametrize("arch", ["hope", "titans"])
-def test_hope_kernel_path_equals_the_torch_path(arch):
+@pytest.mark.parametrize("arch, depth", [("hope", 2), ("titans", 2), ("hope", 1)])
+def test_hope_kernel_path_equals_the_torch_path(arch, depth):
     """A whole model with ``kernel="triton"`` (the interpreter here; CUDA's path) against
-    ``kernel="torch"``: the same logits and gradients."""
+    ``kernel="torch"``: the same logits and gradients (linear memories too)."""
     from examples.hope.model import HopeConfig, build
 
     config = dict(arch=arch, d_model=32, n_layers=1, n_heads=2, chunk_size=8,
-                  cms_periods=(1, 2), cms_hidden=16)
+                  cms_periods=(1, 2), cms_hidden=16, memory_depth=depth)
     torch.manual_seed(0)
     reference = build(HopeConfig(**config, kernel="torch"))
     kernel = build(HopeConfig(**config, kernel="triton"))

@@ -58,6 +58,7 @@ class HopeConfig:
     n_heads: int = 4
     memory_expansion: int = 2  # hidden width of each in-context memory = this × head dim
     memory_activation: str = "silu"
+    memory_depth: int = 2  # 2: residual MLPs z + φ(z A) B; 1: linear, z + z W
     chunk_size: int = 16  # tokens per parallel in-context update
     inner_lr_scale: Optional[float] = None  # bound s on θ_t/(1 − η_t); None: 1/chunk_size
     inner_grad_clip: float = 1.0  # each token's gradient of each memory matrix: ‖∇‖_F ≤ this
@@ -81,6 +82,8 @@ class HopeConfig:
         for name in ("chunk_size", "conv_width", "n_layers", "memory_expansion", "cms_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)}; must be ≥ 1")
+        if self.memory_depth not in (1, 2):
+            raise ValueError(f"Invalid memory_depth: {self.memory_depth}; must be 1 or 2")
         if not self.inner_grad_clip > 0:
             raise ValueError(f"Invalid inner_grad_clip: {self.inner_grad_clip}; must be > 0")
         if not self.cms_periods or any(int(p) != p or p < 1 for p in self.cms_periods):
@@ -155,12 +158,17 @@ class InContextMemories(nn.Module):
     outer optimizer; in context each sequence gets its own copy, updated by :meth:`learn`."""
 
     def __init__(self, m: int, n_heads: int, head_dim: int, hidden: int, activation: str,
-                 grad_clip: float = 1.0, kernel: str = "auto"):
+                 grad_clip: float = 1.0, kernel: str = "auto", depth: int = 2):
         super().__init__()
         self.grad_clip = grad_clip
         self.kernel = kernel
-        self.A0 = nn.Parameter(torch.randn(m, n_heads, head_dim, hidden) / math.sqrt(head_dim))
-        self.B0 = nn.Parameter(torch.randn(m, n_heads, hidden, head_dim) * 0.02)
+        self.depth = depth
+        if depth == 1:  # linear memories M(z) = z + z W
+            self.W0 = nn.Parameter(torch.randn(m, n_heads, head_dim, head_dim) * 0.02)
+        else:
+            self.A0 = nn.Parameter(torch.randn(m, n_heads, head_dim, hidden)
+                                   / math.sqrt(head_dim))
+            self.B0 = nn.Parameter(torch.randn(m, n_heads, hidden, head_dim) * 0.02)
         self.activation = activation
 
     def phi(self, z: Tensor) -> Tensor:
@@ -186,9 +194,19 @@ class InContextMemories(nn.Module):
         hidden = self.phi(torch.einsum("...te,...teh->...th", z, A))
         return z + torch.einsum("...th,...the->...te", hidden, B)
 
+    def read_state(self, z: Tensor, state: tuple[Optional[Tensor], ...]) -> Tensor:
+        """``M(z)`` of every memory at ``state`` (:meth:`read`, or ``z + z W`` for linear
+        memories)."""
+        if self.depth == 1:
+            return z + _matmul(z, state[0])
+        return self.read(z, state[0], state[1])
+
     def initial_state(self, batch: int) -> tuple[Optional[Tensor], ...]:
         """``(A, B, S_A, S_B)`` at the start of every sequence: the learned ``A0, B0`` shared by
-        the batch (a broadcast dim 1, never copied per sequence) and zero momenta (``None``)."""
+        the batch (a broadcast dim 1, never copied per sequence) and zero momenta (``None``);
+        ``(W, S)`` for linear memories."""
+        if self.depth == 1:
+            return self.W0.unsqueeze(1), None
         return self.A0.unsqueeze(1), self.B0.unsqueeze(1), None, None
 
     def learn(self, state: tuple[Optional[Tensor], ...], keys: Tensor, values: Tensor,
@@ -212,6 +230,9 @@ class InContextMemories(nn.Module):
         an attention-like product. ``sequential`` materializes every per-token gradient and
         state and steps through the tokens one by one: the reference the parallel form is
         tested against."""
+        if self.depth == 1:
+            return self._learn_linear(state, keys, values, eta, theta, alpha, queries,
+                                      sequential, self_generated, final)
         A, B, SA, SB = state
         m = A.shape[0]
         if sequential:
@@ -242,32 +263,40 @@ class InContextMemories(nn.Module):
         dZ = dZ * self.clip_scale(keys.norm(dim=-1, keepdim=True) * dZ.norm(dim=-1, keepdim=True))
         D = D * self.clip_scale(hidden.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
         c = dmf.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
-        last = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731 — per token j
         kernel = self.uses_kernel(keys)
-
-        def end_of_chunk(W0, S0, x, delta):
-            return _ChunkEnd.apply(W0, S0, x, last(c.param_from_grads) * delta,
-                                   last(c.momentum_from_grads) * delta, c.param_from_start[..., -1],
-                                   c.param_from_momentum[..., -1], c.momentum_from_start[..., -1],
-                                   kernel)
-
-        def read_through(z, W0, S0, x, delta):  # z_t W_t of the last memory, for every token t
-            if kernel:
-                return _ChunkRead.apply(z, W0[-1], None if S0 is None else S0[-1], x[-1],
-                                        delta[-1], c.param_from_start, c.param_from_momentum,
-                                        c.param_from_grads)
-            out = c.param_from_start[..., None] * _matmul(z, W0[-1]) \
-                - (c.param_from_grads * (z @ x[-1].mT)) @ delta[-1]
-            if S0 is not None:
-                out = out + c.param_from_momentum[..., None] * (z @ S0[-1])
-            return out
-
-        hidden_q = self.phi(read_through(queries, A, SA, X, dZ))
-        reads = queries + read_through(hidden_q, B, SB, hidden, D)
+        hidden_q = self.phi(_read_through(c, kernel, queries, A, SA, X, dZ))
+        reads = queries + _read_through(c, kernel, hidden_q, B, SB, hidden, D)
         if final:  # the sequence's last chunk: its end state is never read
             return reads, None
-        (A, SA), (B, SB) = end_of_chunk(A, SA, X, dZ), end_of_chunk(B, SB, hidden, D)
+        (A, SA), (B, SB) = (_end_of_chunk(c, kernel, A, SA, X, dZ),
+                            _end_of_chunk(c, kernel, B, SB, hidden, D))
         return reads, (A, B, SA, SB)
+
+    def _learn_linear(self, state, keys, values, eta, theta, alpha, queries, sequential,
+                      self_generated, final):
+        """:meth:`learn` for linear memories ``M(z) = z + z W`` (``depth=1``): the gradient of
+        ½‖M(k) − v̂‖² is ``kᵀδ`` with ``δ = kW − (v̂ − k)``, clipped on its factors, then the
+        same scan and chunk products on the one matrix."""
+        W, S = state
+        m = W.shape[0]
+        X = keys.expand(m, *keys.shape)
+        if self_generated:
+            values = self.read_state(values.expand(m, *values.shape), state)
+        if sequential:  # every token's own gradient and state, one step at a time
+            W, S = _full_state(state, keys.shape[0])
+            g = X[..., :, None] * (X @ W - (values - X))[..., None, :]  # (m, …, C, e, e)
+            g = g * self.clip_scale(g.norm(dim=(-2, -1), keepdim=True))
+            S_t, W_t = _sequential_scan(g, eta, theta, alpha, S, W)
+            reads = queries + torch.einsum("...te,...tef->...tf", queries, W_t[-1])
+            return reads, (W_t.select(-3, -1), S_t.select(-3, -1))
+        D = _matmul(X, W) - (values - X)
+        D = D * self.clip_scale(keys.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
+        c = dmf.scan_coefficients(eta, theta, alpha)
+        kernel = self.uses_kernel(keys)
+        reads = queries + _read_through(c, kernel, queries, W, S, X, D)
+        if final:
+            return reads, None
+        return reads, _end_of_chunk(c, kernel, W, S, X, D)
 
     def uses_kernel(self, like: Tensor) -> bool:
         """Whether the chunk products run as Triton kernels (``kernel``: "triton" always,
@@ -292,6 +321,28 @@ class InContextMemories(nn.Module):
         SB_t, B_t = _sequential_scan(gB.view(*Bt.shape), *gates, SB, B)
         reads = self.read_per_token(queries, A_t[-1], B_t[-1])
         return reads, tuple(t.select(-3, -1) for t in (A_t, B_t, SA_t, SB_t))
+
+
+def _end_of_chunk(c: dmf.ScanCoefficients, kernel: bool, W0, S0, x, delta):
+    """Every memory's ``(W, S)`` at the chunk's end from its start state and its gradients'
+    factors ``x, δ`` (m, …, C, ·), the scan's last row folded into δ."""
+    last = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731 — per token j
+    return _ChunkEnd.apply(W0, S0, x, last(c.param_from_grads) * delta,
+                           last(c.momentum_from_grads) * delta, c.param_from_start[..., -1],
+                           c.param_from_momentum[..., -1], c.momentum_from_start[..., -1], kernel)
+
+
+def _read_through(c: dmf.ScanCoefficients, kernel: bool, z, W0, S0, x, delta):
+    """``z_t W_t`` of the last memory for every token t of the chunk (the attention-like
+    product of :func:`deepmomentum.functional.memory_chunk_read`)."""
+    if kernel:
+        return _ChunkRead.apply(z, W0[-1], None if S0 is None else S0[-1], x[-1], delta[-1],
+                                c.param_from_start, c.param_from_momentum, c.param_from_grads)
+    out = c.param_from_start[..., None] * _matmul(z, W0[-1]) \
+        - (c.param_from_grads * (z @ x[-1].mT)) @ delta[-1]
+    if S0 is not None:
+        out = out + c.param_from_momentum[..., None] * (z @ S0[-1])
+    return out
 
 
 def _matmul(z: Tensor, W: Tensor) -> Tensor:
@@ -430,11 +481,12 @@ class _ChunkRead(torch.autograd.Function):
 
 def _full_state(state, batch: int) -> tuple[Tensor, ...]:
     """:meth:`InContextMemories.initial_state`'s broadcast state and ``None`` momenta as the
-    per-sequence tensors the token-by-token reference steps."""
-    A, B, SA, SB = state
-    A, B = (W.expand(W.shape[0], batch, *W.shape[2:]) for W in (A, B))
-    return (A, B, torch.zeros_like(A) if SA is None else SA,
-            torch.zeros_like(B) if SB is None else SB)
+    per-sequence tensors the token-by-token reference steps: ``(A, B, S_A, S_B)``, or
+    ``(W, S)`` for linear memories."""
+    weights, momenta = state[:len(state) // 2], state[len(state) // 2:]
+    weights = tuple(W.expand(W.shape[0], batch, *W.shape[2:]) for W in weights)
+    return (*weights, *(torch.zeros_like(W) if S is None else S
+                        for W, S in zip(weights, momenta)))
 
 
 def _sequential_scan(g, eta, theta, alpha, S, W):
@@ -477,7 +529,8 @@ class TitansLayer(nn.Module):
                                                  for _ in range(3))
         self.memories = InContextMemories(len(self.generated) + 1, H, e,
                                           config.memory_expansion * e, config.memory_activation,
-                                          config.inner_grad_clip, config.kernel)
+                                          config.inner_grad_clip, config.kernel,
+                                          config.memory_depth)
         gate_init = {"eta": 2.0, "alpha": -4.0}  # σ: η ≈ 0.88, α ≈ 0.018 at the start
         self.read_gates = [g for g in ("eta", "alpha") if g in self.generated]
         self.static_gates = [g for g in ("eta", "alpha") if g not in self.generated]
@@ -519,11 +572,10 @@ class TitansLayer(nn.Module):
         outputs = []
         for start in range(0, T, C):
             part = slice(start, min(start + C, T))
-            A, B = state[0], state[1]
             parts = {name: t[..., part, :] if name in ("k", "v") else t[..., part]
                      for name, t in static.items()}
             if self.generated:  # read from the memories at the chunk start
-                z = mem.read(xh[:, :, part], A, B)  # (m, B, H, C, e); the state is not
+                z = mem.read_state(xh[:, :, part], state)  # (m, B, H, C, e); it is not
                 # indexed: the backward of its index fills a state-sized zero tensor
                 for name, conv in (("k", self.conv_k), ("v", self.conv_v)):
                     if name in index:
