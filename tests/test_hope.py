@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 
 import hypothesis.strategies as st
@@ -530,3 +531,28 @@ def test_table_marks_a_partial_run_instead_of_crashing(tmp_path):
     assert partial["seed"] == 1 and (partial["steps_done"], partial["steps"]) == (3, 6)
     assert partial["last_val_step"] == 3 and math.isfinite(partial["last_val_bits_per_byte"])
     assert summary["transformer"]["partial"][0]["last_val_bits_per_byte"] == 2.9
+
+
+def test_ablation_script_runs_are_valid_train_invocations(tmp_path):
+    """``DRY_RUN=1 examples/hope/ablation.sh``: every run parses as train.py arguments, builds
+    its HopeConfig, and has a name of its own; "hope" is the (1, 4, 16) reference every
+    screened variant changes one thing of."""
+    import shlex
+    import subprocess
+
+    script = os.path.join(os.path.dirname(train.__file__), "ablation.sh")
+    lines = subprocess.run(["bash", script, str(tmp_path), "tiny", "small"], check=True,
+                           capture_output=True, text=True,
+                           env={**os.environ, "DRY_RUN": "1"}).stdout.splitlines()
+    outs = []
+    for line in lines:
+        args = train.parse_args(shlex.split(line))
+        config = HopeConfig(arch=args.arch, **{**train.SIZES[args.size]["model"],
+                                               **dict(args.model_option)})
+        name = os.path.basename(args.out).rsplit("-", 1)[0]
+        if name == "hope" or (name.startswith("hope-") and "cms1" not in name):
+            assert config.cms_periods == (1, 4, 16), line
+        outs.append(args.out)
+    assert len(outs) == len(set(outs)) and len(outs) >= 30
+    assert {os.path.basename(o) for o in outs} >= {"hope-0", "hope-cms124-1", "titans-1",
+                                                     "hope-depth1-0", "hope-static-kv-0"}

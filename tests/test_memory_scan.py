@@ -72,8 +72,10 @@ def test_twins_equal_the_token_by_token_scan(momentum, shared):
 
 
 # (batch, H, C, i, o): tiles of 16; ragged and smaller than a tile; a column count over one
-# tile (two column programs); an inner dimension over one tile (the K loop runs twice)
-READ_SHAPES = [(2, 2, 16, 16, 32), (1, 3, 5, 8, 12), (2, 1, 20, 24, 70), (1, 1, 7, 80, 9)]
+# tile (two column programs); an inner dimension over one tile (the K loop runs twice); a
+# chunk longer than one 64-row tile, and the longest taken
+READ_SHAPES = [(2, 2, 16, 16, 32), (1, 3, 5, 8, 12), (2, 1, 20, 24, 70), (1, 1, 7, 80, 9),
+               (1, 1, 100, 8, 8), (1, 1, scan.MAX_CHUNK, 16, 16)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

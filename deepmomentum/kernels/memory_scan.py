@@ -191,12 +191,13 @@ def chunk_read(z: Tensor, W0: Tensor, S0: Optional[Tensor], x: Tensor, delta: Te
     S0e = W0 if S0 is None else S0.expand(batch, H, i, o)
     out = torch.empty(batch, H, C, o, dtype=z.dtype, device=z.device)
     BO = _tile(o)
+    BC = max(16, triton.next_power_of_2(C))  # the whole chunk: its rows mix through G
     _read_kernel[(batch * H, triton.cdiv(o, BO))](
         z, W0, S0e, x, delta, from_start, from_momentum, from_grads, out, H, C, i, o,
         *z.stride(), *W0.stride(), *S0e.stride(), *x.stride(), *delta.stride(),
         *from_start.stride(), *from_momentum.stride(), *from_grads.stride(), *out.stride(),
-        HAS_S0=S0 is not None, BC=_tile(C), BK=_tile(i), BO=BO,
-        PRECISION=_precision(z, W0, S0, x, delta))
+        HAS_S0=S0 is not None, BC=BC, BK=_tile(i), BO=BO,
+        PRECISION=_precision(z, W0, S0, x, delta), num_warps=4 if BC <= 32 else 8)
     return out
 
 
