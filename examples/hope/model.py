@@ -29,6 +29,11 @@ the tiny run: v went from 3 to 1e20 in five chunks of a line of capitals, then N
 baseline normalizes v too, so self-modification is the only difference between the two.
 The baselines' MLP width is chosen so that all three have the parameter count of the HOPE
 model of the same config (:func:`build`).
+
+On CUDA the chunk products (every token's read through its own state, and the chunk-end
+state) run as the Triton kernels of :mod:`deepmomentum.kernels.memory_scan`
+(``HopeConfig.kernel``); their backward is torch's (:class:`_ChunkRead`, :class:`_ChunkEnd`).
+``memory_depth=1`` makes the memories linear, ``M(z) = z + z W`` (the ablation's depth).
 """
 
 from __future__ import annotations
