@@ -29,12 +29,15 @@ sys.exit(0 if m.get('final_val_bits_per_byte') is not None else 1)" 2>/dev/null;
 }
 
 variants() {  # the runs of one size, one per line: NAME ARCH SEED [options...]
-  local size=$1 seeds=$2 screen=$3
+  local size=$1 seeds=$2 screen=$3 more=$4
   for seed in $seeds; do
     echo "hope hope $seed --model-option $OLD"
     echo "hope-cms124 hope $seed --model-option \"cms_periods=(1,2,4)\""
     echo "hope-cms111 hope $seed --model-option \"cms_periods=(1,1,1)\""
     echo "titans titans $seed"
+  done
+  for seed in $more; do  # the screen's largest effect, on the other seeds
+    echo "hope-static-kv hope $seed --model-option $OLD --model-option \"static_parts=('k','v')\""
   done
   for seed in $screen; do  # one component each, against "hope"
     echo "hope-static-k hope $seed --model-option $OLD --model-option \"static_parts=('k',)\""
@@ -51,17 +54,19 @@ variants() {  # the runs of one size, one per line: NAME ARCH SEED [options...]
     echo "hope-muon3e-3 hope $seed --model-option $OLD --optim Muon --lr 3e-3"
     echo "hope-muon hope $seed --model-option $OLD --optim Muon --lr 1e-2"
     echo "hope-muon3e-2 hope $seed --model-option $OLD --optim Muon --lr 3e-2"
+    echo "hope-muon1e-1 hope $seed --model-option $OLD --optim Muon --lr 1e-1"
     echo "titans-muon titans $seed --optim Muon --lr 1e-2"
   done
 }
 
 for size in $SIZES; do
   mkdir -p "$OUT/ablation-$size"
-  if [ "$size" = tiny ]; then seeds="0 1 2"; screen="0"; else seeds="0 1"; screen=""; fi
+  if [ "$size" = tiny ]; then seeds="0 1 2" screen="0" more="1 2"
+  else seeds="0 1" screen="" more=""; fi
   # two queues of one thread each: the runs alternate between them
-  variants "$size" "$seeds" "$screen" | awk 'NR % 2 == 1' | while read -r name arch seed opts; do
+  variants "$size" "$seeds" "$screen" "$more" | awk 'NR % 2 == 1' | while read -r name arch seed opts; do
     eval "run $size $name $arch $seed $opts"; done &
-  variants "$size" "$seeds" "$screen" | awk 'NR % 2 == 0' | while read -r name arch seed opts; do
+  variants "$size" "$seeds" "$screen" "$more" | awk 'NR % 2 == 0' | while read -r name arch seed opts; do
     eval "run $size $name $arch $seed $opts"; done &
   wait
   [ -n "${DRY_RUN:-}" ] || python -m examples.hope.evaluate ablation "$OUT/ablation-$size" \
