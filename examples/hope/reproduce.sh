@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The results table of examples/hope/README.md (its ablation tables: ablation.sh): train the three models at the tiny size on two seeds,
+# The results table of examples/hope/README.md (its ablation tables: ablation.sh): train the
+# three models at the tiny size on two seeds,
 # evaluate test-time learning on each run, train/test associative recall, print the table.
 # About 45 minutes on 2 CPU cores. Usage: examples/hope/reproduce.sh [OUT] [SIZE] [SEEDS...]
 set -euo pipefail
