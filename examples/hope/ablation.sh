@@ -17,7 +17,7 @@ run() {  # run SIZE NAME ARCH SEED [train.py options...]
   local size=$1 name=$2 arch=$3 seed=$4; shift 4
   local out="$OUT/ablation-$size/$name-$seed"
   if [ -n "${DRY_RUN:-}" ]; then
-    printf '%q ' --arch "$arch" --size "$size" --seed "$seed" --out "$out" "$@"; echo
+    printf '%q ' --arch "$arch" --size "$size" --seed "$seed" --out "$out" "$@"; printf '\n'
     return 0
   fi
   if python -c "import json,sys; m=json.load(open('$out/metrics.json')); \
@@ -63,11 +63,13 @@ for size in $SIZES; do
   mkdir -p "$OUT/ablation-$size"
   if [ "$size" = tiny ]; then seeds="0 1 2" screen="0" more="1 2"
   else seeds="0 1" screen="" more=""; fi
-  # two queues of one thread each: the runs alternate between them
-  variants "$size" "$seeds" "$screen" "$more" | awk 'NR % 2 == 1' | while read -r name arch seed opts; do
-    eval "run $size $name $arch $seed $opts"; done &
-  variants "$size" "$seeds" "$screen" "$more" | awk 'NR % 2 == 0' | while read -r name arch seed opts; do
-    eval "run $size $name $arch $seed $opts"; done &
+  # two queues of one thread each: the runs alternate between them. A dry run lists them one
+  # queue after the other: two queues printing at once would interleave their lines.
+  for parity in 1 0; do
+    variants "$size" "$seeds" "$screen" "$more" | awk -v p=$parity 'NR % 2 == p' |
+      while read -r name arch seed opts; do eval "run $size $name $arch $seed $opts"; done &
+    [ -z "${DRY_RUN:-}" ] || wait
+  done
   wait
   [ -n "${DRY_RUN:-}" ] || python -m examples.hope.evaluate ablation "$OUT/ablation-$size" \
     --reference hope
