@@ -29,17 +29,14 @@ sys.exit(0 if m.get('final_val_bits_per_byte') is not None else 1)" 2>/dev/null;
 }
 
 variants() {  # the runs of one size, one per line: NAME ARCH SEED [options...]
-  local size=$1 seeds=$2 screen=$3 more=$4
+  local size=$1 seeds=$2 screen=$3
   for seed in $seeds; do
     echo "hope hope $seed --model-option $OLD"
     echo "hope-cms124 hope $seed --model-option \"cms_periods=(1,2,4)\""
     echo "hope-cms111 hope $seed --model-option \"cms_periods=(1,1,1)\""
     echo "titans titans $seed"
   done
-  for seed in $more; do  # the screen's largest effect, on the other seeds
-    echo "hope-static-kv hope $seed --model-option $OLD --model-option \"static_parts=('k','v')\""
-  done
-  for seed in $screen; do  # one component each, against "hope"
+  for seed in $screen; do  # one component each, against "hope" (or two, named)
     echo "hope-static-k hope $seed --model-option $OLD --model-option \"static_parts=('k',)\""
     echo "hope-static-v hope $seed --model-option $OLD --model-option \"static_parts=('v',)\""
     echo "hope-static-kv hope $seed --model-option $OLD --model-option \"static_parts=('k','v')\""
@@ -61,12 +58,12 @@ variants() {  # the runs of one size, one per line: NAME ARCH SEED [options...]
 
 for size in $SIZES; do
   mkdir -p "$OUT/ablation-$size"
-  if [ "$size" = tiny ]; then seeds="0 1 2" screen="0" more="1 2"
-  else seeds="0 1" screen="" more=""; fi
+  if [ "$size" = tiny ]; then seeds="0 1 2" screen="0 1 2"
+  else seeds="0 1" screen=""; fi
   # two queues of one thread each: the runs alternate between them. A dry run lists them one
   # queue after the other: two queues printing at once would interleave their lines.
   for parity in 1 0; do
-    variants "$size" "$seeds" "$screen" "$more" | awk -v p=$parity 'NR % 2 == p' |
+    variants "$size" "$seeds" "$screen" | awk -v p=$parity 'NR % 2 == p' |
       while read -r name arch seed opts; do eval "run $size $name $arch $seed $opts"; done &
     [ -z "${DRY_RUN:-}" ] || wait
   done
