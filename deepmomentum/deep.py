@@ -79,9 +79,12 @@ class DeepMomentum(MemoryOptimizer):
             :func:`deepmomentum.functional.deep_memory_reads` is the reference loop).
         fused: the Triton kernel (CUDA tensors only; not with the Newton–Schulz read-out),
             picked by default where it applies.
-        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset,
+        min_period, max_period, period_significance:
             the group options every optimizer shares (defaults torch.float32, "nearest",
-            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
+            False, 1, "sum", 0, 1, 64, 1.0; ``update_period="auto"``: the group updates when
+            its accumulated gradient is significant); see :class:`MemoryOptimizer` and
+            :mod:`deepmomentum.compressed`.
 
     Non-finite gradients and scale: the MLP memory couples a matrix's entries, so one NaN or
     inf entry poisons the whole matrix and its memory weights; a group with
@@ -138,9 +141,12 @@ class DeepMomentum(MemoryOptimizer):
         state_dtype: Union[torch.dtype, str] = torch.float32,
         param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
-        update_period: int = 1,
+        update_period: Union[int, str] = 1,
         accumulate: str = "sum",
         update_offset: int = 0,
+        min_period: int = 1,
+        max_period: int = 64,
+        period_significance: float = 1.0,
     ):
         defaults = self._group_defaults(locals())
         super().__init__(params, defaults)

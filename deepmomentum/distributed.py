@@ -271,6 +271,43 @@ def process_groups(tensors: Sequence[Tensor]) -> list:
     return groups
 
 
+def squared_norm_sums(lists: Sequence[Sequence[Any]]) -> list[float]:
+    """``Σ_t ‖t‖²`` of each list of tensors, over every rank's shards, read to the host in one
+    transfer: the statistics a host-side decision all ranks must share (``update_period=
+    "auto"``). An entry is a tensor (a DTensor counts its shards on every rank) or a pair
+    ``(local, like)``: a local shard laid out as the DTensor ``like``. Shards add over the mesh
+    dims they are split along (Replicate dims hold copies: not added); one ``all_reduce`` per
+    such set of dims. Each norm is taken in the tensor's dtype (fp32 for 16-bit ones; no
+    copy of the tensor) and squared in float64, in list order: the same tensors give the same sums."""
+    if not any(lists):
+        return [0.0] * len(lists)
+    buckets: dict[tuple, list[list[Tensor]]] = {}
+    for j, entries in enumerate(lists):
+        for entry in entries:
+            tensor, like = entry if isinstance(entry, tuple) else (entry, entry)
+            x = local(tensor)
+            if x.is_complex():
+                x = torch.view_as_real(x)
+            dims = ()
+            if is_dtensor(like):
+                dims = tuple(like.device_mesh.get_group(d)
+                             for d, placement in enumerate(like.placements)
+                             if placement.is_shard())
+            per_list = buckets.setdefault(dims, [[] for _ in lists])
+            wide = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else None
+            per_list[j].append(torch.linalg.vector_norm(x, dtype=wide))
+    totals = []
+    for dims, per_list in buckets.items():
+        device = next(v for vs in per_list for v in vs).device
+        sums = torch.stack([torch.stack([v.to(device) for v in vs]).double().square().sum()
+                            if vs else torch.zeros((), dtype=torch.float64, device=device)
+                            for vs in per_list])
+        for group in dims:
+            sums = all_reduce_sum([sums], group)[0]
+        totals.append(sums.cpu())
+    return [float(v) for v in torch.stack(totals).sum(0)]
+
+
 def _ns_cost(shape: torch.Size) -> float:
     """Newton–Schulz's flops up to a constant, ``r·c·min(r, c)``, of a shape's matrix view."""
     r, c = matrix_shape(shape)

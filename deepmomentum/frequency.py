@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import load_like
-from .optimizer import MemoryOptimizer, accumulate_gradients, check_schedule, \
-    initializes_state, period_ends, release_gradients
+from .optimizer import AUTO_DEFAULTS, MemoryOptimizer, accumulate_gradients, check_schedule, \
+    initializes_state, release_gradients, window_ends
 
 __all__ = ["MultiFrequency", "continuum_groups"]
 
@@ -95,8 +95,12 @@ class MultiFrequency(torch.optim.Optimizer):
         >>> opt.step(); opt.zero_grad()
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, update_period: int = 1,
-                 accumulate: str = "sum", update_offset: int = 0):
+    #: Counters a scheduled group keeps (present from the start, for DCP's template).
+    COUNTERS = ("period_calls", "window_calls", "window_sq_sum", "last_period", "auto_updates")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, update_period: Union[int, str] = 1,
+                 accumulate: str = "sum", update_offset: int = 0, min_period: int = 1,
+                 max_period: int = 64, period_significance: float = 1.0):
         if isinstance(optimizer, (MultiFrequency, MemoryOptimizer)):
             raise TypeError(f"{type(optimizer).__name__} schedules its own groups: set "
                             "update_period on its groups instead of wrapping it")
@@ -105,11 +109,13 @@ class MultiFrequency(torch.optim.Optimizer):
                             f"{type(optimizer).__name__}")
         self.optimizer = optimizer
         schedule = {"update_period": update_period, "accumulate": accumulate,
-                    "update_offset": update_offset}
+                    "update_offset": update_offset, "min_period": min_period,
+                    "max_period": max_period, "period_significance": period_significance}
         for group in optimizer.param_groups:
             for key, value in schedule.items():
                 group.setdefault(key, value)
-            group.setdefault("period_calls", 0)  # present from the start, for DCP's template
+            for counter in self.COUNTERS:
+                group.setdefault(counter, 0)
             check_schedule(group)
         self._sharing = True
         super().__init__(optimizer.param_groups, {})
@@ -126,9 +132,10 @@ class MultiFrequency(torch.optim.Optimizer):
         if getattr(self, "_sharing", False):  # __init__ passing the wrapped optimizer's groups
             self.param_groups.append(param_group)
             return
-        for key in ("update_period", "accumulate", "update_offset"):
+        for key in ("update_period", "accumulate", "update_offset", *AUTO_DEFAULTS):
             param_group.setdefault(key, MemoryOptimizer.GROUP_DEFAULTS[key])
-        param_group.setdefault("period_calls", 0)
+        for counter in self.COUNTERS:
+            param_group.setdefault(counter, 0)
         check_schedule(param_group)
         self.optimizer.add_param_group(param_group)  # appends to the shared list
 
@@ -140,6 +147,7 @@ class MultiFrequency(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         user_grads: dict[Tensor, Optional[Tensor]] = {}
+        released: list[Tensor] = []
         # DCP's state-initializing call (zero gradients, lr 0, no state) reaches every group.
         initializing = initializes_state(self)  # its state counts the wrapped one's
         for group in self.param_groups:
@@ -154,18 +162,25 @@ class MultiFrequency(torch.optim.Optimizer):
             with_grads = [p for p in group["params"] if p.grad is not None]
             accumulate_gradients(self.state, with_grads, [p.grad for p in with_grads],
                                  torch.zeros_like)
-            ends = period_ends(group)
+            ends = window_ends(group, [p.grad for p in with_grads], lambda: [
+                self.state[p]["grad_accumulator"] for p in group["params"]
+                if "grad_accumulator" in self.state.get(p, {})])
             for p in group["params"]:
                 user_grads[p] = p.grad
                 p.grad = None  # the wrapped optimizer skips parameters without grads
             if ends:
                 for p, accumulated in zip(*release_gradients(group, self.state)):
                     p.grad = accumulated
+                    released.append(p)
         try:
             self.optimizer.step()
         finally:
             for p, grad in user_grads.items():
                 p.grad = grad
+        # Fresh zeros after the step (the wrapped rule may keep the released sum as its first
+        # momentum): an accumulator at every call, as DCP's template of a fresh one has.
+        for p in released:
+            self.state[p]["grad_accumulator"] = torch.zeros_like(p)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -58,9 +58,12 @@ class AssociativeMomentum(MemoryOptimizer):
             tensors and torch's fused SGD kernel on the CPU (parameters that keep their state in
             their own dtype); by default the fused kernel is picked where it applies, else the
             single-tensor loop on CPU and foreach elsewhere.
-        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset,
+        min_period, max_period, period_significance:
             the group options every optimizer shares (defaults torch.float32, "nearest",
-            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
+            False, 1, "sum", 0, 1, 64, 1.0; ``update_period="auto"``: the group updates when
+            its accumulated gradient is significant); see :class:`MemoryOptimizer` and
+            :mod:`deepmomentum.compressed`.
 
     Defaults are ``torch.optim.SGD``'s (lr 1e-3, dampening 0, no nesterov, weight_decay 0)
     except ``momentum``: 0.9 where SGD's is 0 (at 0 there is no memory: plain SGD).
@@ -93,9 +96,12 @@ class AssociativeMomentum(MemoryOptimizer):
         state_dtype: Union[torch.dtype, str] = torch.float32,
         param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
-        update_period: int = 1,
+        update_period: Union[int, str] = 1,
         accumulate: str = "sum",
         update_offset: int = 0,
+        min_period: int = 1,
+        max_period: int = 64,
+        period_significance: float = 1.0,
     ):
         defaults = self._group_defaults(locals())
         super().__init__(params, defaults)
@@ -189,9 +195,12 @@ class DeltaMomentum(MemoryOptimizer):
             :class:`AssociativeMomentum`.
         foreach (bool or None): torch's meaning. fused: the Triton kernel (CUDA tensors only;
             the erase terms by matmul around it), picked by default where it applies.
-        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset,
+        min_period, max_period, period_significance:
             the group options every optimizer shares (defaults torch.float32, "nearest",
-            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
+            False, 1, "sum", 0, 1, 64, 1.0; ``update_period="auto"``: the group updates when
+            its accumulated gradient is significant); see :class:`MemoryOptimizer` and
+            :mod:`deepmomentum.compressed`.
 
     Non-finite gradients: the erase couples a matrix's entries, so one NaN or inf entry spreads
     over its whole row space and the memory never recovers; a group with
@@ -237,9 +246,12 @@ class DeltaMomentum(MemoryOptimizer):
         state_dtype: Union[torch.dtype, str] = torch.float32,
         param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
-        update_period: int = 1,
+        update_period: Union[int, str] = 1,
         accumulate: str = "sum",
         update_offset: int = 0,
+        min_period: int = 1,
+        max_period: int = 64,
+        period_significance: float = 1.0,
     ):
         defaults = self._group_defaults(locals())
         self._init_hook_state()

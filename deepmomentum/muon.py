@@ -189,9 +189,12 @@ class Muon(_MatrixOptimizer):
         maximize, foreach, fused: as in torch. ``fused``: the Triton kernels around the batched
             NS for CUDA tensors (picked by default there); AdamW groups also take torch's fused
             AdamW on the CPU.
-        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset,
+        min_period, max_period, period_significance:
             the group options every optimizer shares (defaults torch.float32, "nearest",
-            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
+            False, 1, "sum", 0, 1, 64, 1.0; ``update_period="auto"``: the group updates when
+            its accumulated gradient is significant); see :class:`MemoryOptimizer` and
+            :mod:`deepmomentum.compressed`.
 
     Reductions (tested): with ``ns_coefficients="keller"`` and torch's defaults, equals
     ``torch.optim.Muon`` — identical momentum buffers, updates within bf16 rounding (R5).
@@ -232,9 +235,12 @@ class Muon(_MatrixOptimizer):
         state_dtype: Union[torch.dtype, str] = torch.float32,
         param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
-        update_period: int = 1,
+        update_period: Union[int, str] = 1,
         accumulate: str = "sum",
         update_offset: int = 0,
+        min_period: int = 1,
+        max_period: int = 64,
+        period_significance: float = 1.0,
     ):
         defaults = self._group_defaults(locals())
         super().__init__(params, defaults)
@@ -388,9 +394,12 @@ class M3(_MatrixOptimizer):
             Muon's ``eps``).
         use_muon, adamw_*: as :class:`Muon`.
         maximize, foreach, fused: as :class:`Muon`.
-        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset,
+        min_period, max_period, period_significance:
             the group options every optimizer shares (defaults torch.float32, "nearest",
-            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
+            False, 1, "sum", 0, 1, 64, 1.0; ``update_period="auto"``: the group updates when
+            its accumulated gradient is significant); see :class:`MemoryOptimizer` and
+            :mod:`deepmomentum.compressed`.
 
     References: Behrouz et al., Nested Learning (NeurIPS 2025; arXiv 2512.24695), §7.2.
     """
@@ -424,9 +433,12 @@ class M3(_MatrixOptimizer):
         state_dtype: Union[torch.dtype, str] = torch.float32,
         param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
-        update_period: int = 1,
+        update_period: Union[int, str] = 1,
         accumulate: str = "sum",
         update_offset: int = 0,
+        min_period: int = 1,
+        max_period: int = 64,
+        period_significance: float = 1.0,
         **deprecated,
     ):
         defaults = self._group_defaults(locals())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -30,7 +30,8 @@ from . import kernels
 from .distributed import local
 from .functional import LOW_PRECISION_DTYPES, state_dtype
 
-__all__ = ["MemoryOptimizer", "UnsupportedTensorError", "check_schedule", "IMPLEMENTATIONS"]
+__all__ = ["MemoryOptimizer", "UnsupportedTensorError", "check_schedule", "IMPLEMENTATIONS",
+           "WindowStats", "significant"]
 
 #: The implementations a rule may have: the single-tensor reference (always), torch's
 #: multi-tensor ops, torch's fused CPU kernel (only where the rule is torch's), the Triton
@@ -90,13 +91,35 @@ def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 ACCUMULATE_MODES = ("sum", "mean")
+#: ``update_period="auto"``'s options and their defaults (every group has them).
+AUTO_DEFAULTS = {"min_period": 1, "max_period": 64, "period_significance": 1.0}
 
 
 def check_schedule(group: dict[str, Any]) -> None:
-    """Validate a group's multi-frequency options (SPEC §7)."""
-    check_int("update_period", group["update_period"], 1)
+    """Validate a group's multi-frequency options (SPEC §7; ``update_period="auto"``)."""
+    period = group["update_period"]
     check_choice("accumulate", group["accumulate"], ACCUMULATE_MODES)
-    check_int("update_offset", group["update_offset"], 0, group["update_period"])
+    for key, value in AUTO_DEFAULTS.items():
+        group.setdefault(key, value)
+    check_int("min_period", group["min_period"], 1)
+    check_int("max_period", group["max_period"], group["min_period"])
+    check_number("period_significance", group["period_significance"], 0.0, math.inf,
+                 low_open=True, high_open=True)
+    if period == "auto":
+        if group["update_offset"] != 0:
+            raise ValueError(f"Invalid update_offset: {group['update_offset']!r}; "
+                             "update_period='auto' starts its first window at the first call: "
+                             "update_offset must be 0")
+        return
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"Invalid update_period: {period!r}; update_period must be an integer "
+                         "≥ 1 or 'auto'")
+    check_int("update_offset", group["update_offset"], 0, period)
+
+
+def is_scheduled(group: dict[str, Any]) -> bool:
+    """Whether the group accumulates its gradients (``update_period`` "auto" or > 1)."""
+    return group["update_period"] == "auto" or group["update_period"] > 1
 
 
 # --- the multi-frequency schedule (SPEC §7), shared by MemoryOptimizer and MultiFrequency ----
@@ -129,14 +152,85 @@ def period_ends(group: dict[str, Any]) -> bool:
     return (group["period_calls"] - group["update_offset"]) % group["update_period"] == 0
 
 
+class WindowStats(NamedTuple):
+    """What ``update_period="auto"`` knows of a window of ``calls`` gradients ``g_1 … g_n``
+    (each a mini-batch mean) when it judges it: ``grad_sq_sum`` ``S = Σ_i ‖g_i‖²`` and
+    ``sum_sq_norm`` ``Q = ‖Σ_i g_i‖²``, over the group's parameters."""
+
+    calls: int
+    grad_sq_sum: float
+    sum_sq_norm: float
+
+
+def significant(stats: WindowStats, significance: float) -> bool:
+    """Whether a window's accumulated gradient is significant against its noise (the default
+    criterion of ``update_period="auto"``).
+
+    With ``g_i = G + ξ_i`` (``G`` the mean gradient, noise of covariance Σ, independent steps),
+    ``E Q = n²‖G‖² + n tr Σ`` and ``E S = n‖G‖² + n tr Σ``, so ``(Q − S)/(n(n−1))`` and
+    ``(nS − Q)/(n(n−1))`` are unbiased estimates of ``‖G‖²`` and ``tr Σ``. The window's mean
+    ``Σ g_i / n`` has signal ``‖G‖²`` against noise ``tr Σ / n``; it fires when that ratio
+    reaches ``κ = significance``:
+
+        n (Q − S) ≥ κ (n S − Q),     i.e.  n ≥ κ · B_noise,  B_noise = tr Σ / ‖G‖²,
+
+    the gradient noise scale (McCandlish et al. 2018) in steps, estimated in the window
+    itself. A window of one step has no noise estimate: it never fires on its own
+    (``max_period = 1`` still updates every call).
+    """
+    n, squares, total = stats
+    if n < 2:
+        return False
+    return n * (total - squares) >= significance * (n * squares - total)
+
+
+def window_ends(group: dict[str, Any], grads: Sequence, accumulators: Callable[[], list]
+                ) -> bool:
+    """Count a ``step()`` call in ``group``'s schedule; whether it ends its period (a fixed
+    ``update_period``: :func:`period_ends`) or its window (``"auto"``: the window reaches
+    ``max_period``, or it has ``min_period`` calls and :func:`significant` says so).
+
+    ``grads``: this call's gradients; ``accumulators()``: the window's sums, this call's
+    included (entries as :func:`distributed.squared_norm_sums` takes them). An "auto" group
+    keeps ``window_calls`` (n) and ``window_sq_sum`` (S) and, when a window ends,
+    ``last_period`` (its length) and ``auto_updates``: one host read per call until the
+    window reaches ``max_period``.
+    """
+    if group["update_period"] != "auto":
+        return period_ends(group)
+    group["period_calls"] = group.get("period_calls", 0) + 1
+    calls = group["window_calls"] = group.get("window_calls", 0) + 1
+    fires = calls >= group["max_period"]
+    if not fires:
+        # The accumulator's norm only where the window is judged (at one call it is g's).
+        judge = calls >= group["min_period"]
+        read = judge and calls > 1
+        sums = distributed.squared_norm_sums([grads, accumulators() if read else []])
+        squares = group["window_sq_sum"] = float(group.get("window_sq_sum", 0.0)) + sums[0]
+        fires = judge and significant(
+            WindowStats(calls, squares, sums[1] if read else squares),
+            group["period_significance"])
+    if fires:
+        group["last_period"] = calls
+        group["auto_updates"] = group.get("auto_updates", 0) + 1
+        group["window_calls"], group["window_sq_sum"] = 0, 0.0
+    return fires
+
+
+def window_length(group: dict[str, Any]) -> int:
+    """The length of the period or window that has just ended."""
+    period = group["update_period"]
+    return group["last_period"] if period == "auto" else period
+
+
 def release_gradients(group: dict[str, Any], state) -> tuple[list[Tensor], list[Tensor]]:
     """At a period's end: the group's parameters that received gradients during it, with
-    their accumulated gradients (divided by the period for ``accumulate="mean"``), taken out
-    of the state."""
+    their accumulated gradients (divided by the period's length for ``accumulate="mean"``),
+    taken out of the state."""
     ready = [p for p in group["params"] if "grad_accumulator" in state.get(p, {})]
     grads = [state[p].pop("grad_accumulator") for p in ready]
     if group["accumulate"] == "mean":
-        grads = [g.div_(group["update_period"]) for g in grads]
+        grads = [g.div_(window_length(group)) for g in grads]
     return ready, grads
 
 
@@ -218,6 +312,15 @@ class MemoryOptimizer(torch.optim.Optimizer):
       ``update_offset`` (in [0, update_period), default 0): the multi-frequency schedule (SPEC
       §7) — the rule is applied once every ``update_period`` calls to the sum (or mean) of their
       gradients; see :meth:`step`.
+    * ``update_period="auto"`` with ``min_period`` (int ≥ 1, default 1), ``max_period`` (int ≥
+      ``min_period``, default 64) and ``period_significance`` (κ > 0, default 1): the group
+      accumulates as with a fixed period and applies its rule when the window's accumulated
+      gradient is significant against its noise — after ``n`` calls, when ``n ≥ κ·B_noise``,
+      the gradient noise scale in steps estimated from the window's own gradients
+      (:func:`significant`) — or when the window reaches ``max_period`` calls. The mean divides
+      by the window's length. The group keeps its window (``window_calls``, ``window_sq_sum``)
+      and the length of its last one (``last_period``) and counts its updates
+      (``auto_updates``); one host read per call.
     * ``skip_nonfinite`` (bool, default False): a call whose gradients hold a NaN or inf leaves
       the group's parameters and state untouched and adds one to its ``nonfinite_skips`` (one
       host read per step).
@@ -264,7 +367,7 @@ class MemoryOptimizer(torch.optim.Optimizer):
     #: ``state_dtype``/``param_rounding``: compressed memories and 16-bit parameters without
     #: an fp32 master copy (:mod:`deepmomentum.compressed`).
     GROUP_DEFAULTS = {"update_period": 1, "accumulate": "sum", "update_offset": 0,
-                      "skip_nonfinite": False, "state_dtype": torch.float32,
+                      **AUTO_DEFAULTS, "skip_nonfinite": False, "state_dtype": torch.float32,
                       "param_rounding": "nearest"}
     #: Group keys a class sets beyond its constructor's arguments (Muon's AdamW groups).
     GROUP_KEYS: tuple[str, ...] = ()
@@ -292,7 +395,10 @@ class MemoryOptimizer(torch.optim.Optimizer):
     #: carries them.
     #: ``rounding_calls`` counts the calls that wrote compressed state or stochastically rounded
     #: parameters: the seed of their random bits (:func:`compressed.seed_of`).
-    GROUP_COUNTERS = ("period_calls", "nonfinite_skips", "rounding_calls")
+    #: ``window_calls``, ``window_sq_sum``, ``last_period``, ``auto_updates``: the window of
+    #: ``update_period="auto"`` (:func:`window_ends`).
+    GROUP_COUNTERS = ("period_calls", "nonfinite_skips", "rounding_calls", "window_calls",
+                      "window_sq_sum", "last_period", "auto_updates")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -530,9 +636,9 @@ class MemoryOptimizer(torch.optim.Optimizer):
                 continue  # a poisoned gradient never reaches the memories
             if params and self._rounds(group):  # the seed of this call's random bits
                 group["rounding_calls"] = group.get("rounding_calls", 0) + 1
-            if group["update_period"] > 1 and initializing:  # accumulators (zeros) too
+            if is_scheduled(group) and initializing:  # accumulators (zeros) too
                 self._add_to_accumulators(group, params, grads, shards)
-            elif group["update_period"] > 1:
+            elif is_scheduled(group):
                 ready, grads = self._accumulate(group, params, grads, shards)
                 if shards is not None and len(ready) != len(params):
                     keep = {id(p) for p in ready}
@@ -545,7 +651,29 @@ class MemoryOptimizer(torch.optim.Optimizer):
                     self._update_fused(group, params, grads, shards)
                 else:
                     self._update(group, params, grads, implementation, shards)
+                if is_scheduled(group):
+                    self._zero_accumulators(group, params, shards)
         return loss
+
+    def _zero_accumulators(self, group: dict[str, Any], params: list[Tensor],
+                           shards: Optional[list]) -> None:
+        """After a period's update, fresh zero accumulators (in the stored form) for the
+        parameters it released: a scheduled group has one at every call, at a period's end too,
+        as DCP's template of a fresh optimizer has (its state-initializing call makes them).
+        Fresh tensors, after the update: the rule may keep the released ones (a first
+        momentum is the gradient itself), and the peak stays one accumulator per parameter."""
+        key = "grad_accumulator"
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if key in state:
+                continue
+            if self._form(group, key, p) == "full":
+                state[key] = self._new_state_tensor(p)
+                continue
+            zeros = torch.zeros_like(local(p), dtype=torch.float32,
+                                     memory_format=torch.preserve_format)
+            self._write_memory(group, key, p, state, zeros, None,
+                               None if shards is None else shards[i])
 
     def _update_fused(self, group, params, grads, shards=None) -> None:
         """torch's fused kernels walk raw memory and check neither shapes nor strides: they
@@ -570,7 +698,12 @@ class MemoryOptimizer(torch.optim.Optimizer):
         the parameters that received gradients with their accumulated gradients (and clear the
         accumulators), else nothing."""
         self._add_to_accumulators(group, params, grads, shards)
-        if not period_ends(group):
+
+        def accumulators():  # fp32 local shards, each laid out as its parameter
+            return [(self._read_memory(group, "grad_accumulator", p, self.state[p]), p)
+                    for p in group["params"] if "grad_accumulator" in self.state.get(p, {})]
+
+        if not window_ends(group, list(zip(grads, params)), accumulators):
             return [], []
         if compressed.is_compressed(group["state_dtype"]):  # fp32 copies of the stored sums
             for p in group["params"]:

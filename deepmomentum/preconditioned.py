@@ -45,9 +45,12 @@ class PreconditionedMomentum(MemoryOptimizer):
             ``precondition="readout"``, ``preconditioner="adam"``); by default the fused kernel
             is picked where it applies, else the single-tensor loop on CPU and foreach
             elsewhere.
-        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset:
+        state_dtype, param_rounding, skip_nonfinite, update_period, accumulate, update_offset,
+        min_period, max_period, period_significance:
             the group options every optimizer shares (defaults torch.float32, "nearest",
-            False, 1, "sum", 0); see :class:`MemoryOptimizer` and :mod:`deepmomentum.compressed`.
+            False, 1, "sum", 0, 1, 64, 1.0; ``update_period="auto"``: the group updates when
+            its accumulated gradient is significant); see :class:`MemoryOptimizer` and
+            :mod:`deepmomentum.compressed`.
 
     Defaults are ``torch.optim.AdamW``'s (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
     weight_decay 0.01, decoupled), so ``PreconditionedMomentum(params)`` is a drop-in for
@@ -87,9 +90,12 @@ class PreconditionedMomentum(MemoryOptimizer):
         state_dtype: Union[torch.dtype, str] = torch.float32,
         param_rounding: str = "nearest",
         skip_nonfinite: bool = False,
-        update_period: int = 1,
+        update_period: Union[int, str] = 1,
         accumulate: str = "sum",
         update_offset: int = 0,
+        min_period: int = 1,
+        max_period: int = 64,
+        period_significance: float = 1.0,
     ):
         defaults = self._group_defaults(locals())
         super().__init__(params, defaults)

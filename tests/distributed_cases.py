@@ -59,6 +59,10 @@ SETTINGS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "PreconditionedMomentum": lambda m: dm.PreconditionedMomentum(m.parameters(), lr=0.01),
     "PreconditionedMomentum-value-period2": lambda m: dm.PreconditionedMomentum(
         m.parameters(), lr=0.01, precondition="value", update_period=2, accumulate="mean"),
+    # update_period="auto": every rank must take the same decision, from squared norms summed
+    # over the shards (a rank judging its own shard alone would update on other calls).
+    "PreconditionedMomentum-auto": lambda m: dm.PreconditionedMomentum(
+        m.parameters(), lr=0.01, update_period="auto", max_period=4, accumulate="mean"),
     "DMGD": lambda m: dm.DMGD(m.parameters(), lr=0.05, hidden=3, memory_lr=0.1),
     # hidden 5: a.weight's memory_B (5 × 6) has the parameter's shape, and stays replicated.
     "DMGD-hidden5": lambda m: dm.DMGD(m.parameters(), lr=0.05, hidden=5, memory_lr=0.1),

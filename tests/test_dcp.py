@@ -85,15 +85,25 @@ def _resumes(build, shapes, total=8, save_at=SAVE_AT) -> None:
     assert torch.equal(_flat(resumed), expected)
 
 
-@pytest.mark.parametrize("period", [1, 3])
+@pytest.mark.parametrize("schedule", [{"update_period": 1}, {"update_period": 3},
+                                      {"update_period": "auto", "max_period": 4}],
+                         ids=["period1", "period3", "auto"])
 @pytest.mark.parametrize("info, variant", cases())
-def test_dcp_round_trip_resumes_bit_for_bit(info, variant, period):
+def test_dcp_round_trip_resumes_bit_for_bit(info, variant, schedule):
     shapes = [s for s in info.shapes(variant) if s != ()]  # DCP keeps no 0-d parameters apart
-    _resumes(lambda m: info.make(m.parameters(), **{**variant, "update_period": period}),
-             shapes)
+    _resumes(lambda m: info.make(m.parameters(), **{**variant, **schedule}), shapes)
 
 
-@pytest.mark.parametrize("slow_period", [3, 1])  # 1: no accumulators at all
+@pytest.mark.parametrize("info, variant", cases())
+def test_dcp_saved_at_a_period_boundary_resumes_bit_for_bit(info, variant):
+    # Saved right after a period's update (call 6 of period 3): the accumulators are zeros
+    # there, and the checkpoint has them, as a fresh optimizer's template does.
+    shapes = [s for s in info.shapes(variant) if s != ()]
+    _resumes(lambda m: info.make(m.parameters(), **{**variant, "update_period": 3}), shapes,
+             total=9, save_at=6)
+
+
+@pytest.mark.parametrize("slow_period", [3, 1, "auto"])  # 1: no accumulators at all
 @pytest.mark.parametrize("inner", [
     lambda ps: torch.optim.AdamW(ps, lr=0.01),
     lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
@@ -106,6 +116,7 @@ def test_dcp_round_trip_of_multi_frequency(inner, slow_period):
         return dm.MultiFrequency(inner(groups))
 
     _resumes(build, [(4, 3), (5,), (2, 3, 2)])
+    _resumes(build, [(4, 3), (5,), (2, 3, 2)], total=9, save_at=6)  # at a period's end
 
 
 def test_multi_frequency_state_dict_has_torch_layout():

@@ -294,5 +294,6 @@ def test_signatures_list_the_shared_group_options_last(info):
     names = [n for n, p in inspect.signature(info.cls).parameters.items()
              if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert names[:2] == ["params", "lr"]
-    assert names[-4:] == ["skip_nonfinite", "update_period", "accumulate", "update_offset"]
+    assert names[-7:] == ["skip_nonfinite", "update_period", "accumulate", "update_offset",
+                          "min_period", "max_period", "period_significance"]
     assert info.cls.__doc__.count("update_period") >= 1
