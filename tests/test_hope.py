@@ -556,3 +556,31 @@ def test_ablation_script_runs_are_valid_train_invocations(tmp_path):
     assert len(outs) == len(set(outs)) and len(outs) >= 30
     assert {os.path.basename(o) for o in outs} >= {"hope-0", "hope-cms124-1", "titans-1",
                                                      "hope-depth1-0", "hope-static-kv-0"}
+
+
+def test_auto_periods_train_every_cms_level_by_its_criterion_and_resume_bit_for_bit(tmp_path):
+    """``--auto-periods`` (issue 19): every CMS level's group at update_period="auto", the rest
+    at period 1; the windows are in metrics.json; a run stopped mid-window resumes to the same
+    losses, windows and weights."""
+    options = ["--auto-periods", "--auto-max-period", "4", "--steps", "10"]
+    straight = train.train(_args(tmp_path / "straight", *options))
+    windows = straight["cms_windows"]
+    levels = len(train.SIZES["micro"]["model"]["cms_periods"])
+    assert {level for _, level, _ in windows} == set(range(levels))
+    assert all(1 <= n <= 4 for _, _, n in windows)
+    assert straight["auto_periods"] == {"max_period": 4, "period_significance": 1.0}
+    model = build(HopeConfig(arch="hope", **train.SIZES["micro"]["model"]))
+    groups = train.param_groups(model, False, auto_periods={"max_period": 4})
+    assert [g["update_period"] for g in groups].count("auto") == levels
+    assert all(g["update_period"] == 1 for g in groups if g["update_period"] != "auto")
+    # Each level's windows tile its steps: a window ending at step s began after the last one.
+    for level in range(levels):
+        ends = [(s, n) for s, lv, n in windows if lv == level]
+        assert all(s - n == (ends[i - 1][0] if i else 0) for i, (s, n) in enumerate(ends))
+    train.train(_args(tmp_path / "cut", *options, "--ckpt-every", "5", "--stop-after", "5"))
+    resumed = train.train(_args(tmp_path / "cut", *options, "--resume"))
+    assert resumed["train_loss"] == straight["train_loss"]
+    assert resumed["cms_windows"] == windows
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -54,9 +54,11 @@ def stream_windows(length: int, count: int) -> torch.Tensor:
 
 
 def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Optional[tuple],
-                       lr: float) -> list[float]:
+                       lr: float, log: Optional[dict[str, Any]] = None) -> list[float]:
     """Prequential bits per byte of each window; with ``periods``, CMS level ℓ learns every
-    ``periods[ℓ]`` windows (``None``: no updates)."""
+    ``periods[ℓ]`` windows (``None``: no updates; ``"auto"``: when its accumulated gradient is
+    significant, issue 19 — ``log["windows"]`` gets ``[window, level, length]`` as each of its
+    windows ends)."""
     model.eval()  # no dropout anywhere; eval only marks that the outer loop is not training
     levels = model.cms_levels()
     optimizer = None
@@ -69,6 +71,8 @@ def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Opti
         groups = dm.continuum_groups([(level, period) for level, period in zip(levels, periods)],
                                      accumulate="mean")
         optimizer = dm.PreconditionedMomentum(groups, lr=lr, weight_decay=0.0)
+        if "auto" in periods and log is not None:
+            log["windows"] = []
     scores = []
     for window in stream:
         window = window[None].to(next(model.parameters()).device)
@@ -79,7 +83,12 @@ def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Opti
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            before = [g["auto_updates"] for g in optimizer.param_groups]
             optimizer.step()
+            if log is not None and "windows" in log:  # [window, level, length] as each ends
+                log["windows"] += [[len(scores), level, g["last_period"]] for level, (g, b)
+                                   in enumerate(zip(optimizer.param_groups, before))
+                                   if g["auto_updates"] != b]
     for p in model.parameters():
         p.requires_grad_(True)
     return scores
@@ -97,7 +106,8 @@ def ttt(run_dir: str, windows: int = 256, lr: float = 1e-3) -> dict[str, Any]:
     result["shakespeare_before"] = bits_per_byte(base, val)
     n_levels = len(base.cms_levels())
     conditions = {"off": None, "cms": tuple(base.config.cms_periods[:n_levels])
-                  if base.config.arch == "hope" else (1,), "every_step": (1,) * n_levels}
+                  if base.config.arch == "hope" else (1,), "every_step": (1,) * n_levels,
+                  "auto": ("auto",) * n_levels}
     for name, periods in conditions.items():
         same = next((key for key in result if key in conditions
                      and result[key]["periods"] == periods), None)
@@ -105,9 +115,10 @@ def ttt(run_dir: str, windows: int = 256, lr: float = 1e-3) -> dict[str, Any]:
             result[name] = result[same]
             continue
         model = load(run_dir)
-        scores = test_time_learning(model, stream, periods, lr)
+        log: dict[str, Any] = {}
+        scores = test_time_learning(model, stream, periods, lr, log)
         quarter = len(scores) // 4
-        result[name] = {"periods": periods, "stream": statistics.mean(scores),
+        result[name] = {"periods": periods, **log, "stream": statistics.mean(scores),
                         "first_quarter": statistics.mean(scores[:quarter]),
                         "last_quarter": statistics.mean(scores[-quarter:]),
                         "shakespeare_after": bits_per_byte(model, val), "curve": scores}

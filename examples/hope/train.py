@@ -173,7 +173,8 @@ def decays(name: str, p: torch.Tensor) -> bool:
 
 
 def param_groups(model: LanguageModel, matrix_split: bool, decay_all: bool = False,
-                 lr: Optional[float] = None, cms_lr_power: float = 0.0
+                 lr: Optional[float] = None, cms_lr_power: float = 0.0,
+                 auto_periods: Optional[dict[str, Any]] = None
                  ) -> list[dict[str, Any]]:
     """Everything but the CMS levels at period 1, HOPE's level ℓ at ``cms_periods[ℓ]``; for a
     Muon-type optimizer each is split further by :func:`deepmomentum.muon_param_groups`; then
@@ -182,7 +183,11 @@ def param_groups(model: LanguageModel, matrix_split: bool, decay_all: bool = Fal
     ``cms_lr_power`` p gives level ℓ the lr ``lr · C^(ℓ)^p`` (p = 0: the one lr; p = 1: a level
     that steps C times less often takes C times the step, so that it travels as far under a
     normalized optimizer such as Adam, whose step size ignores the accumulated gradient's
-    scale)."""
+    scale).
+
+    ``auto_periods`` (``max_period``, ``period_significance``, ``min_period``): every CMS level
+    at ``update_period="auto"`` with these options instead of its fixed period (issue 19); the
+    rest stays at period 1."""
     levels = model.cms_levels() if model.config.arch == "hope" else []
     in_levels = {id(p) for level in levels for p in level}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -201,7 +206,9 @@ def param_groups(model: LanguageModel, matrix_split: bool, decay_all: bool = Fal
                  {**options, "weight_decay": 0.0,  # Muon's AdamW part has its own decay
                   **({"adamw_weight_decay": 0.0} if matrix_split else {})}))]
         scaled = {"lr": lr * period ** cms_lr_power} if cms_lr_power and period > 1 else {}
-        groups += [{"params": [(names[id(p)], p) for p in part], "update_period": period,
+        schedule = {"update_period": period} if auto_periods is None or params is rest else \
+            {"update_period": "auto", **auto_periods}
+        groups += [{"params": [(names[id(p)], p) for p in part], **schedule,
                     "accumulate": "mean", **scaled, **options} for part, options in parts if part]
     return groups
 
@@ -225,13 +232,15 @@ def default_lr(name: str, size_lr: float) -> float:
 
 def make_optimizer(model: LanguageModel, name: str, lr: float, weight_decay: float,
                    decay_all: bool = False, cms_lr_power: float = 0.0,
+                   auto_periods: Optional[dict[str, Any]] = None,
                    **options: Any) -> torch.optim.Optimizer:
     """The optimizer ``name`` over :func:`param_groups`: ``lr`` (the slow CMS levels' scaled by
     ``cms_lr_power``) and ``weight_decay`` (on the weights :func:`decays` picks, every tensor
     with ``decay_all``) and any other option of the class (``betas``, ``eps``, ``momentum``,
     Muon's ``adamw_*``, …), passed as given."""
     cls = optimizer_class(name)
-    groups = param_groups(model, cls in (dm.Muon, dm.M3), decay_all, lr, cms_lr_power)
+    groups = param_groups(model, cls in (dm.Muon, dm.M3), decay_all, lr, cms_lr_power,
+                          auto_periods)
     if issubclass(cls, dm.MemoryOptimizer):
         return cls(groups, lr=lr, weight_decay=weight_decay, **optim_options(cls, options))
     plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # torch: tensors
@@ -454,6 +463,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "cms_periods=(1,1,1) (repeatable; recorded in metrics' config)")
     parser.add_argument("--cms-lr-power", type=float, default=0.0, metavar="P",
                         help="HOPE's CMS level of period C trains at lr·C^P (default 0: one lr)")
+    parser.add_argument("--auto-periods", action="store_true",
+                        help="every CMS level at update_period='auto' (issue 19): it updates "
+                             "when its accumulated gradient is significant against its noise")
+    parser.add_argument("--auto-max-period", type=int, default=64, metavar="N",
+                        help="with --auto-periods: a level's longest window (default 64)")
+    parser.add_argument("--auto-significance", type=float, default=1.0, metavar="K",
+                        help="with --auto-periods: κ, the mean gradient's signal-to-noise a "
+                             "window must reach (default 1: windows of ~B_noise steps)")
     parser.add_argument("--steps", type=int, default=None, help="default: the size's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "stdlib"))
@@ -524,8 +541,10 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
     if ranks.fsdp:
         shard(model, ranks.mesh)
     options = dict(args.optim_option)
+    auto = None if not args.auto_periods else {
+        "max_period": args.auto_max_period, "period_significance": args.auto_significance}
     optimizer = make_optimizer(model, args.optim, lr, args.weight_decay, args.decay_all,
-                               args.cms_lr_power, **options)
+                               args.cms_lr_power, auto, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(size["warmup"], steps))
     sampler = torch.Generator().manual_seed(args.seed)
     corpus, tokens = byte_tokens(args.corpus)
@@ -535,7 +554,7 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
         "arch": args.arch, "size": args.size, "optim": args.optim, "lr": lr,
         "optim_options": optim_options(optimizer_class(args.optim), options),
         "weight_decay": args.weight_decay, "decay_all": args.decay_all,
-        "cms_lr_power": args.cms_lr_power, "seed": args.seed,
+        "cms_lr_power": args.cms_lr_power, "auto_periods": auto, "seed": args.seed,
         "steps": steps,
         "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
         "parameters": parameters, "corpus": corpus,
@@ -607,9 +626,17 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        updates = [g.get("auto_updates") for g in optimizer.param_groups]
         optimizer.step()
         scheduler.step()
         step += 1
+        if auto is not None:  # each CMS level's windows as they end: [step, level, length]
+            levels = [(g, u) for g, u in zip(optimizer.param_groups, updates)
+                      if g["update_period"] == "auto"]
+            for level, (group, before) in enumerate(levels):
+                if group["auto_updates"] != before:
+                    metrics.setdefault("cms_windows", []).append(
+                        [step, level, group["last_period"]])
         metrics["train_loss"].append(round(value, 5))
         text = f"loss {value:.3f}"
         if step % size["eval_every"] == 0 or step == steps:
