@@ -235,8 +235,8 @@ def test_nearly_identical_curves_are_marked_as_such_and_distinct_ones_are_not():
 
 # --- one stamp, one summary, one sweep: the single-purpose scripts use benchmarks.core --------
 
-SCRIPTS = ["delta", "dmgd", "cms", "fused_step_gpu", "ns_gpu", "muon_step", "hope_speed",
-           "memory_scan_gpu"]
+SCRIPTS = ["delta", "dmgd", "cms", "auto_period", "fused_step_gpu", "ns_gpu", "muon_step",
+           "hope_speed", "memory_scan_gpu"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -341,6 +341,36 @@ def test_cms_json_carries_core_environment_and_keeps_its_keys(tmp_path, monkeypa
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| AdamW (MultiFrequency) |")]
     assert len(rows) == 3 and rows[0].endswith(" ± 0.000 |") and "(0.003)" in rows[0]
+
+
+def test_auto_period_compares_every_schedule_on_one_grid_and_plots_the_windows(
+        tmp_path, monkeypatch, capsys):
+    from benchmarks import auto_period as ap
+
+    monkeypatch.setattr(ap, "LRS", [3e-3, 1e-2])
+    monkeypatch.setattr(ap, "PERIODS", (1, 4))
+    monkeypatch.setattr(ap, "OPTIMIZERS", {"AdamW (MultiFrequency)": ap.OPTIMIZERS[
+        "AdamW (MultiFrequency)"]})
+    digits_tasks = ap.digits_tasks
+    monkeypatch.setattr(ap, "digits_tasks", lambda: digits_tasks(tasks=2))
+    out, png = tmp_path / "auto.json", tmp_path / "windows.png"
+    ap.main(["--seeds", "2", "--out", str(out), "--plot", str(png)])
+    result = json.load(open(out))["AdamW (MultiFrequency)"]
+    per_level = next(k for k in result if k.startswith("best fixed per level"))
+    assert sorted(k for k in result if k != per_level) == sorted(
+        ["fixed 1", "fixed 4", "auto κ=0.5", "auto κ=1", "auto κ=2"])
+    for entry in result.values():
+        assert entry["lr"] in (3e-3, 1e-2) and len(entry["ACC_seeds"]) == 2
+        assert entry["verdict"] in ("best", "tie", "worse")
+    assert [e["verdict"] for e in result.values()].count("best") == 1
+    # the windows of seed 0 tile each level's steps, every one within [1, 64]
+    windows = result["auto κ=1"]["windows_seed0"]
+    for level in range(3):
+        ends = [(s, n) for s, lv, n in windows if lv == level]
+        assert ends and all(1 <= n <= 64 for _, n in ends)
+        assert all(s - n == (ends[i - 1][0] if i else 0) for i, (s, n) in enumerate(ends))
+    assert png.stat().st_size > 0
+    assert capsys.readouterr().out.count("| AdamW (MultiFrequency) |") == 6
 
 
 def test_a_curve_diverges_when_non_finite_or_above_the_documented_multiple():

@@ -466,6 +466,15 @@ def test_test_time_learning_updates_only_cms_levels_on_their_schedule():
     # level 1 (period 4) stepped once, after the 4th window: it changed too
     assert any(n.startswith("blocks.0.cms.1.") for n in changed)
     assert all(p.requires_grad for p in model.parameters())
+    # "auto" levels: each window is logged as it ends, and the windows tile the stream's calls
+    # (one window over and over: consistent gradients, so windows end early)
+    log: dict = {}
+    stream = torch.randint(256, (1, 9), generator=torch.Generator().manual_seed(1)).repeat(12, 1)
+    evaluate.test_time_learning(model, stream, ("auto", "auto"), 1e-2, log)
+    assert {level for _, level, _ in log["windows"]} == {0, 1}
+    for level in (0, 1):
+        ends = [(w, n) for w, lv, n in log["windows"] if lv == level]
+        assert all(w - n == (ends[i - 1][0] if i else 0) for i, (w, n) in enumerate(ends))
 
 
 def test_table_aggregates_runs_over_seeds(tmp_path):

@@ -29,7 +29,7 @@ import math
 import os
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,11 @@ def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Opti
     return scores
 
 
-def ttt(run_dir: str, windows: int = 256, lr: float = 1e-3) -> dict[str, Any]:
+def ttt(run_dir: str, windows: int = 256, lr: float = 1e-3,
+        fixed: Sequence[int] = ()) -> dict[str, Any]:
+    """The test-time-learning stream of a run: conditions "off", "cms" (the model's periods),
+    "every_step", "auto" (every level ``update_period="auto"``) and ``fixed-C`` (every level
+    at period C, for each C of ``fixed``); written to the run's ``ttt.json``."""
     saved = json.load(open(os.path.join(run_dir, "metrics.json")))
     size = SIZES[saved["size"]]
     _, shakespeare = byte_tokens("shakespeare")
@@ -107,7 +111,8 @@ def ttt(run_dir: str, windows: int = 256, lr: float = 1e-3) -> dict[str, Any]:
     n_levels = len(base.cms_levels())
     conditions = {"off": None, "cms": tuple(base.config.cms_periods[:n_levels])
                   if base.config.arch == "hope" else (1,), "every_step": (1,) * n_levels,
-                  "auto": ("auto",) * n_levels}
+                  "auto": ("auto",) * n_levels,
+                  **{f"fixed-{c}": (c,) * n_levels for c in fixed}}
     for name, periods in conditions.items():
         same = next((key for key in result if key in conditions
                      and result[key]["periods"] == periods), None)
@@ -328,6 +333,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("run")
     p.add_argument("--windows", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--fixed", type=int, nargs="*", default=[], metavar="C",
+                   help="also every level at period C, for each C (issue 19's comparison)")
     p = sub.add_parser("recall")
     p.add_argument("--arch", choices=ARCHITECTURES, required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -340,7 +347,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--reference", default="hope")
     args = parser.parse_args(argv)
     if args.command == "ttt":
-        r = ttt(args.run, args.windows, args.lr)
+        r = ttt(args.run, args.windows, args.lr, args.fixed)
         print(json.dumps({k: (v if not isinstance(v, dict) else
                               {a: b for a, b in v.items() if a != "curve"})
                           for k, v in r.items()}))
