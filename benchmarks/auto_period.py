@@ -46,21 +46,19 @@ OPTIMIZERS = {
 
 
 class _Windows:
-    """An optimizer's step that records each auto group's windows: [step, level, length]."""
+    """An optimizer whose step records each auto group's windows: [step, level, length]."""
 
     def __init__(self, opt):
-        self.opt, self.windows, self.steps = opt, [], 0
+        self.opt, self.steps = opt, 0
+        self.log = dm.WindowLog(opt)
 
     def zero_grad(self):
         self.opt.zero_grad()
 
     def step(self):
-        before = [g.get("auto_updates") for g in self.opt.param_groups]
         self.opt.step()
         self.steps += 1
-        for level, (group, count) in enumerate(zip(self.opt.param_groups, before)):
-            if group["update_period"] == "auto" and group["auto_updates"] != count:
-                self.windows.append([self.steps, level, group["last_period"]])
+        self.log.record(self.steps)
 
 
 def run(make, lr, seed, tasks, schedules, windows=None):
@@ -74,7 +72,7 @@ def run(make, lr, seed, tasks, schedules, windows=None):
     opt = _Windows(make(groups, lr))
     result = train_sequentially(model, opt, tasks, seed)
     if result is not None and windows is not None:
-        windows.extend(opt.windows)
+        windows.extend(opt.log.rows)
     return result
 
 

@@ -7,7 +7,7 @@ reductions they satisfy.
 
 from . import functional
 from .deep import DMGD, DeepMomentum
-from .frequency import MultiFrequency, continuum_groups
+from .frequency import MultiFrequency, WindowLog, continuum_groups
 from .momentum import AssociativeMomentum, DeltaMomentum
 from .muon import M3, Muon, muon_param_groups
 from .newton_schulz import newton_schulz
@@ -23,6 +23,7 @@ __all__ = [
     "DeltaMomentum",
     "M3",
     "MultiFrequency",
+    "WindowLog",
     "continuum_groups",
     "Muon",
     "muon_param_groups",

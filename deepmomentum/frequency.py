@@ -18,7 +18,7 @@ from .distributed import load_like
 from .optimizer import AUTO_DEFAULTS, MemoryOptimizer, accumulate_gradients, check_schedule, \
     initializes_state, release_gradients, window_ends
 
-__all__ = ["MultiFrequency", "continuum_groups"]
+__all__ = ["MultiFrequency", "WindowLog", "continuum_groups"]
 
 Level = Union[tuple[Any, int], tuple[Any, int, dict]]
 
@@ -234,3 +234,32 @@ class MultiFrequency(torch.optim.Optimizer):
             if accumulator is not None:
                 accumulator = load_like(accumulator, p)  # FSDP2: sharded as its parameter
                 self.state[p]["grad_accumulator"] = torch.empty_like(p).copy_(accumulator)
+
+
+class WindowLog:
+    """The windows ``update_period="auto"`` groups chose, as they end.
+
+    ``log = WindowLog(optimizer)``, then ``log.record(call)`` after each ``optimizer.step()``:
+    for every auto group whose window ended in that step, a row ``[call, level, length]`` is
+    added to ``log.rows`` (``level``: the group's index among the optimizer's auto groups;
+    ``length``: its window's calls, the group's ``last_period``). Works for any deepmomentum
+    optimizer and for :class:`MultiFrequency` (their groups count ``auto_updates``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rows: Optional[list] = None):
+        self.optimizer = optimizer
+        self.rows = [] if rows is None else rows
+        self._counts = self._updates()
+
+    def _updates(self) -> list[int]:
+        return [g.get("auto_updates", 0) for g in self.optimizer.param_groups
+                if g.get("update_period") == "auto"]
+
+    def record(self, call: int) -> list[list[int]]:
+        """The rows of the windows that ended since the last call (also added to ``rows``)."""
+        counts = self._updates()
+        groups = [g for g in self.optimizer.param_groups if g.get("update_period") == "auto"]
+        new = [[call, level, groups[level]["last_period"]]
+               for level, (now, before) in enumerate(zip(counts, self._counts)) if now != before]
+        self._counts = counts
+        self.rows.extend(new)
+        return new

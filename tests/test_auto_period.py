@@ -325,3 +325,19 @@ def test_multi_frequency_and_continuum_groups_check_auto_options():
     groups = dm.continuum_groups([([p], "auto")], stagger=True)
     assert groups[0]["update_period"] == "auto" and groups[0]["update_offset"] == 0
 
+
+
+def test_window_log_records_each_auto_groups_windows_as_they_end():
+    fast, slow, other = (torch.zeros(8, requires_grad=True) for _ in range(3))
+    opt = dm.AssociativeMomentum([{"params": [fast]},  # period 1: not an auto group
+                                  {"params": [slow], "update_period": "auto", "min_period": 3,
+                                   "max_period": 3},
+                                  {"params": [other], "update_period": "auto", "max_period": 2,
+                                   "min_period": 2}], lr=0.1)
+    log = dm.WindowLog(opt)
+    for call in range(1, 7):
+        for p in (fast, slow, other):
+            p.grad = torch.randn(8)
+        opt.step()
+        log.record(call)
+    assert log.rows == [[2, 1, 2], [3, 0, 3], [4, 1, 2], [6, 0, 3], [6, 1, 2]]

@@ -73,6 +73,7 @@ def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Opti
         optimizer = dm.PreconditionedMomentum(groups, lr=lr, weight_decay=0.0)
         if "auto" in periods and log is not None:
             log["windows"] = []
+            windows = dm.WindowLog(optimizer, log["windows"])
     scores = []
     for window in stream:
         window = window[None].to(next(model.parameters()).device)
@@ -83,12 +84,9 @@ def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Opti
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            before = [g["auto_updates"] for g in optimizer.param_groups]
             optimizer.step()
             if log is not None and "windows" in log:  # [window, level, length] as each ends
-                log["windows"] += [[len(scores), level, g["last_period"]] for level, (g, b)
-                                   in enumerate(zip(optimizer.param_groups, before))
-                                   if g["auto_updates"] != b]
+                windows.record(len(scores))
     for p in model.parameters():
         p.requires_grad_(True)
     return scores

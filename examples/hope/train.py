@@ -608,6 +608,8 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
 
+    window_log = None if auto is None else dm.WindowLog(
+        optimizer, metrics.setdefault("cms_windows", []))
     stop = steps if args.stop_after is None else min(steps, step + args.stop_after)
     progress = Progress(steps, step, enabled=not args.quiet and ranks.main)
     rows = ranks.rows(size["batch"])  # this rank's rows of each global batch (all in one process)
@@ -626,17 +628,11 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        updates = [g.get("auto_updates") for g in optimizer.param_groups]
         optimizer.step()
         scheduler.step()
         step += 1
-        if auto is not None:  # each CMS level's windows as they end: [step, level, length]
-            levels = [(g, u) for g, u in zip(optimizer.param_groups, updates)
-                      if g["update_period"] == "auto"]
-            for level, (group, before) in enumerate(levels):
-                if group["auto_updates"] != before:
-                    metrics.setdefault("cms_windows", []).append(
-                        [step, level, group["last_period"]])
+        if window_log is not None:  # each CMS level's windows as they end: [step, level, length]
+            window_log.record(step)
         metrics["train_loss"].append(round(value, 5))
         text = f"loss {value:.3f}"
         if step % size["eval_every"] == 0 or step == steps:
