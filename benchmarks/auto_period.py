@@ -7,7 +7,7 @@ periods.
 The model and tasks of ``benchmarks/cms.py``: 64 → 128 → 128 → 10, ReLU, three levels (input
 layer, middle layer, head), 5 permuted tasks × 3 epochs of batch 32, gradients mean-accumulated.
 Schedules, each on the same lr grid and seeds (ACC and BWT at the best lr by mean ACC; a grid
-whose best lr is at its edge is marked):
+whose best lr is at its edge grows past it, at most twice, then is marked):
 
 * ``fixed C``: every level at period C, for C in {1, 4, 16, 64};
 * ``best fixed per level``: the best of all 4³ per-level choices of {1, 4, 16, 64}, screened
@@ -35,7 +35,9 @@ import deepmomentum as dm
 from . import core
 from .dmgd import digits_tasks, train_sequentially
 
-LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+#: How many lrs the grid may grow by beyond an edge where the best lr lies (each ×/÷ 10^½).
+MAX_EXTENSIONS = 2
 PERIODS = (1, 4, 16, 64)
 SIGNIFICANCES = (0.5, 1.0, 2.0)
 OPTIMIZERS = {
@@ -85,12 +87,30 @@ def auto(significance):
 
 
 def evaluate(make, tasks, schedules, seeds) -> dict[str, Any]:
-    best = core.grid(lambda lr, s: run(make, lr, s, tasks, schedules), LRS, seeds,
-                     metric=lambda r: r["ACC"], maximize=True)
-    if best is None:
+    """ACC and BWT at the best lr of the grid, grown past an edge where the best lies (at most
+    :data:`MAX_EXTENSIONS` lrs, each a half-decade further), so that every schedule's best lr
+    is interior where it can be."""
+    lrs, results = list(LRS), {}
+
+    def sweep():
+        for lr in lrs:
+            if lr not in results:
+                results[lr] = core.grid(lambda lr_, s: run(make, lr_, s, tasks, schedules),
+                                        [lr], seeds, metric=lambda r: r["ACC"], maximize=True)
+        scored = [lr for lr in lrs if results[lr] is not None]
+        return max(scored, key=lambda lr: results[lr]["mean"]) if scored else None
+
+    best_lr = sweep()
+    for _ in range(MAX_EXTENSIONS):
+        if best_lr is None or best_lr not in (lrs[0], lrs[-1]):
+            break
+        lrs = [lrs[0] / 10 ** 0.5] + lrs if best_lr == lrs[0] else lrs + [lrs[-1] * 10 ** 0.5]
+        best_lr = sweep()
+    if best_lr is None:
         return {"diverged": True}
+    best = {"lr": best_lr, **results[best_lr]}
     bwt, bwt_sd = core.summarize([r["BWT"] for r in best["runs"]])
-    return {"lr": best["lr"], "lr_at_edge": best["lr"] in (LRS[0], LRS[-1]),
+    return {"lr": best["lr"], "lr_at_edge": best["lr"] in (lrs[0], lrs[-1]), "lrs": lrs,
             "ACC": best["mean"], "ACC_std": best["std"], "BWT": bwt, "BWT_std": bwt_sd,
             "ACC_seeds": [r["ACC"] for r in best["runs"]]}
 

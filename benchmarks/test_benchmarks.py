@@ -360,7 +360,12 @@ def test_auto_period_compares_every_schedule_on_one_grid_and_plots_the_windows(
     assert sorted(k for k in result if k != per_level) == sorted(
         ["fixed 1", "fixed 4", "auto κ=0.5", "auto κ=1", "auto κ=2"])
     for entry in result.values():
-        assert entry["lr"] in (3e-3, 1e-2) and len(entry["ACC_seeds"]) == 2
+        assert entry["lr"] in entry["lrs"] and len(entry["ACC_seeds"]) == 2
+        lrs = entry["lrs"]  # the grid, grown by at most two lrs past the edge of its best
+        start = lrs.index(3e-3)
+        assert lrs[start:start + 2] == [3e-3, 1e-2] and len(lrs) <= 4
+        assert entry["lr_at_edge"] == (entry["lr"] in (lrs[0], lrs[-1]))
+        assert not entry["lr_at_edge"] or len(lrs) == 4
         assert entry["verdict"] in ("best", "tie", "worse")
     assert [e["verdict"] for e in result.values()].count("best") == 1
     # the windows of seed 0 tile each level's steps, every one within [1, 64]
