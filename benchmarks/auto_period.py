@@ -126,7 +126,13 @@ def best_per_level(make, tasks) -> tuple[tuple[int, ...], float]:
     return choice, scores[choice]
 
 
-def plot(windows: dict[str, list], path: str) -> None:
+LAYERS = ("input layer", "middle layer", "head")
+
+
+def plot(windows: dict[str, list], path: str, labels=LAYERS, what="step (5 tasks)",
+         title="auto κ = 1, seed 0") -> None:
+    """Each level's window lengths against the step at which they ended, one panel per
+    entry of ``windows`` (rows ``[step, level, length]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,14 +140,14 @@ def plot(windows: dict[str, list], path: str) -> None:
 
     fig, axes = plt.subplots(1, len(windows), figsize=(6 * len(windows), 3.6), squeeze=False)
     for ax, (name, rows) in zip(axes[0], windows.items()):
-        for level, label in enumerate(("input layer", "middle layer", "head")):
+        for level, label in enumerate(labels):
             mine = [(s, n) for s, lv, n in rows if lv == level]
             if mine:
                 ax.plot(*zip(*mine), marker=".", linestyle="-", label=label)
         ax.set_yscale("log", base=2)
-        ax.set_xlabel("step (5 tasks)")
+        ax.set_xlabel(what)
         ax.set_ylabel("window length (calls)")
-        ax.set_title(f"{name}: auto κ = 1, seed 0")
+        ax.set_title(f"{name}: {title}")
         ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
