@@ -23,6 +23,7 @@ from deepmomentum.optimizer import WindowStats, significant
 from deepmomentum.testing import assert_same_trajectory, noisy_quadratic_grads
 
 from registry import REGISTRY, cases
+from test_frequency import at_calls
 
 
 def _scheduled(info, variant, **schedule):
@@ -44,38 +45,10 @@ class _Recorder:
             self.ends.append((self.calls, group["last_period"]))
 
 
-def at_calls(make_plain, ends, mean):
+def at_ends(make_plain, ends, mean):
     """The reference: the plain optimizer called only on the calls listed in ``ends`` (call,
-    window length), with the sum (or mean over the window) of the gradients since its last
-    call."""
-
-    def make(params):
-        opt = make_plain(params)
-        lengths = dict(ends)
-
-        class AtCalls:
-            calls = 0
-            sums: dict = {}
-
-            def step(self):
-                self.calls += 1
-                for p in params:
-                    if p.grad is not None:
-                        self.sums[p] = self.sums.get(p, 0) + p.grad.clone()
-                if self.calls not in lengths:
-                    return
-                saved = {p: p.grad for p in params}
-                for p in params:
-                    total = self.sums.pop(p, None)
-                    p.grad = None if total is None else (
-                        total / lengths[self.calls] if mean else total)
-                opt.step()
-                for p in params:
-                    p.grad = saved[p]
-
-        return AtCalls()
-
-    return make
+    window length) — filled in by the auto run, which goes first."""
+    return at_calls(make_plain, lambda call: dict(ends).get(call), mean)
 
 
 # --- the bounds force the fixed schedules ---------------------------------------------------
@@ -128,7 +101,7 @@ def test_each_auto_update_is_the_rule_on_its_windows_sum(info, variant, signific
                       accumulate=accumulate)
     assert_same_trajectory(
         lambda ps: _Recorder(auto(ps), ends),
-        at_calls(lambda ps: info.make(ps, **variant), ends, mean),
+        at_ends(lambda ps: info.make(ps, **variant), ends, mean),
         shapes=info.shapes(variant), dtype=torch.float64, steps=20, rtol=1e-12, atol=1e-14,
         grad_fn_factory=lambda: noisy_quadratic_grads(0, noise))
     assert ends, "no window ended in 20 calls"
@@ -149,8 +122,7 @@ def test_multi_frequency_auto_updates_are_the_wrapped_rule_on_their_windows(sign
         return _Recorder(dm.MultiFrequency(inner, accumulate=accumulate, max_period=10,
                                            period_significance=significance), ends)
 
-    assert_same_trajectory(auto, at_calls(lambda ps: torch.optim.AdamW(ps, lr=0.01), ends,
-                                          mean),
+    assert_same_trajectory(auto, at_ends(lambda ps: torch.optim.AdamW(ps, lr=0.01), ends, mean),
                            shapes=[(4, 3), (3, 5)], dtype=torch.float64, steps=20, rtol=0.0,
                            grad_fn_factory=lambda: noisy_quadratic_grads(0, noise))
     assert ends

@@ -15,14 +15,15 @@ from deepmomentum.testing import assert_same_trajectory
 from registry import REGISTRY, cases
 
 
-def every_kth(make_plain, period, mean=False, offset=0):
-    """The reference of R7b, written out: call the plain optimizer only on every period-th call
-    (counting from offset), with the sum (or mean) of the gradients since its last call."""
+def at_calls(make_plain, window_of, mean=False):
+    """The reference of a schedule, written out: the plain optimizer called only on the calls
+    where ``window_of(call)`` (1-based) gives a window's length, with the sum (or the mean over
+    that length) of the gradients since its last call."""
 
     def make(params):
         opt = make_plain(params)
 
-        class EveryKth:
+        class AtCalls:
             calls = 0
             sums: dict = {}
 
@@ -31,19 +32,25 @@ def every_kth(make_plain, period, mean=False, offset=0):
                 for p in params:
                     if p.grad is not None:
                         self.sums[p] = self.sums.get(p, 0) + p.grad.clone()
-                if (self.calls - offset) % period:
+                length = window_of(self.calls)
+                if length is None:
                     return
                 saved = {p: p.grad for p in params}
                 for p in params:
                     total = self.sums.pop(p, None)
-                    p.grad = None if total is None else (total / period if mean else total)
+                    p.grad = None if total is None else (total / length if mean else total)
                 opt.step()
                 for p in params:
                     p.grad = saved[p]
 
-        return EveryKth()
+        return AtCalls()
 
     return make
+
+
+def every_kth(make_plain, period, mean=False, offset=0):
+    """R7b's reference: the plain optimizer on every period-th call (counting from offset)."""
+    return at_calls(make_plain, lambda call: None if (call - offset) % period else period, mean)
 
 
 def _scheduled(info, variant, **schedule):
