@@ -278,7 +278,8 @@ def squared_norm_sums(lists: Sequence[Sequence[Any]]) -> list[float]:
     ``(local, like)``: a local shard laid out as the DTensor ``like``. Shards add over the mesh
     dims they are split along (Replicate dims hold copies: not added); one ``all_reduce`` per
     such set of dims. Each norm is taken in the tensor's dtype (fp32 for 16-bit ones; no
-    copy of the tensor) and squared in float64, in list order: the same tensors give the same sums."""
+    copy of the tensor) and squared in float64, in list order: the same tensors give the same
+    sums."""
     if not any(lists):
         return [0.0] * len(lists)
     buckets: dict[tuple, list[list[Tensor]]] = {}

@@ -99,11 +99,11 @@ def check_schedule(group: dict[str, Any]) -> None:
     """Validate a group's multi-frequency options (SPEC §7; ``update_period="auto"``)."""
     period = group["update_period"]
     check_choice("accumulate", group["accumulate"], ACCUMULATE_MODES)
-    for key, value in AUTO_DEFAULTS.items():
-        group.setdefault(key, value)
-    check_int("min_period", group["min_period"], 1)
-    check_int("max_period", group["max_period"], group["min_period"])
-    check_number("period_significance", group["period_significance"], 0.0, math.inf,
+    # Read, not set: a group without them (continuum_groups) takes its optimizer's defaults.
+    auto = {key: group.get(key, value) for key, value in AUTO_DEFAULTS.items()}
+    check_int("min_period", auto["min_period"], 1)
+    check_int("max_period", auto["max_period"], auto["min_period"])
+    check_number("period_significance", auto["period_significance"], 0.0, math.inf,
                  low_open=True, high_open=True)
     if period == "auto":
         if group["update_offset"] != 0:

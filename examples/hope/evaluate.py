@@ -61,7 +61,7 @@ def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Opti
     windows ends)."""
     model.eval()  # no dropout anywhere; eval only marks that the outer loop is not training
     levels = model.cms_levels()
-    optimizer = None
+    optimizer = window_log = None
     if periods is not None:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -72,8 +72,7 @@ def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Opti
                                      accumulate="mean")
         optimizer = dm.PreconditionedMomentum(groups, lr=lr, weight_decay=0.0)
         if "auto" in periods and log is not None:
-            log["windows"] = []
-            windows = dm.WindowLog(optimizer, log["windows"])
+            window_log = dm.WindowLog(optimizer, log.setdefault("windows", []))
     scores = []
     for window in stream:
         window = window[None].to(next(model.parameters()).device)
@@ -85,8 +84,8 @@ def test_time_learning(model: LanguageModel, stream: torch.Tensor, periods: Opti
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if log is not None and "windows" in log:  # [window, level, length] as each ends
-                windows.record(len(scores))
+            if window_log is not None:  # [window, level, length] as each window ends
+                window_log.record(len(scores))
     for p in model.parameters():
         p.requires_grad_(True)
     return scores
