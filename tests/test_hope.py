@@ -542,29 +542,54 @@ def test_table_marks_a_partial_run_instead_of_crashing(tmp_path):
     assert summary["transformer"]["partial"][0]["last_val_bits_per_byte"] == 2.9
 
 
+def _dry_run(script: str, *args: str) -> list:
+    """``DRY_RUN=1 examples/hope/SCRIPT ARGS``: each run's train.py arguments, parsed."""
+    import shlex
+    import subprocess
+
+    path = os.path.join(os.path.dirname(train.__file__), script)
+    lines = subprocess.run(["bash", path, *args], check=True, capture_output=True, text=True,
+                           env={**os.environ, "DRY_RUN": "1"}).stdout.splitlines()
+    return [train.parse_args(shlex.split(line)) for line in lines]
+
+
 def test_ablation_script_runs_are_valid_train_invocations(tmp_path):
     """``DRY_RUN=1 examples/hope/ablation.sh``: every run parses as train.py arguments, builds
     its HopeConfig, and has a name of its own; "hope" is the (1, 4, 16) reference every
     screened variant changes one thing of."""
-    import shlex
-    import subprocess
-
-    script = os.path.join(os.path.dirname(train.__file__), "ablation.sh")
-    lines = subprocess.run(["bash", script, str(tmp_path), "tiny", "small"], check=True,
-                           capture_output=True, text=True,
-                           env={**os.environ, "DRY_RUN": "1"}).stdout.splitlines()
     outs = []
-    for line in lines:
-        args = train.parse_args(shlex.split(line))
+    for args in _dry_run("ablation.sh", str(tmp_path), "tiny", "small"):
         config = HopeConfig(arch=args.arch, **{**train.SIZES[args.size]["model"],
                                                **dict(args.model_option)})
         name = os.path.basename(args.out).rsplit("-", 1)[0]
         if name == "hope" or (name.startswith("hope-") and "cms1" not in name):
-            assert config.cms_periods == (1, 4, 16), line
+            assert config.cms_periods == (1, 4, 16), args.out
         outs.append(args.out)
     assert len(outs) == len(set(outs)) and len(outs) >= 30
     assert {os.path.basename(o) for o in outs} >= {"hope-0", "hope-cms124-1", "titans-1",
                                                      "hope-depth1-0", "hope-static-kv-0"}
+
+
+def test_periods_script_runs_are_the_named_schedules(tmp_path):
+    """``DRY_RUN=1 examples/hope/periods.sh`` (issue 19's HOPE records): every run parses, has a
+    name of its own, and its name says its schedule — hope-fixedAxBxC at CMS periods (A, B, C)
+    without --auto-periods, hope-auto* with it (and its knobs)."""
+    runs = _dry_run("periods.sh", str(tmp_path))
+    names = [os.path.basename(args.out) for args in runs]
+    assert len(names) == len(set(names)) == 23
+    for args, name in zip(runs, names):
+        variant = name.rsplit("-", 1)[0]
+        assert (args.arch, args.size) == ("hope", "tiny")
+        periods = dict(args.model_option).get("cms_periods")
+        if variant.startswith("hope-fixed"):
+            assert not args.auto_periods, name
+            assert periods == tuple(int(c) for c in variant[len("hope-fixed"):].split("x"))
+        else:
+            assert args.auto_periods and periods is None, name
+            assert args.auto_max_period == (16 if "max16" in variant else 64)
+            assert args.auto_significance == (0.25 if "k0.25" in variant else 1.0)
+    assert {n for n in names if n.endswith("-2")} == {
+        "hope-auto-2", "hope-fixed4x4x4-2", "hope-fixed16x16x16-2", "hope-fixed64x64x64-2"}
 
 
 def test_auto_periods_train_every_cms_level_by_its_criterion_and_resume_bit_for_bit(tmp_path):

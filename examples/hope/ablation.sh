@@ -6,27 +6,15 @@
 # resumes where it stopped. Two runs at a time, one thread each (a 2-core machine): about
 # 2.5 hours for everything at tiny, 3 at small. Usage:
 #   examples/hope/ablation.sh [OUT] [SIZE ...]          (default: runs tiny small)
-# DRY_RUN=1 prints each run's train.py arguments, one run per line, and runs nothing.
+# DRY_RUN=1 prints each run's train.py arguments, one run per line, and runs nothing
+# (queue.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs}; shift $(( $# > 0 ? 1 : 0 ))
 SIZES=${*:-tiny small}
 OLD='"cms_periods=(1,4,16)"'
 
-run() {  # run SIZE NAME ARCH SEED [train.py options...]
-  local size=$1 name=$2 arch=$3 seed=$4; shift 4
-  local out="$OUT/ablation-$size/$name-$seed"
-  if [ -n "${DRY_RUN:-}" ]; then
-    printf '%q ' --arch "$arch" --size "$size" --seed "$seed" --out "$out" "$@"; printf '\n'
-    return 0
-  fi
-  if python -c "import json,sys; m=json.load(open('$out/metrics.json')); \
-sys.exit(0 if m.get('final_val_bits_per_byte') is not None else 1)" 2>/dev/null; then
-    return 0
-  fi
-  OMP_NUM_THREADS=1 python -m examples.hope.train --arch "$arch" --size "$size" --seed "$seed" \
-    --out "$out" --resume --quiet "$@" > "$out.log" 2>&1 || echo "FAILED: $out (see $out.log)"
-}
+source examples/hope/queue.sh
 
 variants() {  # the runs of one size, one per line: NAME ARCH SEED [options...]
   local size=$1 seeds=$2 screen=$3
@@ -60,14 +48,9 @@ for size in $SIZES; do
   mkdir -p "$OUT/ablation-$size"
   if [ "$size" = tiny ]; then seeds="0 1 2" screen="0 1 2"
   else seeds="0 1" screen=""; fi
-  # two queues of one thread each: the runs alternate between them. A dry run lists them one
-  # queue after the other: two queues printing at once would interleave their lines.
-  for parity in 1 0; do
-    variants "$size" "$seeds" "$screen" | awk -v p=$parity 'NR % 2 == p' |
-      while read -r name arch seed opts; do eval "run $size $name $arch $seed $opts"; done &
-    [ -z "${DRY_RUN:-}" ] || wait
-  done
-  wait
+  variants "$size" "$seeds" "$screen" | while read -r name arch seed opts; do
+    echo "$OUT/ablation-$size/$name-$seed --arch $arch --size $size --seed $seed $opts"
+  done | queues
   [ -n "${DRY_RUN:-}" ] || python -m examples.hope.evaluate ablation "$OUT/ablation-$size" \
     --reference hope
 done

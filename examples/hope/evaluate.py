@@ -269,7 +269,7 @@ DEFAULTS = HopeConfig().to_dict()
 # train.py's options beyond the optimizer's name and lr a variant may change, with their
 # values in runs that predate them
 TRAINING_OPTIONS = {"cms_lr_power": 0.0, "weight_decay": 0.01, "decay_all": False,
-                    "optim_options": None}
+                    "optim_options": None, "auto_periods": None}
 
 
 def ablation(root: str, reference: str = "hope") -> str:
