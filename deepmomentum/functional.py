@@ -65,7 +65,7 @@ __all__ = [
     "as_matrix", "matrix_shape", "gradient_keys", "input_keys_matrix", "erase_along_keys", "delta_keys",
     "unit_rows", "activate", "deep_memory_gradient_factors", "deep_memory_gradients",
     "deep_memory_reads", "momentum_scan", "scan_coefficients", "memory_chunk_read",
-    "memory_chunk_end",
+    "memory_chunk_end", "batch_shared_matmul",
     "state_dtype", "LOW_PRECISION_DTYPES",
 ]
 
@@ -1696,10 +1696,21 @@ def memory_chunk_read(z: Tensor, W0: Tensor, S0: Optional[Tensor], x: Tensor, de
     W₀ and S₀ (…, i, o) broadcasting over z's batch dims (S₀ ``None``: zero momentum),
     x (…, C, i), δ (…, C, o), a and b (…, C), G (…, C, C). The plain-torch twin of
     :func:`deepmomentum.kernels.memory_scan.chunk_read`."""
-    out = from_start[..., None] * (z @ W0) - (from_grads * (z @ x.mT)) @ delta
+    out = from_start[..., None] * batch_shared_matmul(z, W0) - (from_grads * (z @ x.mT)) @ delta
     if S0 is not None:
-        out = out + from_momentum[..., None] * (z @ S0)
+        out = out + from_momentum[..., None] * batch_shared_matmul(z, S0)
     return out
+
+
+def batch_shared_matmul(z: Tensor, W: Tensor) -> Tensor:
+    """``z @ W`` for z (…, batch, H, r, i) and W (…, batch or 1, H, i, o). A W shared by the
+    batch (dim −4 of size 1: a memory's start state) takes the batch as rows of one product
+    per head, instead of the copy of W per sequence that broadcasting in ``@`` makes."""
+    if W.dim() < 4 or z.dim() < 4 or W.shape[-4] != 1 or z.shape[-4] == 1:
+        return z @ W
+    batch, rows = z.shape[-4], z.shape[-2]
+    flat = z.transpose(-4, -3).flatten(-3, -2)  # (…, H, batch·r, i)
+    return (flat @ W.squeeze(-4)).unflatten(-2, (batch, rows)).transpose(-4, -3)
 
 
 def memory_chunk_end(W0: Tensor, S0: Optional[Tensor], x: Tensor, uW: Tensor, uS: Tensor,

@@ -79,6 +79,19 @@ def test_momentum_scan_reduces_to_torch_sgd(momentum, lr, steps, shape, seed):
         torch.testing.assert_close(W[t], p.detach(), rtol=1e-11, atol=1e-12)
 
 
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2),
+       st.booleans(), st.sampled_from([torch.float32, torch.float64]))
+def test_batch_shared_matmul_is_matmul(batch, heads, rows, lead, shared, dtype):
+    """``batch_shared_matmul(z, W)`` is ``z @ W`` for z (…, batch, H, r, i) and W shared by the
+    batch (dim −4 of size 1) or per sequence, with 0–2 leading memory dims on either side."""
+    g = torch.Generator().manual_seed(batch * 100 + heads * 10 + rows)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    z = r(*(2,) * lead, batch, heads, rows, 5)
+    W = r(*(2,) * (2 - lead), 1 if shared else batch, heads, 5, 3)
+    torch.testing.assert_close(dmf.batch_shared_matmul(z, W), z @ W)
+    assert dmf.batch_shared_matmul(z, W).shape == (z @ W).shape
+
+
 def test_momentum_scan_rejects_mismatched_gates():
     with pytest.raises(ValueError, match="gates' shape"):
         dmf.momentum_scan(torch.zeros(3, 4), torch.ones(2), torch.ones(2), torch.zeros(2),

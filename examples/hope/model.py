@@ -345,22 +345,11 @@ def _read_through(c: dmf.ScanCoefficients, kernel: bool, z, W0, S0, x, delta):
     if kernel:
         return _ChunkRead.apply(z, W0[-1], None if S0 is None else S0[-1], x[-1], delta[-1],
                                 c.param_from_start, c.param_from_momentum, c.param_from_grads)
-    out = c.param_from_start[..., None] * _matmul(z, W0[-1]) \
-        - (c.param_from_grads * (z @ x[-1].mT)) @ delta[-1]
-    if S0 is not None:
-        out = out + c.param_from_momentum[..., None] * (z @ S0[-1])
-    return out
+    return dmf.memory_chunk_read(z, W0[-1], None if S0 is None else S0[-1], x[-1], delta[-1],
+                                 c.param_from_start, c.param_from_momentum, c.param_from_grads)
 
 
-def _matmul(z: Tensor, W: Tensor) -> Tensor:
-    """``z @ W`` for z (…, batch, H, r, i) and W (…, batch or 1, H, i, o). A W shared by the
-    batch (dim −4 of size 1: the start state) takes the batch as rows of one product per
-    memory and head, instead of the copy of W per sequence that broadcasting in ``@`` makes."""
-    if W.dim() < 4 or z.dim() < 4 or W.shape[-4] != 1 or z.shape[-4] == 1:
-        return z @ W
-    batch, rows = z.shape[-4], z.shape[-2]
-    flat = z.transpose(-4, -3).flatten(-3, -2)  # (…, H, batch·r, i)
-    return (flat @ W.squeeze(-4)).unflatten(-2, (batch, rows)).transpose(-4, -3)
+_matmul = dmf.batch_shared_matmul
 
 
 def _matmul_transposed(z: Tensor, W: Tensor) -> Tensor:
