@@ -597,12 +597,9 @@ def main(argv=None):
     parser.add_argument("--sweep-warps", action="store_true",
                         help="also time the fused kernels at several num_warps")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/compressed_gpu.py needs a CUDA GPU; none is available, nothing run.")
-        return 0
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("TRITON_INTERPRET is set: unset it to run the compiled kernels on the GPU.")
-        return 1
+    refused = core.cuda_unavailable("benchmarks/compressed_gpu.py")
+    if refused is not None:
+        return refused
     card = torch.cuda.get_device_name()
     print(f"{card}")
     checks = Checks()

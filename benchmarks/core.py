@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -426,6 +427,19 @@ def environment(device: Optional[str] = None) -> dict[str, Any]:
     return {"git_sha": sha, "torch": torch.__version__, "triton": triton_version,
             "deepmomentum": dm.__version__, "device": device, "dtype": "float32",
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def cuda_unavailable(script: str) -> Optional[int]:
+    """``None`` where a GPU script can run its compiled kernels; otherwise it says why and gives
+    the exit code: 0 without a CUDA device (nothing to run, not a failure), 1 with
+    ``TRITON_INTERPRET`` set (the interpreter would be timed)."""
+    if not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU; none is available, nothing run.")
+        return 0
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("TRITON_INTERPRET is set: unset it to run the compiled kernels on the GPU.")
+        return 1
+    return None
 
 
 def _stats(values):

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import sys
+
 import torch
 
 import deepmomentum as dm
@@ -81,6 +83,9 @@ def main(argv=None):
     parser.add_argument("--tensors", type=int, default=64)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    refused = core.cuda_unavailable("benchmarks/fused_step_gpu.py")
+    if refused is not None:
+        return refused
     card = torch.cuda.get_device_name()
     worst = check_correctness()
     print(f"{card}; correctness: Triton vs reference, worst relative error {worst:.2e}")
@@ -127,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

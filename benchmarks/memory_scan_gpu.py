@@ -130,12 +130,9 @@ def main(argv=None):
                         help="time the kernels only, not the models' training steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/memory_scan_gpu.py needs a CUDA GPU; none is available, nothing run.")
-        return 0
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("TRITON_INTERPRET is set: unset it to run the compiled kernels on the GPU.")
-        return 1
+    refused = core.cuda_unavailable("benchmarks/memory_scan_gpu.py")
+    if refused is not None:
+        return refused
     result = {"environment": core.environment("cuda"), "size": args.size}
     failures, rows = [], []
     check(failures, rows)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import sys
+
 import torch
 
 import deepmomentum as dm
@@ -43,6 +45,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    refused = core.cuda_unavailable("benchmarks/ns_gpu.py")
+    if refused is not None:
+        return refused
     card = torch.cuda.get_device_name()
     out = {"card": card, "ns": {}, "muon": {}, "env": core.environment(device="cuda")}
     x = torch.randn(4, 512, 1536, device="cuda")
@@ -91,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

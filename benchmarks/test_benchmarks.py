@@ -285,14 +285,23 @@ def test_hope_speed_compares_the_memory_models_without_their_kernels(tmp_path):
     assert all(len(row["step_s"]) == 1 for row in rows.values())
 
 
-def test_memory_scan_gpu_says_it_needs_a_gpu_and_runs_nothing(capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["compressed_gpu", "fused_step_gpu", "memory_scan_gpu",
+                                  "ns_gpu"])
+def test_gpu_scripts_say_they_need_a_gpu_and_run_nothing(name, capsys, monkeypatch):
+    """Without CUDA a GPU script exits 0 having run nothing; under the Triton interpreter it
+    refuses (exit 1) rather than time the interpreter."""
+    import importlib
+
     import torch
 
-    from benchmarks import memory_scan_gpu
-
+    module = importlib.import_module(f"benchmarks.{name}")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert memory_scan_gpu.main([]) == 0
-    assert "needs a CUDA GPU" in capsys.readouterr().out
+    assert module.main([]) == 0
+    assert f"benchmarks/{name}.py needs a CUDA GPU" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert module.main([]) == 1
+    assert "TRITON_INTERPRET is set" in capsys.readouterr().out
 
 
 def test_summarize_reports_a_diverged_seed_instead_of_averaging_it():
