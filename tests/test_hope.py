@@ -223,6 +223,106 @@ def test_chunked_model_equals_token_by_token_loop(arch, T, chunk, clip, seed, st
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=name)
 
 
+def _layer_from_the_equations(layer, x: torch.Tensor) -> torch.Tensor:
+    """The Titans/HOPE memory layer written out from its docstrings, one token at a time, with
+    the inner gradients from autograd: an independent reference for the wiring the chunked and
+    the sequential forms share (which projection makes which part, which gate is η and which
+    α, the convolutions' carried tails, the self-generated values). Residual MLP memories."""
+    config, H = layer.config, layer.n_heads
+    Bsz, T, d = x.shape
+    e, C = d // H, config.chunk_size
+    mem = layer.memories
+    phi = mem.phi
+    split = lambda t: t.unflatten(-1, (H, e)).transpose(1, 2)  # noqa: E731 — (B, H, T, e)
+
+    def conv(module, z, tail):  # y_t = Σ_w weight_w ⊙ z_{t − (width − 1) + w}
+        width = module.width
+        padded = torch.cat([tail, z], dim=2)
+        y = torch.stack([sum(module.weight[:, 0, :, w] * padded[:, :, t + w]
+                             for w in range(width)) for t in range(z.shape[2])], dim=2)
+        return y, padded[:, :, -(width - 1):]
+
+    def memory(z, A, B):  # M(z) = z + φ(z A) B, per (batch, head)
+        return z + phi(z @ A) @ B
+
+    zeros = lambda: x.new_zeros(Bsz, H, config.conv_width - 1, e)  # noqa: E731
+    tails = {"k": zeros(), "v": zeros(), "q": zeros()}
+    q, _ = conv(layer.conv_q, split(layer.q(x)), tails["q"])
+    q = F.normalize(q, dim=-1)
+    static = {}
+    for name in ("k", "v"):
+        if name not in layer.generated:
+            static[name] = F.normalize(conv(getattr(layer, f"conv_{name}"),
+                                            split(getattr(layer, name)(x)), zeros())[0], dim=-1)
+    if layer.static_gates:
+        raw = torch.sigmoid(layer.gates(x))  # (B, T, gates·H): η's H columns, then α's
+        for i, name in enumerate(layer.static_gates):
+            static[name] = raw[..., i * H:(i + 1) * H].transpose(1, 2)
+    sigma_theta = torch.sigmoid(layer.theta(x)).transpose(1, 2)
+    xh = F.normalize(split(x), dim=-1)
+    names = [*layer.generated, "out"]  # the memories, in order
+    A = [mem.A0[i][None].expand(Bsz, H, *mem.A0.shape[-2:]) for i in range(len(names))]
+    Bm = [mem.B0[i][None].expand(Bsz, H, *mem.B0.shape[-2:]) for i in range(len(names))]
+    SA = [torch.zeros_like(a) for a in A]
+    SB = [torch.zeros_like(b) for b in Bm]
+    outputs = []
+    for start in range(0, T, C):
+        part = slice(start, min(start + C, T))
+        parts = {n: t[:, :, part] for n, t in static.items()}
+        reads = {n: memory(xh[:, :, part], A[i], Bm[i]) for i, n in enumerate(names)}
+        for name in ("k", "v"):
+            if name in layer.generated:
+                read, tails[name] = conv(getattr(layer, f"conv_{name}"), reads[name],
+                                         tails[name])
+                parts[name] = F.normalize(read, dim=-1)
+        for i, name in enumerate(layer.read_gates):
+            parts[name] = torch.sigmoid((reads[name] * layer.gate_readout[i][:, None]).sum(-1)
+                                        + layer.gate_bias[i][:, None])
+        eta, alpha = parts["eta"], parts["alpha"]
+        theta = layer.inner_lr_scale * (1 - eta) * sigma_theta[:, :, part]
+        keys = parts["k"]
+        starts = [(a, b) for a, b in zip(A, Bm)]  # every gradient is taken here
+        for t in range(keys.shape[2]):
+            for i in range(len(names)):
+                a0, b0 = (w.detach().requires_grad_() for w in starts[i])
+                target = memory(parts["v"], *starts[i])[:, :, t] \
+                    if layer.self_generated_values else parts["v"][:, :, t]
+                loss = 0.5 * (memory(keys[:, :, t, None], a0, b0)[:, :, 0]
+                              - target).square().sum()
+                gA, gB = torch.autograd.grad(loss, (a0, b0), create_graph=True)
+                # the chain rule through the chunk-start state is the outer loop's business
+                # (the model's gradients see it); here only the inner step's value matters
+                gA, gB = (g * (config.inner_grad_clip
+                               / g.norm(dim=(-2, -1), keepdim=True)
+                               .clamp_min(config.inner_grad_clip)) for g in (gA, gB))
+                gate = lambda v: v[:, :, t, None, None]  # noqa: E731
+                SA[i] = gate(eta) * SA[i] - gate(theta) * gA
+                SB[i] = gate(eta) * SB[i] - gate(theta) * gB
+                A[i] = (1 - gate(alpha)) * A[i] + SA[i]
+                Bm[i] = (1 - gate(alpha)) * Bm[i] + SB[i]
+            qt = q[:, :, start + t, None]
+            outputs.append(memory(qt, A[-1], Bm[-1])[:, :, 0])
+    o = torch.stack(outputs, dim=2).transpose(1, 2).flatten(-2)
+    return layer.out(o)
+
+
+@pytest.mark.parametrize("arch,static", [("titans", ()), ("hope", ()), ("hope", ("eta",)),
+                                         ("hope", ("v", "values")), ("hope", ("k", "alpha"))])
+def test_memory_layer_follows_its_equations(arch, static):
+    """The layer (chunked, as trained) against :func:`_layer_from_the_equations`, float64,
+    a ragged last chunk: the same outputs."""
+    torch.manual_seed(3)
+    config = HopeConfig(arch=arch, chunk_size=3, static_parts=static, inner_grad_clip=0.3,
+                        **TINY)
+    layer = build(config).double().blocks[0].mixer
+    with torch.no_grad():  # gates and conv taps away from their identity initialization
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 8, config.d_model, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _layer_from_the_equations(layer, x), rtol=1e-9,
+                               atol=1e-11)
+
+
 @pytest.mark.parametrize("arch", [*ARCHITECTURES, ("k", "values"), ("eta", "alpha")])
 def test_causal_no_output_depends_on_a_later_token(arch):
     torch.manual_seed(0)
