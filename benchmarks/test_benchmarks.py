@@ -235,8 +235,8 @@ def test_nearly_identical_curves_are_marked_as_such_and_distinct_ones_are_not():
 
 # --- one stamp, one summary, one sweep: the single-purpose scripts use benchmarks.core --------
 
-SCRIPTS = ["delta", "dmgd", "cms", "auto_period", "fused_step_gpu", "ns_gpu", "muon_step",
-           "hope_speed", "memory_scan_gpu"]
+SCRIPTS = ["delta", "dmgd", "cms", "auto_period", "auto_period_cost", "fused_step_gpu", "ns_gpu",
+           "muon_step", "hope_speed", "memory_scan_gpu"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -302,6 +302,24 @@ def test_gpu_scripts_say_they_need_a_gpu_and_run_nothing(name, capsys, monkeypat
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert module.main([]) == 1
     assert "TRITON_INTERPRET is set" in capsys.readouterr().out
+
+
+def test_auto_period_cost_times_both_arms_at_the_same_update_times(tmp_path, capsys):
+    """The criterion's cost: per optimizer both arms timed every round, the ratio theirs, and
+    the auto arm's windows all ran to max_period (the same updates as the fixed arm)."""
+    from benchmarks import auto_period_cost
+
+    out = tmp_path / "cost.json"
+    assert auto_period_cost.main(["--params", "5e5", "--rounds", "2", "--windows", "1",
+                                  "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["tensors"], result["period"], result["calls_per_round"]) == (2, 4, 4)
+    assert set(result["cases"]) == set(auto_period_cost.CASES)
+    for r in result["cases"].values():
+        assert len(r["fixed_s"]) == len(r["auto_s"]) == 2
+        ratios = [a / f for a, f in zip(r["auto_s"], r["fixed_s"])]
+        assert r["ratio_min"] == min(ratios) and r["ratio_max"] == max(ratios)
+    assert "| Muon |" in capsys.readouterr().out
 
 
 def test_summarize_reports_a_diverged_seed_instead_of_averaging_it():
