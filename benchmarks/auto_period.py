@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 from typing import Any
 
@@ -193,9 +192,7 @@ def main(argv=None):
         results[name] = mine
     if args.out:
         results["env"] = core.environment(device="cpu")
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        core.write_json(args.out, results)
     if args.plot:
         plot(windows, args.plot)
 

@@ -16,8 +16,6 @@ first, so load changes on the machine hit both alike.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -114,10 +112,7 @@ def main(argv=None):
     for name, r in result["cases"].items():
         print(f"| {name} | {1e3 * r['median_fixed_s']:.2f} | {1e3 * r['median_auto_s']:.2f} | "
               f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) |")
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    core.write_json(args.out, result)
     return 0
 
 

@@ -12,8 +12,6 @@ best lr by ACC, mean ± std over seeds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
@@ -71,9 +69,7 @@ def main(argv=None):
                   f"({best['lr']:g}) | {best['BWT']:+.3f} ± {best['BWT_std']:.3f} |", flush=True)
     if args.out:
         results["env"] = {**core.environment(device="cpu"), "accumulate": args.accumulate}
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        core.write_json(args.out, results)
 
 
 if __name__ == "__main__":

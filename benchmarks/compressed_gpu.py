@@ -44,7 +44,6 @@ fused step; writes JSON to ``--out`` or, if ``$OUT`` is set, ``$OUT/compressed_g
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -621,8 +620,7 @@ def main(argv=None):
     out = args.out or (os.path.join(os.environ["OUT"], "compressed_gpu.json")
                        if os.environ.get("OUT") else None)
     if out:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
+        core.write_json(out, results)
         print(f"wrote {out}")
     return 1 if checks.failures else 0
 

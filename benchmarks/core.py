@@ -8,6 +8,7 @@ seconds to the task's target, and its own extras (the continual-learning accurac
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import platform
@@ -427,6 +428,16 @@ def environment(device: Optional[str] = None) -> dict[str, Any]:
     return {"git_sha": sha, "torch": torch.__version__, "triton": triton_version,
             "deepmomentum": dm.__version__, "device": device, "dtype": "float32",
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def write_json(path: Optional[str], result: Any) -> None:
+    """A benchmark's result as indented JSON at ``path`` (its folder made); nothing where
+    ``path`` is empty."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def cuda_unavailable(script: str) -> Optional[int]:

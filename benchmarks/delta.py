@@ -16,8 +16,6 @@ Step time: one ``step()`` over 8.4M fp32 parameters in 64 matrices of 1024 × 12
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 import torch.utils.benchmark as tb
@@ -142,9 +140,7 @@ def main(argv=None):
     results["step_seconds"] = step_times()
     if args.out:
         results["env"] = {**core.environment(device="cpu"), "psi": PSI, "seeds": args.seeds}
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        core.write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Also: optimizer-state size relative to AdamW for each model and for GPT-2 small,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -184,9 +183,7 @@ def main(argv=None):
 
     if args.out:
         results["env"] = core.environment(device="cpu")
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        core.write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ Targets (issue): ≥ 1.05× torch's fused step and ≥ 90% of the copy bandwidth
 from __future__ import annotations
 
 import argparse
-import json
-
 import sys
 
 import torch
@@ -126,9 +124,7 @@ def main(argv=None):
             print(f"| {rule} | {name} | {seconds * 1e3:.2f} | {tbs:.2f} | "
                   f"{row['torch fused'] / seconds:.3f} | {100 * tbs / copy_tbs:.1f}% |")
         results["rules"][rule] = row
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    core.write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ memory models with ``kernel="torch"``, against the default (on CUDA, the Triton 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -111,10 +109,7 @@ def main(argv=None):
         for arch, row in rows.items():
             print(f"| {arch} | {row['parameters']:,} | {1e3 * row['median_step_s']:.1f} | "
                   f"{row['tokens_per_s']:,.0f} | {row['ratio_to_transformer']:.2f} |")
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    core.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ the same run. Writes JSON to ``--out`` or ``$OUT/memory_scan_gpu.json`` (stamped
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -152,10 +151,7 @@ def main(argv=None):
                   f"{row['ratio_to_transformer']:.2f}× Transformer++")
     out = args.out or (os.path.join(os.environ["OUT"], "memory_scan_gpu.json")
                        if os.environ.get("OUT") else None)
-    if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+    core.write_json(out, result)
     return 1 if failures else 0
 
 
