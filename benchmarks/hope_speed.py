@@ -12,6 +12,12 @@ median step time, and the ratio to Transformer++ measured in the same run. The f
 ``torch.compile``. ``--compare-kernels`` adds ``titans[torch]`` and ``hope[torch]``: the
 memory models with ``kernel="torch"``, against the default (on CUDA, the Triton chunk kernels of
 ``deepmomentum.kernels.memory_scan``).
+
+Each model's training step is also counted in matrix-product FLOPs (``torch.utils.flop_counter``:
+products, attention; not elementwise work), once, on the CPU with ``kernel="torch"`` (the same
+arithmetic as the kernels): ``flop_ceiling`` = Transformer++'s FLOPs / the model's, the
+tokens/s ratio the model would reach if its products ran as fast as Transformer++'s, and
+``gflop_per_s`` the rate each achieved.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from examples.hope.model import HopeConfig, build, count_parameters
 from examples.hope.train import SIZES
@@ -51,6 +58,19 @@ def _stepper(name: str, size: dict, compile_: bool, device: str):
     return model, step
 
 
+def step_flops(name: str, size: dict) -> int:
+    """Matrix-product FLOPs of one training step (forward and backward) of model ``name``."""
+    arch = name.partition("[")[0]
+    torch.manual_seed(0)
+    model = build(HopeConfig(arch=arch, **size["model"], kernel="torch"))
+    batch = torch.randint(0, 256, (size["batch"], size["seq_len"] + 1),
+                          generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        logits = model(batch[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+    return counter.get_total_flops()
+
+
 def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
             device: str = "cpu", compare_kernels: bool = False) -> dict:
     size = SIZES[size_name]
@@ -73,12 +93,15 @@ def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
                 times[arch].append(time.perf_counter() - start)
     tokens = size["batch"] * size["seq_len"]
     base = statistics.median(times["transformer"])
+    flops = {arch: step_flops(arch, size) for arch in names}
     rows = {}
     for arch in names:
         median = statistics.median(times[arch])
         rows[arch] = {"parameters": models[arch][0], "median_step_s": median,
                       "tokens_per_s": tokens / median, "ratio_to_transformer": base / median,
-                      "step_s": times[arch]}
+                      "flops_per_step": flops[arch],
+                      "flop_ceiling": flops["transformer"] / flops[arch],
+                      "gflop_per_s": flops[arch] / median / 1e9, "step_s": times[arch]}
     return rows
 
 
@@ -104,11 +127,14 @@ def main(argv=None):
         result[mode] = rows
         print(f"\n{args.size}, {mode}, {args.device}, {args.threads} threads, median of "
               f"{args.repeats} interleaved steps (AdamW)\n")
-        print("| model | params | step (ms) | tokens/s | × Transformer++ |")
-        print("|---|---:|---:|---:|---:|")
+        print("| model | params | step (ms) | tokens/s | × Transformer++ | GFLOP/step | "
+              "FLOP ceiling (×) | GFLOP/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for arch, row in rows.items():
             print(f"| {arch} | {row['parameters']:,} | {1e3 * row['median_step_s']:.1f} | "
-                  f"{row['tokens_per_s']:,.0f} | {row['ratio_to_transformer']:.2f} |")
+                  f"{row['tokens_per_s']:,.0f} | {row['ratio_to_transformer']:.2f} | "
+                  f"{row['flops_per_step'] / 1e9:.3g} | {row['flop_ceiling']:.2f} | "
+                  f"{row['gflop_per_s']:.3g} |")
     core.write_json(args.out, result)
 
 

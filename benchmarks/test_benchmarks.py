@@ -271,6 +271,15 @@ def test_hope_speed_times_every_model_and_reports_the_ratio_to_the_transformer(t
         assert row["ratio_to_transformer"] == pytest.approx(
             rows["transformer"]["median_step_s"] / row["median_step_s"])
     assert rows["transformer"]["ratio_to_transformer"] == 1.0
+    # FLOPs: HOPE's five memories do more products than Titans' one, which does more than
+    # attention at this size; the ceiling is the FLOP ratio, the rate the FLOPs per step time
+    assert rows["transformer"]["flop_ceiling"] == 1.0
+    assert rows["hope"]["flops_per_step"] > rows["titans"]["flops_per_step"] > 0
+    for row in rows.values():
+        assert row["flop_ceiling"] == pytest.approx(
+            rows["transformer"]["flops_per_step"] / row["flops_per_step"])
+        assert row["gflop_per_s"] == pytest.approx(
+            row["flops_per_step"] / row["median_step_s"] / 1e9)
     assert "| hope |" in capsys.readouterr().out
 
 
