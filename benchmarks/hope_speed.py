@@ -58,9 +58,8 @@ def _stepper(name: str, size: dict, compile_: bool, device: str):
     return model, step
 
 
-def step_flops(name: str, size: dict) -> int:
-    """Matrix-product FLOPs of one training step (forward and backward) of model ``name``."""
-    arch = name.partition("[")[0]
+def step_flops(arch: str, size: dict) -> int:
+    """Matrix-product FLOPs of one training step (forward and backward) of model ``arch``."""
     torch.manual_seed(0)
     model = build(HopeConfig(arch=arch, **size["model"], kernel="torch"))
     batch = torch.randint(0, 256, (size["batch"], size["seq_len"] + 1),
@@ -93,7 +92,8 @@ def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
                 times[arch].append(time.perf_counter() - start)
     tokens = size["batch"] * size["seq_len"]
     base = statistics.median(times["transformer"])
-    flops = {arch: step_flops(arch, size) for arch in names}
+    per_arch = {arch: step_flops(arch, size) for arch in ARCHS}  # kernel="torch": same FLOPs
+    flops = {name: per_arch[name.partition("[")[0]] for name in names}
     rows = {}
     for arch in names:
         median = statistics.median(times[arch])

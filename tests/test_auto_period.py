@@ -297,9 +297,8 @@ def test_multi_frequency_and_continuum_groups_check_auto_options():
     groups = dm.continuum_groups([([p], "auto")], stagger=True)
     assert groups[0]["update_period"] == "auto" and groups[0]["update_offset"] == 0
     # The levels take the optimizer's auto options unless they set their own.
-    opt = dm.AssociativeMomentum(groups + dm.continuum_groups([([q], "auto", {"max_period": 4})
-                                                                 for q in [torch.zeros(2)]]),
-                                 max_period=16)
+    own = dm.continuum_groups([([torch.zeros(2)], "auto", {"max_period": 4})])
+    opt = dm.AssociativeMomentum(groups + own, max_period=16)
     assert [g["max_period"] for g in opt.param_groups] == [16, 4]
 
 

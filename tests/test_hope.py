@@ -246,8 +246,8 @@ def _layer_from_the_equations(layer, x: torch.Tensor) -> torch.Tensor:
         return z + phi(z @ A) @ B
 
     zeros = lambda: x.new_zeros(Bsz, H, config.conv_width - 1, e)  # noqa: E731
-    tails = {"k": zeros(), "v": zeros(), "q": zeros()}
-    q, _ = conv(layer.conv_q, split(layer.q(x)), tails["q"])
+    tails = {"k": zeros(), "v": zeros()}  # carried from chunk to chunk
+    q, _ = conv(layer.conv_q, split(layer.q(x)), zeros())
     q = F.normalize(q, dim=-1)
     static = {}
     for name in ("k", "v"):
@@ -289,9 +289,7 @@ def _layer_from_the_equations(layer, x: torch.Tensor) -> torch.Tensor:
                     if layer.self_generated_values else parts["v"][:, :, t]
                 loss = 0.5 * (memory(keys[:, :, t, None], a0, b0)[:, :, 0]
                               - target).square().sum()
-                gA, gB = torch.autograd.grad(loss, (a0, b0), create_graph=True)
-                # the chain rule through the chunk-start state is the outer loop's business
-                # (the model's gradients see it); here only the inner step's value matters
+                gA, gB = torch.autograd.grad(loss, (a0, b0))  # the step's value only
                 gA, gB = (g * (config.inner_grad_clip
                                / g.norm(dim=(-2, -1), keepdim=True)
                                .clamp_min(config.inner_grad_clip)) for g in (gA, gB))
