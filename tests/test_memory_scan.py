@@ -168,17 +168,48 @@ def test_kernels_name_a_mismatched_tensor():
 
 # --- HOPE's kernel path ---------------------------------------------------------------------
 
+def _step_inputs(m, batch, H, C, i, o, shared, momentum, seed):
+    """``_ChunkStep``'s tensor inputs in float64, all requiring gradients."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    eta, theta, alpha = (torch.rand(batch, H, C, generator=g, dtype=torch.float64) * s
+                         for s in (0.95, 0.2, 0.1))
+    c = dmf.scan_coefficients(eta, theta, alpha)
+    tensors = (r(m, 1 if shared else batch, H, i, o),
+               r(m, 1 if shared else batch, H, i, o) if momentum else None,
+               r(m, batch, H, C, i), r(m, batch, H, C, o), r(batch, H, C, i),
+               c.param_from_start, c.param_from_momentum, c.param_from_grads,
+               c.momentum_from_start, c.momentum_from_grads)
+    return [None if t is None else t.detach().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("outputs", ["each", "W and S together", "read and W", "read (final)"])
 @pytest.mark.parametrize("momentum", [True, False])
 @pytest.mark.parametrize("shared", [True, False])
-def test_chunk_read_backward_equals_autograd_of_the_twin(monkeypatch, momentum, shared):
-    """HOPE's ``_ChunkRead`` (the kernel's forward, a hand-written backward) in float64, with
-    the forward replaced by its twin so gradcheck can run it: its backward is the twin's."""
+def test_chunk_step_backward_is_the_gradient_of_its_forward(monkeypatch, shared, momentum,
+                                                            outputs, kernel):
+    """HOPE's ``_ChunkStep`` (the last memory's read and every memory's end state, a
+    hand-written backward that adds the read's gradients into the stacks' last slot) against
+    finite differences, float64: batch-shared and per-sequence start states, zero momentum,
+    the gradients of W and S arriving together (gradcheck takes each output's alone), a
+    gradient of S that does not arrive, a final chunk (no end state). On the kernel path the
+    forward is replaced by its twins so gradcheck can run it; the backward is the same."""
     from examples.hope import model
 
-    monkeypatch.setattr(scan, "chunk_read", dmf.memory_chunk_read)
-    inputs = [None if t is None else t.double().requires_grad_()
-              for t in _read_inputs(2, 2, 5, 3, 4, shared, momentum, seed=1)]
-    assert torch.autograd.gradcheck(model._ChunkRead.apply, inputs)
+    if kernel:
+        monkeypatch.setattr(scan, "chunk_read", dmf.memory_chunk_read)
+        monkeypatch.setattr(scan, "chunk_end", dmf.memory_chunk_end)
+    final = outputs == "read (final)"
+
+    def step(*inputs):
+        out = model._ChunkStep.apply(*inputs, kernel, final)
+        if outputs == "W and S together":
+            return out[0], out[1] + 0.5 * out[2]
+        return out[:2] if outputs == "read and W" else out
+
+    inputs = _step_inputs(2, 2, 2, 5, 3, 4, shared, momentum, seed=1)
+    assert torch.autograd.gradcheck(step, inputs)
 
 
 @pytest.mark.parametrize("arch, depth", [("hope", 2), ("titans", 2), ("hope", 1)])

@@ -32,7 +32,7 @@ model of the same config (:func:`build`).
 
 On CUDA the chunk products (every token's read through its own state, and the chunk-end
 state) run as the Triton kernels of :mod:`deepmomentum.kernels.memory_scan`
-(``HopeConfig.kernel``); their backward is torch's (:class:`_ChunkRead`, :class:`_ChunkEnd`).
+(``HopeConfig.kernel``); their backward is torch's (:class:`_ChunkStep`, on the CPU too).
 ``memory_depth=1`` makes the memories linear, ``M(z) = z + z W`` (the ablation's depth).
 """
 
@@ -271,13 +271,10 @@ class InContextMemories(nn.Module):
         D = D * self.clip_scale(hidden.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
         c = dmf.scan_coefficients(eta, theta, alpha)  # shared by the memories: (…, C[, C])
         kernel = self.uses_kernel(keys)
-        hidden_q = self.phi(_read_through(c, kernel, queries, A, SA, X, dZ))
-        reads = queries + _read_through(c, kernel, hidden_q, B, SB, hidden, D)
-        if final:  # the sequence's last chunk: its end state is never read
-            return reads, None
-        (A, SA), (B, SB) = (_end_of_chunk(c, kernel, A, SA, X, dZ),
-                            _end_of_chunk(c, kernel, B, SB, hidden, D))
-        return reads, (A, B, SA, SB)
+        # the sequence's last chunk (final): its end state is never read
+        read, A, SA = _chunk_step(c, kernel, A, SA, X, dZ, queries, final)
+        read, B, SB = _chunk_step(c, kernel, B, SB, hidden, D, self.phi(read), final)
+        return queries + read, None if final else (A, B, SA, SB)
 
     def _learn_linear(self, state, keys, values, eta, theta, alpha, queries, sequential,
                       self_generated, final):
@@ -300,10 +297,8 @@ class InContextMemories(nn.Module):
         D = D * self.clip_scale(keys.norm(dim=-1, keepdim=True) * D.norm(dim=-1, keepdim=True))
         c = dmf.scan_coefficients(eta, theta, alpha)
         kernel = self.uses_kernel(keys)
-        reads = queries + _read_through(c, kernel, queries, W, S, X, D)
-        if final:
-            return reads, None
-        return reads, _end_of_chunk(c, kernel, W, S, X, D)
+        read, W, S = _chunk_step(c, kernel, W, S, X, D, queries, final)
+        return queries + read, None if final else (W, S)
 
     def uses_kernel(self, like: Tensor) -> bool:
         """Whether the chunk products run as Triton kernels (``kernel``: "triton" always,
@@ -330,23 +325,17 @@ class InContextMemories(nn.Module):
         return reads, tuple(t.select(-3, -1) for t in (A_t, B_t, SA_t, SB_t))
 
 
-def _end_of_chunk(c: dmf.ScanCoefficients, kernel: bool, W0, S0, x, delta):
-    """Every memory's ``(W, S)`` at the chunk's end from its start state and its gradients'
-    factors ``x, δ`` (m, …, C, ·), the scan's last row folded into δ."""
-    last = lambda coefficient: coefficient[..., -1, :, None]  # noqa: E731 — per token j
-    return _ChunkEnd.apply(W0, S0, x, last(c.param_from_grads) * delta,
-                           last(c.momentum_from_grads) * delta, c.param_from_start[..., -1],
-                           c.param_from_momentum[..., -1], c.momentum_from_start[..., -1], kernel)
-
-
-def _read_through(c: dmf.ScanCoefficients, kernel: bool, z, W0, S0, x, delta):
-    """``z_t W_t`` of the last memory for every token t of the chunk (the attention-like
-    product of :func:`deepmomentum.functional.memory_chunk_read`)."""
-    if kernel:
-        return _ChunkRead.apply(z, W0[-1], None if S0 is None else S0[-1], x[-1], delta[-1],
-                                c.param_from_start, c.param_from_momentum, c.param_from_grads)
-    return dmf.memory_chunk_read(z, W0[-1], None if S0 is None else S0[-1], x[-1], delta[-1],
-                                 c.param_from_start, c.param_from_momentum, c.param_from_grads)
+def _chunk_step(c: dmf.ScanCoefficients, kernel: bool, W0, S0, x, delta, z, final: bool):
+    """One chunk of one weight of every memory: the last memory's read ``z_t W_t`` at every
+    token (:func:`deepmomentum.functional.memory_chunk_read`) and, unless ``final``, every
+    memory's chunk-end ``(W, S)`` (:func:`~deepmomentum.functional.memory_chunk_end`), from the
+    start state ``W0, S0`` (m, …, i, o) and the gradients' factors ``x, δ`` (m, …, C, ·).
+    Returns ``(read, W, S)``; ``W, S`` are ``None`` with ``final``."""
+    args = (W0, S0, x, delta, z, c.param_from_start, c.param_from_momentum, c.param_from_grads,
+            c.momentum_from_start, c.momentum_from_grads, kernel, final)
+    if final:
+        return _ChunkStep.apply(*args), None, None
+    return _ChunkStep.apply(*args)
 
 
 _matmul = dmf.batch_shared_matmul
@@ -363,70 +352,9 @@ def _matmul_transposed(z: Tensor, W: Tensor) -> Tensor:
 
 def _dot(g: Tensor, W: Tensor) -> Tensor:
     """``Σ_{i,o} g ⊙ W`` over the last two dims, summed over the memories (dim 0): (batch, H).
-    Equal layouts: one batched product reading each tensor once (no temporary of their size)."""
-    if g.shape == W.shape and g.is_contiguous() and W.is_contiguous():
-        n = g.shape[-2] * g.shape[-1]
-        dots = (g.view(-1, 1, n) @ W.view(-1, n, 1)).view(g.shape[:-2])
-    else:
-        dots = (g * W).sum((-2, -1))
-    return dots.sum(0)
-
-
-class _ChunkEnd(torch.autograd.Function):
-    r"""The memories' state at a chunk's end, with a backward pass that touches each
-    state-sized tensor as few times as it can (the states are the largest tensors of the
-    model and the CPU step is bound by their memory traffic):
-
-    .. math::
-        W = a\,W_0 + b\,S_0 - x^\top u_W,\qquad S = \mu\,S_0 - x^\top u_S
-
-    W0, S0 (m, batch or 1, H, i, o) — S0 ``None`` for zero momentum; x (m, batch, H, C, i);
-    u (m, batch, H, C, o); a, b, μ (batch, H), shared by the memories. A gradient that does not
-    arrive (the last chunk's state is never read) costs nothing."""
-
-    @staticmethod
-    def forward(ctx, W0, S0, x, uW, uS, a, b, mu, kernel=False):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(W0, S0, x, uW, uS, a, b, mu)
-        if kernel:
-            from deepmomentum.kernels import memory_scan
-
-            return memory_scan.chunk_end(W0, S0, x, uW, uS, a, b, mu)
-        return dmf.memory_chunk_end(W0, S0, x, uW, uS, a, b, mu)
-
-    @staticmethod
-    def backward(ctx, gW, gS):
-        W0, S0, x, uW, uS, a, b, mu = ctx.saved_tensors
-        grads = [None] * 8
-        need = ctx.needs_input_grad
-        gx = None
-        if gW is not None:
-            if need[0]:
-                gW0 = gW * a[..., None, None]
-                grads[0] = gW0.sum(1, keepdim=True) if W0.shape[1] == 1 < gW.shape[1] else gW0
-            if need[5]:
-                grads[5] = _dot(gW, W0)
-            if S0 is not None and need[6]:
-                grads[6] = _dot(gW, S0)
-            if need[3]:
-                grads[3] = -(x @ gW)
-            if need[2]:
-                gx = -(uW @ gW.mT)
-        if gS is not None:
-            if need[4]:
-                grads[4] = -(x @ gS)
-            if need[2]:
-                gx = -(uS @ gS.mT) if gx is None else gx.sub_(uS @ gS.mT)
-            if S0 is not None and need[7]:
-                grads[7] = _dot(gS, S0)
-        grads[2] = gx
-        if S0 is not None and need[1] and (gW is not None or gS is not None):
-            if gW is None:
-                grads[1] = gS * mu[..., None, None]
-            else:
-                gS0 = gW * b[..., None, None]
-                grads[1] = gS0 if gS is None else gS0.addcmul_(gS, mu[..., None, None])
-        return (*grads, None)
+    ``vecdot`` of the flattened matrices, not a batched (1 × n)(n × 1) product: the CPU's bmm
+    runs that shape 6× slower than a multiply and a sum (measured, 2048-element rows)."""
+    return torch.linalg.vecdot(g.flatten(-2), W.flatten(-2)).sum(0)
 
 
 def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -436,43 +364,160 @@ def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad
 
 
-class _ChunkRead(torch.autograd.Function):
-    r"""Every token's read through its own state within a chunk, by the Triton kernel
-    (:func:`deepmomentum.kernels.memory_scan.chunk_read`; the model's CUDA path), with a torch
-    backward:
+def _outer(z: Tensor, u: Tensor, like: Tensor) -> Tensor:
+    """``zᵀu`` (…, i, o) for z (…, batch, H, C, i) and u (…, batch, H, C, o), summed over the
+    batch where ``like`` is shared by it (dim −4 of size 1): then one product per head over the
+    batch's stacked rows, instead of a product per sequence and a sum."""
+    if like.shape[-4] == 1 < z.shape[-4]:
+        rows = lambda t: t.transpose(-4, -3).flatten(-3, -2)  # noqa: E731 — (…, H, batch·C, ·)
+        return (rows(z).mT @ rows(u)).unsqueeze(-4)
+    return z.mT @ u
+
+
+def _at_last(like: Tensor, value: Tensor, row: bool = False) -> Tensor:
+    """Zeros shaped like a coefficient ``like`` (…, C[, C]) with ``value`` at its last entry
+    (its last row with ``row``): the gradient of the coefficient's last entry alone."""
+    out = like.new_zeros(like.shape)
+    (out[..., -1, :] if row else out[..., -1]).copy_(value)
+    return out
+
+
+class _ChunkStep(torch.autograd.Function):
+    r"""One chunk of one weight of every memory (:func:`_chunk_step`), with a hand-written
+    backward. With the scan's coefficients ``a = param_from_start``, ``b = param_from_momentum``,
+    ``G = param_from_grads``, ``μ = momentum_from_start``, ``P = momentum_from_grads``
+    (…, C[, C]; index C is the chunk's last token), the forward is the last memory's read
 
     .. math::
         o = a \odot zW_0 + b \odot zS_0 - (G \odot z x^\top)\,\delta
 
-    z, x (batch, H, C, i), δ (batch, H, C, o), W₀, S₀ (batch or 1, H, i, o), a, b (batch, H, C),
-    G (batch, H, C, C). The backward, with ``P = z xᵀ`` and ``E = G ⊙ (g δᵀ)``:
-    ``∂z = a ⊙ gW₀ᵀ + b ⊙ gS₀ᵀ − E x``, ``∂W₀ = zᵀ(a ⊙ g)``, ``∂S₀ = zᵀ(b ⊙ g)``,
-    ``∂x = −Eᵀ z``, ``∂δ = −(G ⊙ P)ᵀ g``, ``∂a = Σ z ⊙ gW₀ᵀ``, ``∂b = Σ z ⊙ gS₀ᵀ``,
-    ``∂G = −(g δᵀ) ⊙ P``."""
+    (:func:`deepmomentum.functional.memory_chunk_read`, or the Triton kernel) and, unless the
+    chunk is a sequence's last, every memory's end state
+
+    .. math::
+        W = a_C W_0 + b_C S_0 - x^\top u_W,\quad S = \mu_C S_0 - x^\top u_S,\qquad
+        u_W = G_{C\cdot} \odot \delta,\quad u_S = P_{C\cdot} \odot \delta
+
+    (:func:`~deepmomentum.functional.memory_chunk_end`, or the kernel). W0, S0 (m, batch or 1,
+    H, i, o) — S0 ``None`` for zero momentum, W0 shared by the batch at a sequence's start —,
+    x, δ (m, batch, H, C, ·), z (batch, H, C, i), the coefficients (batch, H, C[, C]).
+
+    The backward touches each state-sized tensor as few times as it can: the states are the
+    largest tensors of the model and the CPU step is bound by their memory traffic. So the
+    read's gradients of the last memory's W0, S0, x, δ are added in place into the slot of the
+    end state's gradients of the whole stack (a read through an index of the stack would fill a
+    stack-sized zero tensor in its backward, and autograd would add it), and a gradient that
+    does not arrive (a last chunk's end state) costs nothing. The read's backward, with
+    ``Q = z xᵀ`` and ``E = G ⊙ (g δᵀ)``: ``∂z = a ⊙ gW₀ᵀ + b ⊙ gS₀ᵀ − E x``, ``∂W₀ = zᵀ(a ⊙ g)``,
+    ``∂S₀ = zᵀ(b ⊙ g)``, ``∂x = −Eᵀ z``, ``∂δ = −(G ⊙ Q)ᵀ g``, ``∂a = Σ z ⊙ gW₀ᵀ``,
+    ``∂b = Σ z ⊙ gS₀ᵀ``, ``∂G = −(g δᵀ) ⊙ Q``."""
 
     @staticmethod
-    def forward(ctx, z, W0, S0, x, delta, a, b, G):
-        from deepmomentum.kernels import memory_scan
+    def forward(ctx, W0, S0, x, delta, z, a, b, G, mu, P, kernel: bool, final: bool):
+        ctx.set_materialize_grads(False)
+        ctx.final = final
+        last = (W0[-1], None if S0 is None else S0[-1], x[-1], delta[-1])
+        if kernel:
+            from deepmomentum.kernels import memory_scan
 
-        ctx.save_for_backward(z, W0, S0, x, delta, a, b, G)
-        return memory_scan.chunk_read(z, W0, S0, x, delta, a, b, G)
+            read = memory_scan.chunk_read(z, *last, a, b, G)
+        else:
+            read = dmf.memory_chunk_read(z, *last, a, b, G)
+        if final:
+            ctx.save_for_backward(W0, S0, x, delta, z, a, b, G)
+            return read
+        uW = G[..., -1, :, None] * delta  # token j's share of the end state
+        uS = P[..., -1, :, None] * delta
+        ends = (a[..., -1], b[..., -1], mu[..., -1])
+        W, S = (memory_scan.chunk_end if kernel else dmf.memory_chunk_end)(W0, S0, x, uW, uS,
+                                                                          *ends)
+        ctx.save_for_backward(W0, S0, x, delta, z, a, b, G, mu, P, uW, uS)
+        return read, W, S
 
     @staticmethod
-    def backward(ctx, g):
-        z, W0, S0, x, delta, a, b, G = ctx.saved_tensors
-        P = z @ x.mT
+    def backward(ctx, g, gW=None, gS=None):
+        W0, S0, x, delta, z, a, b, G, *end = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = [None] * 12
+        if end and (gW is not None or gS is not None):
+            _ChunkStep._end_backward(need, grads, W0, S0, x, delta, a, b, G, *end, gW, gS)
+        if g is not None:
+            _ChunkStep._read_backward(need, grads, (W0, S0, x, delta), z, a, b, G, g)
+        return tuple(grads)
+
+    @staticmethod
+    def _end_backward(need, grads, W0, S0, x, delta, a, b, G, mu, P, uW, uS, gW, gS):
+        """The end state's gradients, into ``grads`` (the order of forward's inputs)."""
+        aC, bC, muC = (t[..., -1, None, None] for t in (a, b, mu))
+        gx = g_uW = g_uS = None
+        if gW is not None:
+            if need[0]:
+                gW0 = gW * aC
+                grads[0] = gW0.sum(1, keepdim=True) if W0.shape[1] == 1 < gW.shape[1] else gW0
+            if need[5]:
+                grads[5] = _at_last(a, _dot(gW, W0))
+            if S0 is not None and need[6]:
+                grads[6] = _at_last(b, _dot(gW, S0))
+            g_uW = -(x @ gW)
+            if need[2]:
+                gx = -(uW @ gW.mT)
+        if gS is not None:
+            g_uS = -(x @ gS)
+            if need[2]:
+                gx = -(uS @ gS.mT) if gx is None else gx.sub_(uS @ gS.mT)
+            if S0 is not None and need[8]:
+                grads[8] = _at_last(mu, _dot(gS, S0))
+        grads[2] = gx
+        if S0 is not None and need[1]:
+            if gW is None:
+                grads[1] = gS * muC
+            else:
+                grads[1] = gW * bC if gS is None else (gW * bC).addcmul_(gS, muC)
+        if need[3]:  # δ through u_W and u_S
+            parts = [u * c[..., -1, :, None] for u, c in ((g_uW, G), (g_uS, P)) if u is not None]
+            grads[3] = parts[0] if len(parts) == 1 else parts[0].add_(parts[1])
+        if need[7] and g_uW is not None:
+            grads[7] = _at_last(G, torch.linalg.vecdot(g_uW, delta).sum(0), row=True)
+        if need[9] and g_uS is not None:
+            grads[9] = _at_last(P, torch.linalg.vecdot(g_uS, delta).sum(0), row=True)
+
+    @staticmethod
+    def _read_backward(need, grads, stacks, z, a, b, G, g):
+        """The read's gradients, added into ``grads``: for W0, S0, x, δ into the stacks' last
+        slot."""
+        W0, S0, x, delta = (None if t is None else t[-1] for t in stacks)
+        Q = z @ x.mT
         g_delta = g @ delta.mT  # (…, C, C): g_t · δ_j
         E = G * g_delta
-        gW = g @ W0.mT  # (…, C, i)
-        gz = a[..., None] * gW - E @ x
-        grads = [gz, _sum_to(z.mT @ (a[..., None] * g), W0), None, -(E.mT @ z),
-                 -((G * P).mT @ g), (z * gW).sum(-1), None, -(g_delta * P)]
+        gW = _matmul(g, W0.mT)  # (…, C, i)
+        parts = {}
+        if need[0]:
+            parts[0] = _outer(z, a[..., None] * g, W0)
+        if need[2]:
+            parts[2] = -(E.mT @ z)
+        if need[3]:
+            parts[3] = -((G * Q).mT @ g)
+        if need[5]:
+            parts[5] = (z * gW).sum(-1)
+        if need[7]:
+            parts[7] = -(g_delta * Q)
+        if need[4]:
+            parts[4] = a[..., None] * gW - E @ x
         if S0 is not None:
-            gS = g @ S0.mT
-            gz.addcmul_(b[..., None], gS)
-            grads[2] = _sum_to(z.mT @ (b[..., None] * g), S0)
-            grads[6] = (z * gS).sum(-1)
-        return tuple(grads)
+            gS = _matmul(g, S0.mT)
+            if need[4]:
+                parts[4].addcmul_(b[..., None], gS)
+            if need[1]:
+                parts[1] = _outer(z, b[..., None] * g, S0)
+            if need[6]:
+                parts[6] = (z * gS).sum(-1)
+        for i, part in parts.items():
+            if i < 4:  # the last memory's slot of a stack
+                if grads[i] is None:  # a last chunk: no end state's gradient to add to
+                    grads[i] = part.new_zeros(stacks[i].shape)
+                grads[i][-1] += part
+            else:
+                grads[i] = part if grads[i] is None else grads[i].add_(part)
 
 
 def _full_state(state, batch: int) -> tuple[Tensor, ...]:
@@ -565,14 +610,17 @@ class TitansLayer(nn.Module):
         mem = self.memories
         state = mem.initial_state(Bsz)
         tails = {"k": None, "v": None}
+        # The sequences are cut into chunks by split, not by an index per chunk: an index's
+        # backward fills a zero tensor of the whole sequence's size for every chunk.
+        chunks = {name: t.split(C, dim=2) for name, t in (*static.items(), ("q", q),
+                                                           ("theta", theta), ("x", xh))}
         outputs = []
-        for start in range(0, T, C):
-            part = slice(start, min(start + C, T))
-            parts = {name: t[..., part, :] if name in ("k", "v") else t[..., part]
-                     for name, t in static.items()}
+        for n, start in enumerate(range(0, T, C)):
+            parts = {name: chunks[name][n] for name in static}
             if self.generated:  # read from the memories at the chunk start
-                z = mem.read_state(xh[:, :, part], state)  # (m, B, H, C, e); it is not
-                # indexed: the backward of its index fills a state-sized zero tensor
+                # (the whole state is read: the backward of an index of it would fill a
+                # state-sized zero tensor; the reads are unbound, their backward one stack)
+                z = mem.read_state(chunks["x"][n], state).unbind(0)  # m × (B, H, C, e)
                 for name, conv in (("k", self.conv_k), ("v", self.conv_v)):
                     if name in index:
                         read, tails[name] = conv(z[index[name]], tails[name])
@@ -585,9 +633,9 @@ class TitansLayer(nn.Module):
             # v̂_□ = M_□(v), read by learn at the chunk start; or v itself
             values = parts["v"] if self.self_generated_values else parts["v"].unsqueeze(0)
             eta_c, alpha_c = parts["eta"], parts["alpha"]
-            theta_c = self.inner_lr_scale * (1 - eta_c) * theta[..., part]
+            theta_c = self.inner_lr_scale * (1 - eta_c) * chunks["theta"][n]
             read, state = mem.learn(state, parts["k"], values, eta_c, theta_c, alpha_c,
-                                    q[:, :, part], sequential=self.config.sequential,
+                                    chunks["q"][n], sequential=self.config.sequential,
                                     self_generated=self.self_generated_values,
                                     final=start + C >= T)
             outputs.append(read)
