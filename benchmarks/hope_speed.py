@@ -8,8 +8,11 @@ model in turn — ``transformer`` (Transformer++), ``titans``, ``hope`` at the s
 configuration and equal parameter count (``examples.hope.model.build``) — on the same batch of
 random bytes, so all three see the same machine state; the table is tokens per second from the
 median step time, and the ratio to Transformer++ measured in the same run. The first
-``--warmup`` steps of each model are not counted. ``--compile`` also times each model under
-``torch.compile``. ``--compare-kernels`` adds ``titans[torch]`` and ``hope[torch]``: the
+``--warmup`` steps of each model are not counted (nor the first, which compiles).
+``--compile`` adds ``transformer+compiled``, ``titans+compiled``, ``hope+compiled``: each
+model with its blocks' sequence mixers compiled (``LanguageModel.compile_mixers``, what
+``train.py --compile`` does), interleaved with the eager ones in the same loop; their rows
+also give ``ratio_to_compiled_transformer``. ``--compare-kernels`` adds ``titans[torch]`` and ``hope[torch]``: the
 memory models with ``kernel="torch"``, against the default (on CUDA, the Triton chunk kernels of
 ``deepmomentum.kernels.memory_scan``).
 
@@ -37,18 +40,21 @@ from . import core
 
 ARCHS = ("transformer", "titans", "hope")
 TORCH_KERNEL = ("titans[torch]", "hope[torch]")  # --compare-kernels: kernel="torch"
+COMPILED = "+compiled"  # --compile: the model with its mixers compiled
 
 
-def _stepper(name: str, size: dict, compile_: bool, device: str):
+def _stepper(name: str, size: dict, device: str):
     torch.manual_seed(0)
+    name, compiled, _ = name.partition(COMPILED)
     arch, _, kernel = name.partition("[")
     options = {"kernel": kernel.rstrip("]")} if kernel else {}
     model = build(HopeConfig(arch=arch, **size["model"], **options)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    forward = torch.compile(model) if compile_ else model
+    if compiled:
+        model.compile_mixers()
 
     def step(batch: torch.Tensor) -> None:
-        logits = forward(batch[:, :-1])
+        logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,36 +78,44 @@ def step_flops(arch: str, size: dict) -> int:
 
 def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
             device: str = "cpu", compare_kernels: bool = False) -> dict:
+    """Rows by model name: the eager models, and with ``compile_`` the compiled ones
+    (``+compiled``), all interleaved. Each model's first step (compilation) is untimed."""
     size = SIZES[size_name]
     names = ARCHS + TORCH_KERNEL if compare_kernels else ARCHS
+    if compile_:
+        names = names + tuple(arch + COMPILED for arch in ARCHS)
     batch = torch.randint(0, 256, (size["batch"], size["seq_len"] + 1),
                           generator=torch.Generator().manual_seed(0)).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     models = {}
-    for arch in names:
-        model, step = _stepper(arch, size, compile_, device)
-        models[arch] = (count_parameters(model), step)
-    times = {arch: [] for arch in names}
+    for name in names:
+        model, step = _stepper(name, size, device)
+        step(batch)  # a compiled model compiles here
+        models[name] = (count_parameters(model), step)
+    times = {name: [] for name in names}
     for r in range(warmup + repeats):
-        for arch in names:
+        for name in names:
             sync()
             start = time.perf_counter()
-            models[arch][1](batch)
+            models[name][1](batch)
             sync()
             if r >= warmup:
-                times[arch].append(time.perf_counter() - start)
+                times[name].append(time.perf_counter() - start)
     tokens = size["batch"] * size["seq_len"]
     base = statistics.median(times["transformer"])
     per_arch = {arch: step_flops(arch, size) for arch in ARCHS}  # kernel="torch": same FLOPs
-    flops = {name: per_arch[name.partition("[")[0]] for name in names}
+    flops = {name: per_arch[name.partition(COMPILED)[0].partition("[")[0]] for name in names}
     rows = {}
-    for arch in names:
-        median = statistics.median(times[arch])
-        rows[arch] = {"parameters": models[arch][0], "median_step_s": median,
+    for name in names:
+        median = statistics.median(times[name])
+        rows[name] = {"parameters": models[name][0], "median_step_s": median,
                       "tokens_per_s": tokens / median, "ratio_to_transformer": base / median,
-                      "flops_per_step": flops[arch],
-                      "flop_ceiling": flops["transformer"] / flops[arch],
-                      "gflop_per_s": flops[arch] / median / 1e9, "step_s": times[arch]}
+                      "flops_per_step": flops[name],
+                      "flop_ceiling": flops["transformer"] / flops[name],
+                      "gflop_per_s": flops[name] / median / 1e9, "step_s": times[name]}
+        if name.endswith(COMPILED):
+            rows[name]["ratio_to_compiled_transformer"] = (
+                statistics.median(times["transformer" + COMPILED]) / median)
     return rows
 
 
@@ -111,7 +125,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each model with its mixers compiled (minutes to compile)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compare-kernels", action="store_true",
                         help="also time titans and hope with kernel='torch'")
@@ -121,20 +136,21 @@ def main(argv=None):
     result = {"size": args.size, "threads": args.threads, "repeats": args.repeats,
               "compare_kernels": args.compare_kernels,
               "device": args.device, "environment": core.environment(args.device)}
-    for mode in (["eager", "compiled"] if args.compile else ["eager"]):
-        rows = measure(args.size, args.repeats, args.warmup, mode == "compiled", args.device,
-                       args.compare_kernels)
-        result[mode] = rows
-        print(f"\n{args.size}, {mode}, {args.device}, {args.threads} threads, median of "
-              f"{args.repeats} interleaved steps (AdamW)\n")
-        print("| model | params | step (ms) | tokens/s | × Transformer++ | GFLOP/step | "
-              "FLOP ceiling (×) | GFLOP/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for arch, row in rows.items():
-            print(f"| {arch} | {row['parameters']:,} | {1e3 * row['median_step_s']:.1f} | "
-                  f"{row['tokens_per_s']:,.0f} | {row['ratio_to_transformer']:.2f} | "
-                  f"{row['flops_per_step'] / 1e9:.3g} | {row['flop_ceiling']:.2f} | "
-                  f"{row['gflop_per_s']:.3g} |")
+    rows = measure(args.size, args.repeats, args.warmup, args.compile, args.device,
+                   args.compare_kernels)
+    result["eager"] = {n: r for n, r in rows.items() if not n.endswith(COMPILED)}
+    if args.compile:
+        result["compiled"] = {n: r for n, r in rows.items() if n.endswith(COMPILED)}
+    print(f"\n{args.size}, {args.device}, {args.threads} threads, median of {args.repeats} "
+          "interleaved steps (AdamW); × Transformer++: against the eager one\n")
+    print("| model | params | step (ms) | tokens/s | × Transformer++ | GFLOP/step | "
+          "FLOP ceiling (×) | GFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['parameters']:,} | {1e3 * row['median_step_s']:.1f} | "
+              f"{row['tokens_per_s']:,.0f} | {row['ratio_to_transformer']:.2f} | "
+              f"{row['flops_per_step'] / 1e9:.3g} | {row['flop_ceiling']:.2f} | "
+              f"{row['gflop_per_s']:.3g} |")
     core.write_json(args.out, result)
 
 

@@ -294,6 +294,34 @@ def test_hope_speed_compares_the_memory_models_without_their_kernels(tmp_path):
     assert all(len(row["step_s"]) == 1 for row in rows.values())
 
 
+def test_hope_speed_compile_adds_the_compiled_models_interleaved(tmp_path, monkeypatch):
+    """``--compile``: a ``+compiled`` row per model, timed in the same loop as the eager ones,
+    with its ratio to eager and to compiled Transformer++; each compiled model has its mixers
+    compiled once (``compile_mixers`` is stubbed here: compiling takes minutes, and
+    tests/test_hope.py checks that it equals eager)."""
+    from benchmarks import hope_speed
+    from examples.hope.model import LanguageModel
+
+    compiled = []
+    monkeypatch.setattr(LanguageModel, "compile_mixers",
+                        lambda self: compiled.append(self.config.arch) or self)
+    out = tmp_path / "speed.json"
+    hope_speed.main(["--size", "micro", "--repeats", "2", "--warmup", "0", "--threads", "1",
+                     "--compile", "--out", str(out)])
+    assert compiled == ["transformer", "titans", "hope"]
+    result = json.loads(out.read_text())
+    assert list(result["eager"]) == ["transformer", "titans", "hope"]
+    rows = result["compiled"]
+    assert list(rows) == ["transformer+compiled", "titans+compiled", "hope+compiled"]
+    base = result["eager"]["transformer"]["median_step_s"]
+    for name, row in rows.items():
+        assert len(row["step_s"]) == 2
+        assert row["ratio_to_transformer"] == pytest.approx(base / row["median_step_s"])
+        assert row["ratio_to_compiled_transformer"] == pytest.approx(
+            rows["transformer+compiled"]["median_step_s"] / row["median_step_s"])
+        assert row["flops_per_step"] == result["eager"][name.split("+")[0]]["flops_per_step"]
+
+
 @pytest.mark.parametrize("name", ["compressed_gpu", "fused_step_gpu", "memory_scan_gpu",
                                   "ns_gpu"])
 def test_gpu_scripts_say_they_need_a_gpu_and_run_nothing(name, capsys, monkeypatch):

@@ -706,6 +706,17 @@ class LanguageModel(nn.Module):
             x = block(x)
         return self.head(self.norm(x))
 
+    def compile_mixers(self, **options) -> "LanguageModel":
+        """``torch.compile`` each block's sequence mixer in place (``nn.Module.compile``, so
+        the state dict's names do not change); ``options`` go to ``torch.compile``. Inductor
+        fuses the memory layer's chains of small elementwise ops on state-sized tensors,
+        which eager runs one pass each. Measured at ``small`` (1 CPU thread): the step of
+        Titans 1.4× and HOPE 1.6× faster, after a first step of ~2 minutes (each new input
+        shape, and evaluation under ``no_grad``, compiles again). Returns the model."""
+        for block in self.blocks:
+            block.mixer.compile(**options)
+        return self
+
     def cms_levels(self) -> list[list[nn.Parameter]]:
         """Level ℓ's parameters across blocks, for the HOPE CMS periods (one level otherwise)."""
         return [[p for block in self.blocks for p in block.cms[level].parameters()]

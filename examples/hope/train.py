@@ -481,6 +481,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop (with a checkpoint) after this many steps of this call")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each block's sequence mixer: faster steps after "
+                             "minutes of compiling (for training, and again for evaluation)")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the model over the ranks with FSDP2 and "
                              "split each batch across them")
@@ -540,6 +543,8 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
     parameters = count_parameters(model)
     if ranks.fsdp:
         shard(model, ranks.mesh)
+    if args.compile:
+        model.compile_mixers()
     options = dict(args.optim_option)
     auto = None if not args.auto_periods else {
         "max_period": args.auto_max_period, "period_significance": args.auto_significance}
@@ -555,6 +560,7 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
         "optim_options": optim_options(optimizer_class(args.optim), options),
         "weight_decay": args.weight_decay, "decay_all": args.decay_all,
         "cms_lr_power": args.cms_lr_power, "auto_periods": auto, "seed": args.seed,
+        "compile": args.compile,
         "steps": steps,
         "batch": size["batch"], "seq_len": size["seq_len"], "config": config.to_dict(),
         "parameters": parameters, "corpus": corpus,
@@ -580,6 +586,11 @@ def train(args: argparse.Namespace, ranks: Optional[Ranks] = None) -> dict[str, 
         sampler.set_state(saved["sampler"])
         torch.set_rng_state(saved["torch_rng"])
         metrics, step = saved["metrics"], saved["step"]
+    if args.resume and metrics.get("compile", False) != args.compile:
+        trained = "with" if metrics.get("compile") else "without"
+        raise ValueError(f"{args.out} was trained {trained} --compile: resume it the same way "
+                         "(a compiled step rounds differently, so the run would not continue "
+                         "its own trajectory)")
 
     def record_progress() -> None:
         # a run cut short (--stop-after, or a checkpoint of an interrupted run) is partial:
