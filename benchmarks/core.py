@@ -407,15 +407,21 @@ def task_lrs(task_name: str, spec: OptimizerSpec) -> list[float]:
 # --- the runner ------------------------------------------------------------------------------
 
 
+def git_sha(tree: Optional[str] = None) -> str:
+    """The commit checked out in the git tree ``tree`` (the current directory's by default);
+    "" where there is none."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, cwd=tree).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def environment(device: Optional[str] = None) -> dict[str, Any]:
     """The stamp every benchmark's JSON carries: git sha, torch/triton/deepmomentum versions,
     device, dtype, python, date. ``device`` ("cpu" or "cuda") names the device the benchmark ran
     on; by default the GPU where one is available, else the CPU and its thread count."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
+    sha = git_sha()
     try:
         import triton
 

@@ -1,7 +1,8 @@
 """Training speed of the HOPE example's three models, interleaved in one process.
 
     python -m benchmarks.hope_speed [--size small] [--repeats 30] [--threads 2] [--compile]
-                                    [--device cpu|cuda] [--compare-kernels] [--out FILE]
+                                    [--device cpu|cuda] [--compare-kernels] [--before DIR]
+                                    [--out FILE]
 
 Each repeat times one training step (forward, backward, ``torch.optim.AdamW`` step) of every
 model in turn — ``transformer`` (Transformer++), ``titans``, ``hope`` at the size's
@@ -12,7 +13,10 @@ median step time, and the ratio to Transformer++ measured in the same run. The f
 ``--compile`` adds ``transformer+compiled``, ``titans+compiled``, ``hope+compiled``: each
 model with its blocks' sequence mixers compiled (``LanguageModel.compile_mixers``, what
 ``train.py --compile`` does), interleaved with the eager ones in the same loop; their rows
-also give ``ratio_to_compiled_transformer``. ``--compare-kernels`` adds ``titans[torch]`` and ``hope[torch]``: the
+also give ``ratio_to_compiled_transformer``. ``--before DIR`` adds ``titans@before`` and
+``hope@before``: the memory models of another source tree's ``examples/hope/model.py``
+(``git worktree add DIR REV``), interleaved too — how a change to the model shows its speed-up
+against the same machine state. ``--compare-kernels`` adds ``titans[torch]`` and ``hope[torch]``: the
 memory models with ``kernel="torch"``, against the default (on CUDA, the Triton chunk kernels of
 ``deepmomentum.kernels.memory_scan``).
 
@@ -26,8 +30,12 @@ tokens/s ratio the model would reach if its products ran as fast as Transformer+
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
+import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +51,27 @@ TORCH_KERNEL = ("titans[torch]", "hope[torch]")  # --compare-kernels: kernel="to
 COMPILED = "+compiled"  # --compile: the model with its mixers compiled
 
 
-def _stepper(name: str, size: dict, device: str):
+BEFORE = "@before"  # --before DIR: the model of another source tree
+
+
+def _model_module(tree: str):
+    """``examples/hope/model.py`` of the source tree ``tree``, imported under its own name."""
+    spec = importlib.util.spec_from_file_location(
+        "hope_model_before", os.path.join(tree, "examples", "hope", "model.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stepper(name: str, size: dict, device: str, before=None):
     torch.manual_seed(0)
     name, compiled, _ = name.partition(COMPILED)
+    name, old, _ = name.partition(BEFORE)
     arch, _, kernel = name.partition("[")
     options = {"kernel": kernel.rstrip("]")} if kernel else {}
-    model = build(HopeConfig(arch=arch, **size["model"], **options)).to(device)
+    make, config = (before.build, before.HopeConfig) if old else (build, HopeConfig)
+    model = make(config(arch=arch, **size["model"], **options)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if compiled:
         model.compile_mixers()
@@ -77,20 +100,30 @@ def step_flops(arch: str, size: dict) -> int:
 
 
 def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
-            device: str = "cpu", compare_kernels: bool = False) -> dict:
-    """Rows by model name: the eager models, and with ``compile_`` the compiled ones
-    (``+compiled``), all interleaved. Each model's first step (compilation) is untimed."""
+            device: str = "cpu", compare_kernels: bool = False,
+            before: Optional[str] = None) -> dict:
+    """Rows by model name: the eager models, with ``compile_`` the compiled ones
+    (``+compiled``), with ``before`` (a source tree) its memory models (``@before``), all
+    interleaved. Each model's first step (compilation) is not in the median; it is
+    ``first_step_s``."""
     size = SIZES[size_name]
     names = ARCHS + TORCH_KERNEL if compare_kernels else ARCHS
     if compile_:
         names = names + tuple(arch + COMPILED for arch in ARCHS)
+    if before:
+        names = names + tuple(arch + BEFORE for arch in ARCHS[1:])
+        before = _model_module(before)
     batch = torch.randint(0, 256, (size["batch"], size["seq_len"] + 1),
                           generator=torch.Generator().manual_seed(0)).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    models = {}
+    models, first = {}, {}
     for name in names:
-        model, step = _stepper(name, size, device)
+        model, step = _stepper(name, size, device, before)
+        sync()
+        start = time.perf_counter()
         step(batch)  # a compiled model compiles here
+        sync()
+        first[name] = time.perf_counter() - start
         models[name] = (count_parameters(model), step)
     times = {name: [] for name in names}
     for r in range(warmup + repeats):
@@ -104,7 +137,8 @@ def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
     tokens = size["batch"] * size["seq_len"]
     base = statistics.median(times["transformer"])
     per_arch = {arch: step_flops(arch, size) for arch in ARCHS}  # kernel="torch": same FLOPs
-    flops = {name: per_arch[name.partition(COMPILED)[0].partition("[")[0]] for name in names}
+    flops = {name: per_arch[name.partition(COMPILED)[0].partition(BEFORE)[0].partition("[")[0]]
+             for name in names}
     rows = {}
     for name in names:
         median = statistics.median(times[name])
@@ -112,7 +146,8 @@ def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
                       "tokens_per_s": tokens / median, "ratio_to_transformer": base / median,
                       "flops_per_step": flops[name],
                       "flop_ceiling": flops["transformer"] / flops[name],
-                      "gflop_per_s": flops[name] / median / 1e9, "step_s": times[name]}
+                      "gflop_per_s": flops[name] / median / 1e9, "step_s": times[name],
+                      "first_step_s": first[name]}
         if name.endswith(COMPILED):
             rows[name]["ratio_to_compiled_transformer"] = (
                 statistics.median(times["transformer" + COMPILED]) / median)
@@ -130,6 +165,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compare-kernels", action="store_true",
                         help="also time titans and hope with kernel='torch'")
+    parser.add_argument("--before", default=None, metavar="DIR",
+                        help="also time the memory models of another source tree's "
+                             "examples/hope/model.py (git worktree add DIR REV)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -137,7 +175,9 @@ def main(argv=None):
               "compare_kernels": args.compare_kernels,
               "device": args.device, "environment": core.environment(args.device)}
     rows = measure(args.size, args.repeats, args.warmup, args.compile, args.device,
-                   args.compare_kernels)
+                   args.compare_kernels, args.before)
+    if args.before:
+        result["before"] = {"tree": args.before, "git_sha": core.git_sha(args.before)}
     result["eager"] = {n: r for n, r in rows.items() if not n.endswith(COMPILED)}
     if args.compile:
         result["compiled"] = {n: r for n, r in rows.items() if n.endswith(COMPILED)}

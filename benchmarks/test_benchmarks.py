@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 
 from benchmarks import __main__ as cli
 from benchmarks import core, data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -320,6 +323,35 @@ def test_hope_speed_compile_adds_the_compiled_models_interleaved(tmp_path, monke
         assert row["ratio_to_compiled_transformer"] == pytest.approx(
             rows["transformer+compiled"]["median_step_s"] / row["median_step_s"])
         assert row["flops_per_step"] == result["eager"][name.split("+")[0]]["flops_per_step"]
+        assert row["first_step_s"] > 0
+
+
+def test_hope_speed_before_times_another_trees_memory_models(tmp_path):
+    """``--before DIR``: the memory models of another tree's model.py, interleaved, under
+    their own rows; the tree's commit is recorded. Here the tree is a copy of this one with
+    a planted slowdown, so its rows must come out slower."""
+    import shutil
+
+    from benchmarks import hope_speed
+
+    tree = tmp_path / "tree"
+    (tree / "examples" / "hope").mkdir(parents=True)
+    source = (ROOT / "examples" / "hope" / "model.py").read_text()
+    slow = "    def forward(self, x: Tensor) -> Tensor:\n        Bsz, T, _ = x.shape\n"
+    assert slow in source
+    (tree / "examples" / "hope" / "model.py").write_text(source.replace(
+        slow, slow + "        __import__('time').sleep(0.1)\n"))
+    out = tmp_path / "speed.json"
+    hope_speed.main(["--size", "micro", "--repeats", "3", "--warmup", "0", "--threads", "1",
+                     "--before", str(tree), "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["eager"]
+    assert list(rows) == ["transformer", "titans", "hope", "titans@before", "hope@before"]
+    assert result["before"] == {"tree": str(tree), "git_sha": ""}  # not a git checkout
+    for arch in ("titans", "hope"):  # one 0.1 s sleep per layer and step
+        assert rows[f"{arch}@before"]["median_step_s"] > rows[arch]["median_step_s"] + 0.05
+        assert rows[f"{arch}@before"]["flops_per_step"] == rows[arch]["flops_per_step"]
+    shutil.rmtree(tree)
 
 
 @pytest.mark.parametrize("name", ["compressed_gpu", "fused_step_gpu", "memory_scan_gpu",

@@ -531,6 +531,19 @@ def test_resume_refuses_a_change_of_compile(tmp_path):
         train.train(_args(tmp_path, "--steps", "4", "--resume", "--compile"))
 
 
+@pytest.mark.parametrize("arch", ["titans", "hope"])
+def test_memory_layer_traces_as_one_graph(arch):
+    """Dynamo traces the whole memory layer — its chunk loop and ``_ChunkStep`` — as one graph
+    with no break (a break would split inductor's fusions: the speed ``compile_mixers`` is
+    for). Tracing only, no compilation."""
+    import torch._dynamo
+
+    layer = build(HopeConfig(arch=arch, **TINY)).blocks[0].mixer
+    explained = torch._dynamo.explain(layer)(torch.randn(2, 9, TINY["d_model"]))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), \
+        [b.reason for b in explained.break_reasons]
+
+
 def test_compiled_mixers_equal_eager():
     """``compile_mixers`` (inductor, CPU) against eager: the same logits and gradients to
     fp32 rounding (measured: ≤ 7e-7 absolute in logits, ≤ 2e-6 relative in gradients), the
