@@ -1,7 +1,8 @@
 """GPU: HOPE's in-context chunk kernels (``deepmomentum.kernels.memory_scan``) — correctness on
 the card, then time against their torch twins and the whole models' training step.
 
-    python -m benchmarks.memory_scan_gpu [--size gpu] [--repeats 20] [--skip-model] [--out FILE]
+    python -m benchmarks.memory_scan_gpu [--size gpu] [--repeats 20] [--skip-model] [--compile]
+                                         [--out FILE]
 
 Correctness (exit status 1 on any mismatch): ``chunk_read`` and ``chunk_end`` against
 ``functional.memory_chunk_read``/``memory_chunk_end`` on the card, fp32 (the kernels multiply in
@@ -15,7 +16,9 @@ Timing (``triton.testing.do_bench``, median; random data): each kernel against i
 five memories for ``chunk_end``); then ``benchmarks.hope_speed.measure`` with
 ``--compare-kernels``: Transformer++, Titans and HOPE training steps interleaved, the memory models
 with the kernels and with ``kernel="torch"``, as tokens/s and ratios to Transformer++ measured in
-the same run. Writes JSON to ``--out`` or ``$OUT/memory_scan_gpu.json`` (stamped with
+the same run; ``--compile`` adds the models with their mixers compiled (``hope_speed
+--compile``; never run on a GPU yet: where compiling fails, the error is recorded in
+``compile_error`` and the eager models are timed alone). Writes JSON to ``--out`` or ``$OUT/memory_scan_gpu.json`` (stamped with
 ``benchmarks.core.environment()``). Without CUDA it says so and exits (status 0).
 """
 
@@ -127,6 +130,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-model", action="store_true",
                         help="time the kernels only, not the models' training steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the models with their mixers compiled")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     refused = core.cuda_unavailable("benchmarks/memory_scan_gpu.py")
@@ -143,7 +148,14 @@ def main(argv=None):
     if not args.skip_model:
         from . import hope_speed
 
-        steps = hope_speed.measure(args.size, args.repeats, 3, False, "cuda", True)
+        try:
+            steps = hope_speed.measure(args.size, args.repeats, 3, args.compile, "cuda", True)
+        except Exception as error:  # noqa: BLE001 — a compile failure must not lose the run
+            if not args.compile:
+                raise
+            result["compile_error"] = repr(error)
+            print(f"compiled models failed ({error!r}); timing the eager ones alone")
+            steps = hope_speed.measure(args.size, args.repeats, 3, False, "cuda", True)
         result["models"] = {k: {n: v for n, v in row.items() if n != "step_s"}
                             for k, row in steps.items()}
         for name, row in steps.items():
