@@ -2,6 +2,12 @@
 recorded golden trajectory bit for bit (tests/golden/; recorded from the code before the stages
 redesign of issue 15, commit in the file).
 
+Bits depend on the CPU: torch's kernels choose code by features its capability does not name
+(an AVX-512 CPU with AMX/AVX512-FP16 rounded 140 cases differently from the first recording's
+AVX-512 CPU, from the first step). So a CPU may have its own recording, ``cpus/<its ISA flags'
+hash>/`` (``record.py --commit 39d4756 --this-cpu --like …``, then ``--add-missing --this-cpu``),
+replayed where the flags match (``trajectories.golden_files``); elsewhere the first recording.
+
 A case whose arithmetic order was changed on purpose is listed in ``DELIBERATE`` with the
 reason and the largest relative difference of its final parameters that was measured; the test
 holds it to that bound instead of to equal bits.
@@ -59,6 +65,22 @@ SAME_MACHINE = {k: v for k, v in GOLDEN["environment"].items() if k != "interpre
 CASES = [pytest.param(*case[1:], id=case[0]) for case in trajectories.cases()]
 
 
+def test_the_recording_of_a_cpu_is_chosen_by_its_flags(monkeypatch):
+    """``golden_files``: the recording in ``cpus/`` whose flags are this CPU's, else the first
+    recording (every recording in ``cpus/`` names the flags it was made on)."""
+    recordings = sorted(trajectories.CPUS.glob("*/trajectories.json.gz"))
+    assert recordings  # at least the AVX-512 + AMX CPU's
+    for path in recordings:
+        with gzip.open(path, "rt") as f:
+            flags = json.load(f)["cpu_flags"]
+        assert trajectories.cpu_dir(flags) == path.parent
+        monkeypatch.setattr(trajectories, "cpu_flags", lambda flags=flags: flags)
+        assert trajectories.golden_files() == (path, path.parent / "checkpoints.pt")
+    monkeypatch.setattr(trajectories, "cpu_flags", lambda: ["sse", "sse2"])
+    assert trajectories.golden_files() == (trajectories.HERE / "trajectories.json.gz",
+                                           trajectories.HERE / "checkpoints.pt")
+
+
 def test_every_recorded_case_is_replayed():
     # A case that silently stopped existing (an implementation removed) fails here.
     assert set(GOLDEN["cases"]) <= {case[0] for case in trajectories.cases()}
@@ -77,7 +99,8 @@ def test_trajectory_matches_the_golden_one(request, info, variant, impl, dtype):
     if not SAME_MACHINE:
         pytest.skip(f"golden trajectories were recorded on {GOLDEN['environment']}; this is "
                     f"{trajectories.environment()}: regenerate them here with "
-                    f"python tests/golden/record.py --commit {GOLDEN['commit']}")
+                    f"python tests/golden/record.py --commit {GOLDEN['commit']} --this-cpu "
+                    "--like tests/golden/trajectories.json.gz, then --add-missing --this-cpu")
     if case_id in DELIBERATE:
         _, bound = DELIBERATE[case_id]
         for got, want in zip(result["final"], expected["final"]):

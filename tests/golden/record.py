@@ -3,6 +3,16 @@
     python tests/golden/record.py                 # from the code on the path (this checkout)
     python tests/golden/record.py --commit 39d4756 # from the package at that commit
     python tests/golden/record.py --add-missing    # only cases the files lack (new settings)
+    python tests/golden/record.py --commit 39d4756 --this-cpu --like tests/golden/trajectories.json.gz
+    python tests/golden/record.py --add-missing --this-cpu
+
+``--this-cpu`` writes the recording to ``cpus/<hash of this CPU's ISA flags>/`` instead, which
+tests/test_golden.py replays on machines with the same flags (a CPU whose kernels round
+differently from the first recording's, though torch names the same capability). ``--like
+FILE`` records from the commit only the cases FILE recorded from it (not those it lists as
+added later), so that ``--add-missing`` then records the others from the current code, as FILE
+did from the commits they were added at (the current code replays those bit for bit where FILE
+was recorded).
 
 ``--commit`` checks that commit out in a temporary git worktree and imports ``deepmomentum``
 from it, with this checkout's case definitions and registry: the way to regenerate the
@@ -36,7 +46,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "trajectories.json.gz")
     parser.add_argument("--add-missing", action="store_true",
                         help="record only the cases the files lack; keep the others")
+    parser.add_argument("--like", type=Path, default=None,
+                        help="record from the commit only the cases this file recorded from it")
+    parser.add_argument("--this-cpu", action="store_true",
+                        help="write to cpus/<this CPU's flags>/ (see trajectories.cpu_flags)")
     args = parser.parse_args()
+    if args.this_cpu:
+        sys.path.insert(0, str(HERE))
+        import trajectories
+
+        args.out = trajectories.cpu_dir(trajectories.cpu_flags()) / "trajectories.json.gz"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.commit:
         with tempfile.TemporaryDirectory() as tmp:
             tree = Path(tmp) / "tree"
@@ -45,8 +65,9 @@ def main() -> None:
             try:
                 env = {**os.environ, "DEEPMOMENTUM_GOLDEN_SOURCE": str(tree),
                        "DEEPMOMENTUM_GOLDEN_COMMIT": args.commit}
-                subprocess.run([sys.executable, __file__, "--out", str(args.out)], env=env,
-                               check=True)
+                like = ["--like", str(args.like.resolve())] if args.like else []
+                subprocess.run([sys.executable, __file__, "--out", str(args.out), *like],
+                               env=env, check=True, cwd=ROOT)
             finally:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                 str(tree)], check=True)
@@ -76,11 +97,20 @@ def main() -> None:
             raise SystemExit(f"the recorded cases come from {out['environment']}, this is "
                              f"{trajectories.environment()}: record them all here instead")
     else:
-        out = {"environment": trajectories.environment(), "commit": commit, "cases": {}}
+        out = {"environment": trajectories.environment(), "commit": commit, "cases": {},
+               "cpu_flags": trajectories.cpu_flags()}
         saved = {"commit": commit, "checkpoints": {}}
+    only = None
+    if args.like:  # the cases that file recorded from its commit
+        with gzip.open(args.like, "rt") as f:
+            like = json.load(f)
+        later = {c for cases in like.get("added", {}).values() for c in cases}
+        only = set(like["cases"]) - later
     added = []
     for case_id, info, variant, impl, dtype in trajectories.cases():
         if case_id in out["cases"] or case_id in out.get("absent", ()):
+            continue
+        if only is not None and case_id not in only:
             continue
         result = trajectories.run_case(info, variant, impl, dtype)
         if result is not None:
@@ -95,8 +125,12 @@ def main() -> None:
     print(f"{len(added)} cases from {commit} -> {args.out} ({len(out['cases'])} in all)")
     checkpoints = saved["checkpoints"]
     for case_id, info, variant, _, dtype in trajectories.checkpoint_cases():
-        if case_id not in checkpoints:
-            checkpoints[case_id] = trajectories.save_checkpoint(info, variant, dtype)
+        if case_id not in checkpoints and (only is None or case_id in only):
+            try:
+                checkpoints[case_id] = trajectories.save_checkpoint(info, variant, dtype)
+            except TypeError:  # an older commit without this setting's option: --add-missing
+                if not source:
+                    raise
     torch.save(saved, checkpoint_file)
     print(f"{len(checkpoints)} checkpoints after {trajectories.CHECKPOINT_AT} steps -> "
           f"{args.out.parent / trajectories.CHECKPOINTS.name}")

@@ -34,8 +34,42 @@ IMPLEMENTATIONS = {"default": {}, "single": {"foreach": False}, "foreach": {"for
                    "fused": {"fused": True}, "triton": {},
                    "period3": {"update_period": 3, "accumulate": "mean"}}
 HERE = Path(__file__).resolve().parent
-GOLDEN = HERE / "trajectories.json.gz"
-CHECKPOINTS = HERE / "checkpoints.pt"
+CPUS = HERE / "cpus"  # a recording per CPU whose kernels round differently: cpus/<flags' hash>/
+ISA_PREFIXES = ("sse", "ssse", "avx", "amx", "fma", "f16c", "bmi", "adx", "gfni", "vaes",
+                "vpclmulqdq", "sha_ni")
+
+
+def cpu_flags() -> list[str]:
+    """The x86 CPU's vector-ISA flags (``/proc/cpuinfo``; [] elsewhere). Two machines with
+    the same :func:`environment` can still round differently: torch's and its libraries' CPU
+    kernels choose code by features the capability does not name (seen: AVX-512 with and
+    without AMX/AVX512-FP16, 140 of the cases differing from the first step)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return sorted({f for f in line.split(":", 1)[1].split() if f.startswith(ISA_PREFIXES)})
+    return []
+
+
+def cpu_dir(flags: list[str]) -> Path:
+    """The folder of the recording for a CPU with ``flags``."""
+    return CPUS / hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+
+
+def golden_files() -> tuple[Path, Path]:
+    """``(trajectories, checkpoints)`` to replay on this machine: the recording of a CPU with
+    this one's flags where there is one (``record.py --commit … --this-cpu``), else the first
+    recording."""
+    here = cpu_dir(cpu_flags())
+    if (here / "trajectories.json.gz").exists():
+        return here / "trajectories.json.gz", here / "checkpoints.pt"
+    return HERE / "trajectories.json.gz", HERE / "checkpoints.pt"
+
+
+GOLDEN, CHECKPOINTS = golden_files()
 
 
 def _registry():
@@ -152,9 +186,12 @@ def run_case(info, variant, impl, dtype, steps=STEPS):
         patched = kernels.usable
         kernels.usable = lambda ps: bool(ps)
     try:
+        # recording from an older commit (record.py --commit), a setting it has no option for
+        refused = (ValueError, RuntimeError, TypeError) if os.environ.get(
+            "DEEPMOMENTUM_GOLDEN_SOURCE") else (ValueError, RuntimeError)
         try:
             opt = info.make(params, **variant, **IMPLEMENTATIONS[impl])
-        except (ValueError, RuntimeError):
+        except refused:
             return None
         if impl == "triton":
             group = opt.param_groups[0]
