@@ -16,9 +16,9 @@ model with its blocks' sequence mixers compiled (``LanguageModel.compile_mixers`
 also give ``ratio_to_compiled_transformer``. ``--before DIR`` adds ``titans@before`` and
 ``hope@before``: the memory models of another source tree's ``examples/hope/model.py``
 (``git worktree add DIR REV``), interleaved too — how a change to the model shows its speed-up
-against the same machine state. ``--compare-kernels`` adds ``titans[torch]`` and ``hope[torch]``: the
-memory models with ``kernel="torch"``, against the default (on CUDA, the Triton chunk kernels of
-``deepmomentum.kernels.memory_scan``).
+against the same machine state. ``--compare-kernels`` adds ``titans[torch]`` and
+``hope[torch]``: the memory models with ``kernel="torch"``, against the default (on CUDA, the
+Triton chunk kernels of ``deepmomentum.kernels.memory_scan``).
 
 Each model's training step is also counted in matrix-product FLOPs (``torch.utils.flop_counter``:
 products, attention; not elementwise work), once, on the CPU with ``kernel="torch"`` (the same
@@ -49,8 +49,6 @@ from . import core
 ARCHS = ("transformer", "titans", "hope")
 TORCH_KERNEL = ("titans[torch]", "hope[torch]")  # --compare-kernels: kernel="torch"
 COMPILED = "+compiled"  # --compile: the model with its mixers compiled
-
-
 BEFORE = "@before"  # --before DIR: the model of another source tree
 
 
@@ -64,12 +62,19 @@ def _model_module(tree: str):
     return module
 
 
+def _parse(name: str) -> tuple[str, str, bool, bool]:
+    """A row's name ``arch[kernel]@before+compiled`` (each part but arch optional) as
+    ``(arch, kernel or "", compiled, before)``."""
+    name, compiled, _ = name.partition(COMPILED)
+    name, before, _ = name.partition(BEFORE)
+    arch, _, kernel = name.partition("[")
+    return arch, kernel.rstrip("]"), bool(compiled), bool(before)
+
+
 def _stepper(name: str, size: dict, device: str, before=None):
     torch.manual_seed(0)
-    name, compiled, _ = name.partition(COMPILED)
-    name, old, _ = name.partition(BEFORE)
-    arch, _, kernel = name.partition("[")
-    options = {"kernel": kernel.rstrip("]")} if kernel else {}
+    arch, kernel, compiled, old = _parse(name)
+    options = {"kernel": kernel} if kernel else {}
     make, config = (before.build, before.HopeConfig) if old else (build, HopeConfig)
     model = make(config(arch=arch, **size["model"], **options)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -137,8 +142,7 @@ def measure(size_name: str, repeats: int, warmup: int, compile_: bool,
     tokens = size["batch"] * size["seq_len"]
     base = statistics.median(times["transformer"])
     per_arch = {arch: step_flops(arch, size) for arch in ARCHS}  # kernel="torch": same FLOPs
-    flops = {name: per_arch[name.partition(COMPILED)[0].partition(BEFORE)[0].partition("[")[0]]
-             for name in names}
+    flops = {name: per_arch[_parse(name)[0]] for name in names}
     rows = {}
     for name in names:
         median = statistics.median(times[name])

@@ -18,8 +18,8 @@ five memories for ``chunk_end``); then ``benchmarks.hope_speed.measure`` with
 with the kernels and with ``kernel="torch"``, as tokens/s and ratios to Transformer++ measured in
 the same run; ``--compile`` adds the models with their mixers compiled (``hope_speed
 --compile``; never run on a GPU yet: where compiling fails, the error is recorded in
-``compile_error`` and the eager models are timed alone). Writes JSON to ``--out`` or ``$OUT/memory_scan_gpu.json`` (stamped with
-``benchmarks.core.environment()``). Without CUDA it says so and exits (status 0).
+``compile_error`` and the eager models are timed alone). Writes JSON to ``--out`` or
+``$OUT/memory_scan_gpu.json`` (stamped with ``benchmarks.core.environment()``). Without CUDA it says so and exits (status 0).
 """
 
 from __future__ import annotations

@@ -93,7 +93,10 @@ def test_trajectory_matches_the_golden_one(request, info, variant, impl, dtype):
     expected = GOLDEN["cases"].get(case_id)
     result = trajectories.run_case(info, variant, impl, dtype)
     if expected is None:
-        assert result is None, f"{case_id} runs now but had no implementation when recorded"
+        assert result is None, (f"{case_id} runs now but had no implementation when recorded "
+                                f"in {trajectories.GOLDEN}: record it there with "
+                                "tests/golden/record.py --add-missing (with --this-cpu for a "
+                                "recording in cpus/), on each recording's CPU")
         return
     assert result is not None, f"{case_id} no longer runs"
     if not SAME_MACHINE:

@@ -3,7 +3,8 @@
     python tests/golden/record.py                 # from the code on the path (this checkout)
     python tests/golden/record.py --commit 39d4756 # from the package at that commit
     python tests/golden/record.py --add-missing    # only cases the files lack (new settings)
-    python tests/golden/record.py --commit 39d4756 --this-cpu --like tests/golden/trajectories.json.gz
+    python tests/golden/record.py --commit 39d4756 --this-cpu \
+        --like tests/golden/trajectories.json.gz   # a recording for this CPU (then:)
     python tests/golden/record.py --add-missing --this-cpu
 
 ``--this-cpu`` writes the recording to ``cpus/<hash of this CPU's ISA flags>/`` instead, which
@@ -90,6 +91,10 @@ def main() -> None:
         text=True).stdout.strip()
     checkpoint_file = args.out.parent / trajectories.CHECKPOINTS.name
     if args.add_missing:
+        if args.out.resolve() != trajectories.GOLDEN.resolve():
+            raise SystemExit(f"this CPU replays {trajectories.GOLDEN}, not {args.out}: cases "
+                             "recorded here belong there (--this-cpu where this CPU has its "
+                             "own recording)")
         with gzip.open(args.out, "rt") as f:
             out = json.load(f)
         saved = torch.load(checkpoint_file, weights_only=False)
